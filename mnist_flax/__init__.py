@@ -1,0 +1,1 @@
+"""mnist_flax: the Keras-tutorial MNIST CNN in JAX/Flax Linen, on CPU, GPU and TPU."""

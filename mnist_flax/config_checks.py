@@ -1,0 +1,82 @@
+"""Checks a config and a workdir once, up front, so bad input fails in one line before any work."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ml_collections
+
+from mnist_flax import input_pipeline, models
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A bad config value or workdir; the message names the field and the fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive_int(config: ml_collections.ConfigDict, name: str) -> None:
+    value = config[name]
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+             f"--config.{name}={value!r}: must be a positive integer")
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
+    """Raises ConfigError on the first value that cannot work."""
+    _require(config.data_source in input_pipeline.SOURCES,
+             f"--config.data_source={config.data_source!r}: must be one of "
+             f"{', '.join(input_pipeline.SOURCES)}")
+    for name in ("num_epochs", "batch_size", "dense_features", "num_classes", "log_every_steps",
+                 "eval_batch_size"):
+        _positive_int(config, name)
+    _require(isinstance(config.seed, int) and config.seed >= 0,
+             f"--config.seed={config.seed!r}: must be a non-negative integer")
+    for name in ("learning_rate", "adam_eps"):
+        value = config[name]
+        _require(math.isfinite(value) and value >= 0 and (value > 0 or name == "adam_eps"),
+                 f"--config.{name}={value!r}: must be a finite number > 0")
+    features = tuple(config.conv_features)
+    _require(len(features) == 2 and all(isinstance(f, int) and f > 0 for f in features),
+             f"--config.conv_features={features!r}: must be two positive integers, e.g. (32,64)")
+    rates = tuple(config.dropout_rates)
+    _require(len(rates) == 2 and all(0.0 <= r < 1.0 for r in rates),
+             f"--config.dropout_rates={rates!r}: must be two rates in [0, 1), e.g. (0.25,0.5)")
+    _require(config.num_classes >= 2, f"--config.num_classes={config.num_classes}: must be >= 2")
+    _require(config.kernel_init in models.KERNEL_INITS,
+             f"--config.kernel_init={config.kernel_init!r}: must be one of "
+             f"{', '.join(models.KERNEL_INITS)}")
+    _require(config.compute_dtype in COMPUTE_DTYPES,
+             f"--config.compute_dtype={config.compute_dtype!r}: must be one of "
+             f"{', '.join(COMPUTE_DTYPES)}")
+    for name in ("batch_size", "eval_batch_size"):
+        _require(config[name] % device_count == 0,
+                 f"--config.{name}={config[name]} does not divide over the {device_count} "
+                 f"devices; use a multiple of {device_count}")
+
+
+def check_fits_data(config: ml_collections.ConfigDict, num_train: int) -> None:
+    _require(config.batch_size <= num_train,
+             f"--config.batch_size={config.batch_size} is larger than the {num_train:,} training "
+             "images; use a smaller batch")
+
+
+def prepare_workdir(workdir: str) -> None:
+    """Creates the workdir if needed; refuses a path that is a file or cannot be written."""
+    _require(bool(workdir), "--workdir is empty; pass a directory, e.g. --workdir=runs/")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir}: exists and is not a directory; pick another path")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir}: cannot write there ({e.strerror}); "
+                          "pick a writable directory") from None

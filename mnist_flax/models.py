@@ -1,0 +1,68 @@
+"""The Keras tutorial CNN (keras/examples/mnist_cnn.py) as a Flax Linen module."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mnist_flax import ops
+
+KERNEL_INITS = ("glorot_uniform", "lecun_normal", "he_normal", "he_uniform", "lecun_uniform")
+
+
+class Conv3x3(nn.Module):
+    """A 3x3 VALID convolution with `nn.Conv`'s parameters ('kernel' HWIO, 'bias').
+
+    It computes the same function as `nn.Conv(features, (3, 3), padding='VALID')`, through
+    `ops.conv2d`, whose gradients XLA compiles well on CPU (see ops.py); the parameter tree is the
+    same, so checkpoints and tests move freely between the two forms.
+    """
+
+    features: int
+    kernel_init: nn.initializers.Initializer
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return ops.conv2d(x, kernel, bias, compute_dtype=self.dtype)
+
+
+class CNN(nn.Module):
+    """Conv 32 -> Conv 64 -> MaxPool -> Dropout -> Dense 128 -> Dropout -> Dense 10.
+
+    `fast_ops` swaps in ops.py's convolution and pooling: same parameters, same function, faster
+    gradients on CPU. `dtype` is the compute dtype; parameters stay float32.
+    """
+
+    conv_features: Sequence[int] = (32, 64)
+    dense_features: int = 128
+    dropout_rates: Sequence[float] = (0.25, 0.5)
+    num_classes: int = 10
+    kernel_init: str = "glorot_uniform"  # Keras's default; Flax's is lecun_normal.
+    fast_ops: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        init = getattr(nn.initializers, self.kernel_init)()
+        # x: (B, 28, 28, 1) in [0, 1].
+        for i, features in enumerate(self.conv_features):
+            if self.fast_ops:
+                x = Conv3x3(features, init, self.dtype, name=f"Conv_{i}")(x)
+            else:
+                x = nn.Conv(features, (3, 3), padding="VALID", kernel_init=init,
+                            dtype=self.dtype, name=f"Conv_{i}")(x)
+            x = nn.relu(x)  # (B, 26, 26, 32), then (B, 24, 24, 64).
+        if self.fast_ops:
+            x = ops.max_pool_2x2(x)
+        else:
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))  # (B, 12, 12, 64).
+        x = nn.Dropout(self.dropout_rates[0], deterministic=not train)(x)
+        x = x.reshape((x.shape[0], -1))  # (B, 9216), the order of Keras's channels-last Flatten.
+        x = nn.Dense(self.dense_features, kernel_init=init, dtype=self.dtype)(x)
+        x = nn.relu(x)
+        x = nn.Dropout(self.dropout_rates[1], deterministic=not train)(x)
+        x = nn.Dense(self.num_classes, kernel_init=init, dtype=self.dtype)(x)
+        return x.astype(jnp.float32)  # (B, 10) logits; the loss is always computed in float32.

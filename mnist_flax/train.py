@@ -1,0 +1,265 @@
+"""Training and evaluation: TrainState, the jitted steps, and the epoch loop.
+
+One step, from `main` to the optimizer: `train_and_evaluate` builds `TrainState` (params + optax
+state + dropout key), feeds `train_step` one global batch at a time, and `train_step` computes the
+loss and gradients in one pass and applies optax.adam. Everything the step needs is in the state
+and the batch, so a run resumes exactly from a checkpoint of the state (see checkpoints.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mnist_flax import config_checks, input_pipeline, models, summaries
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(train_state.TrainState):
+    dropout_key: jax.Array  # Per-step dropout keys are fold_in(dropout_key, step): no host rng.
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+def create_model(config: ml_collections.ConfigDict) -> models.CNN:
+    return models.CNN(
+        conv_features=tuple(config.conv_features),
+        dense_features=config.dense_features,
+        dropout_rates=tuple(config.dropout_rates),
+        num_classes=config.num_classes,
+        kernel_init=config.kernel_init,
+        fast_ops=config.fast_ops,
+        dtype=jnp.dtype(config.compute_dtype),
+    )
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    return optax.constant_schedule(config.learning_rate)
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    return optax.adam(learning_rate_schedule(config), eps=config.adam_eps)
+
+
+def create_train_state(config: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
+    """Initialises parameters (Keras's initialisers) and the optimizer from `key`."""
+    init_key, dropout_key = jax.random.split(key)
+    model = create_model(config)
+    dummy = jnp.zeros((1, *input_pipeline.IMAGE_SHAPE), jnp.float32)
+    params = jax.jit(functools.partial(model.init, train=False))(init_key, dummy)["params"]
+    return TrainState.create(
+        apply_fn=model.apply, params=params, tx=create_optimizer(config), dropout_key=dropout_key
+    )
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+@functools.partial(jax.jit, donate_argnames="state")
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One Adam step on a batch of uint8 images; metrics come from the same forward pass."""
+    dropout_key = jax.random.fold_in(state.dropout_key, state.step)
+    images = input_pipeline.normalize(batch["image"])
+
+    def loss_fn(params):
+        logits = state.apply_fn(
+            {"params": params}, images, train=True, rngs={"dropout": dropout_key}
+        )
+        return cross_entropy_loss(logits, batch["label"]).mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    accuracy = (logits.argmax(-1) == batch["label"]).mean()
+    return state.apply_gradients(grads=grads), {"loss": loss, "accuracy": accuracy}
+
+
+@jax.jit
+def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+    """Sums of loss and correct predictions over the batch's real (mask=1) images."""
+    logits = state.apply_fn({"params": state.params}, input_pipeline.normalize(batch["image"]),
+                            train=False)
+    mask = batch["mask"]
+    return {
+        "loss": (cross_entropy_loss(logits, batch["label"]) * mask).sum(),
+        "correct": ((logits.argmax(-1) == batch["label"]) * mask).sum(),
+        "count": mask.sum(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices: one mesh axis over every device of every host; the batch is split along it.
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    # Auto axes: the compiler propagates the batch sharding through the model (GSPMD), so the
+    # model code stays free of sharding annotations.
+    return jax.make_mesh((jax.device_count(),), ("batch",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def shard_batch(mesh: jax.sharding.Mesh, global_batch: dict[str, np.ndarray]) -> Batch:
+    """Places a global batch (the same numpy arrays on every host) split over all devices.
+
+    Each host contributes only the rows that live on its own devices, so on a pod slice every
+    host feeds its shard of the global batch.
+    """
+    sharding = NamedSharding(mesh, P("batch"))
+    n = len(next(iter(global_batch.values())))
+    per_host = n // jax.process_count()
+    start = jax.process_index() * per_host
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v[start:start + per_host], v.shape)
+        for k, v in global_batch.items()
+    }
+
+
+def replicate(mesh: jax.sharding.Mesh, tree: Any) -> Any:
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, batch_size: int,
+             mesh: jax.sharding.Mesh) -> dict[str, float]:
+    """Loss and accuracy over every image: the last batch is padded and masked, never dropped."""
+    n = len(labels)
+    totals = []
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        pad = batch_size - (stop - start)
+        batch = {
+            "image": np.pad(images[start:stop], ((0, pad), (0, 0), (0, 0), (0, 0))),
+            "label": np.pad(labels[start:stop], (0, pad)),
+            "mask": np.pad(np.ones(stop - start, np.float32), (0, pad)),
+        }
+        totals.append(eval_step(state, shard_batch(mesh, batch)))
+    totals = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(totals))
+    return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of epoch `epoch`: a function of (seed, epoch) alone, so a resumed run replays it."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+def _check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise TrainingDivergedError(
+            f"training loss became {loss} at step {step}; lower --config.learning_rate "
+            "(the last good checkpoint, if any, is kept)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str
+) -> tuple[TrainState, dict[str, float]]:
+    """Trains for `config.num_epochs`, evaluating on the test set after every epoch.
+
+    Returns the final state and the final metrics (train/*, test/*), the last line of the log is the
+    tutorial's `Test loss:` / `Test accuracy:`.
+    """
+    dataset = input_pipeline.load_dataset(config)
+    logging.info("Data: %s", dataset.describe())
+    config_checks.check_fits_data(config, len(dataset.train_labels))
+    mesh = make_mesh()
+    num_train = len(dataset.train_labels)
+    batch_size = config.batch_size
+    steps_per_epoch = num_train // batch_size  # The partial last batch is dropped; each epoch
+    # draws a new order, so every image is still seen.
+    num_steps = steps_per_epoch * config.num_epochs
+
+    state = replicate(mesh, create_train_state(config, jax.random.key(config.seed)))
+    writer = summaries.create_writer(workdir)
+    summaries.write_run_info(writer, config, dataset, state.params)
+    schedule = learning_rate_schedule(config)
+
+    metrics: dict[str, float] = {}
+    start_step = int(state.step)
+    pending: list[dict[str, jax.Array]] = []  # Train metrics stay on device until logged.
+    epoch_train: list[dict[str, float]] = []
+    last_log_time, last_log_step = time.perf_counter(), start_step
+    epoch_start_time = time.perf_counter()
+    images_per_second = 0.0
+
+    for step in range(start_step, num_steps):
+        epoch, index = divmod(step, steps_per_epoch)
+        if index == 0:
+            order = epoch_permutation(config.seed, epoch, num_train)
+            epoch_start_time = time.perf_counter()
+            epoch_train = []
+        idx = order[index * batch_size:(index + 1) * batch_size]
+        batch = {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}
+        state, step_metrics = train_step(state, shard_batch(mesh, batch))
+        pending.append(step_metrics)
+
+        done = step + 1
+        end_of_epoch = done % steps_per_epoch == 0
+        if done % config.log_every_steps == 0 or end_of_epoch:
+            host = jax.device_get(pending)
+            pending = []
+            mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+            epoch_train.append({**mean, "n": len(host)})
+            _check_finite(mean["loss"], done)
+            now = time.perf_counter()
+            images_per_second = (done - last_log_step) * batch_size / (now - last_log_time)
+            last_log_time, last_log_step = now, done
+            eta = (num_steps - done) * batch_size / images_per_second
+            logging.info(
+                "epoch %d/%d step %d/%d: loss %.4f accuracy %.4f | %.0f images/s | ETA %s",
+                epoch + 1, config.num_epochs, done, num_steps, mean["loss"], mean["accuracy"],
+                images_per_second, _format_duration(eta),
+            )
+        if end_of_epoch:
+            total = sum(m["n"] for m in epoch_train)
+            train = {k: sum(m[k] * m["n"] for m in epoch_train) / total
+                     for k in ("loss", "accuracy")}
+            test = evaluate(state, dataset.test_images, dataset.test_labels,
+                            config.eval_batch_size, mesh)
+            epoch_seconds = time.perf_counter() - epoch_start_time
+            metrics = {
+                "train/loss": train["loss"], "train/accuracy": train["accuracy"],
+                "test/loss": test["loss"], "test/accuracy": test["accuracy"],
+                "train/learning_rate": float(schedule(done)),
+                "train/images_per_second": steps_per_epoch * batch_size / epoch_seconds,
+                "epoch": epoch + 1,
+            }
+            summaries.write_scalars(writer, done, metrics)
+            logging.info(
+                "epoch %d/%d done: train loss %.4f accuracy %.4f | test loss %.4f accuracy %.4f"
+                " | %.1f s, %.0f images/s",
+                epoch + 1, config.num_epochs, train["loss"], train["accuracy"], test["loss"],
+                test["accuracy"], epoch_seconds, metrics["train/images_per_second"],
+            )
+
+    if not metrics:  # Nothing left to train (a finished run restarted): evaluate what we have.
+        test = evaluate(state, dataset.test_images, dataset.test_labels, config.eval_batch_size,
+                        mesh)
+        metrics = {"test/loss": test["loss"], "test/accuracy": test["accuracy"]}
+    summaries.write_final(writer, state, dataset, config, metrics)
+    writer.close()
+    print(f"Test loss: {metrics['test/loss']:.4f}")
+    print(f"Test accuracy: {metrics['test/accuracy']:.4f}")
+    return state, metrics
