@@ -1,0 +1,237 @@
+"""Training throughput of mnist_flax against PyTorch eager and the Keras tutorial (Keras 3, JAX).
+
+    python benchmarks/train_throughput.py [--repeats=3] [--steps=100] [--warmup=20]
+
+Same model (the tutorial CNN), batch 128, Adam, float32, on whatever this machine is. Every
+measurement runs in its own subprocess with the same environment (threads, allocator, variables),
+and the three are interleaved repeat by repeat, so a slow minute of the machine hurts all alike;
+the table shows medians. The last line printed is one JSON object:
+{"mnist_flax": images/s, "pytorch": ..., "keras_jax": ..., "ratio_vs_pytorch": ...}.
+
+mnist_flax is timed through exactly `main`'s path: `train.create_train_state`, then per step
+`train.host_batch` (shuffled indices -> numpy batch) + `train.shard_batch` + `train.train_step`.
+Two figures: "step" feeds one resident batch (the step alone), "epoch" runs a whole epoch through
+the data path; the data path must cost under 5% (`epoch/step` is printed).
+
+Images are random uint8 in MNIST's shapes: speed does not depend on pixel values, and the
+benchmark then needs no data set. Peers need the `bench` extra: pip install -e '.[bench]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+BATCH = 128
+NUM_TRAIN = 60_000
+
+
+def _fake_mnist(n: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+            rng.integers(0, 10, n).astype(np.int32))
+
+
+def _default_config():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "experiments", "default.py")
+    spec = importlib.util.spec_from_file_location("default_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_mnist_flax(steps: int, warmup: int, epoch: bool) -> dict:
+    import jax
+    import numpy as np
+
+    from mnist_flax import input_pipeline, ops, train
+
+    ops.tune_host_allocator()  # What main does first.
+    config = _default_config()
+    images, labels = _fake_mnist(NUM_TRAIN)
+    dataset = input_pipeline.Dataset(images, labels, images[:1000], labels[:1000], "synthetic")
+    mesh = train.make_mesh()
+    state = train.replicate(mesh, train.create_train_state(config, jax.random.key(0)))
+    order = train.epoch_permutation(0, 0, NUM_TRAIN)
+
+    start = time.perf_counter()
+    batch = train.shard_batch(mesh, train.host_batch(dataset, order, 0, BATCH))
+    state, metrics = train.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+        state, metrics = train.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = train.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - start) / steps
+    result = {"images_per_s": BATCH / step_s, "ms_per_step": 1000 * step_s,
+              "compile_s": compile_s}
+    if epoch:  # The data path: a new shuffled numpy batch every step, as train_and_evaluate does.
+        steps_per_epoch = NUM_TRAIN // BATCH
+        start = time.perf_counter()
+        for index in range(steps_per_epoch):
+            batch = train.shard_batch(mesh, train.host_batch(dataset, order, index, BATCH))
+            state, metrics = train.train_step(state, batch)
+        jax.block_until_ready(metrics)
+        result["epoch_images_per_s"] = steps_per_epoch * BATCH / (time.perf_counter() - start)
+    result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def worker_pytorch(steps: int, warmup: int, epoch: bool) -> dict:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(  # The tutorial CNN, NCHW.
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Dropout(0.25), nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(128, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7)
+    loss_fn = nn.CrossEntropyLoss()
+    images, labels = _fake_mnist(BATCH)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(labels).long()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    start = time.perf_counter()
+    step()
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    step_s = (time.perf_counter() - start) / steps
+    return {"images_per_s": BATCH / step_s, "ms_per_step": 1000 * step_s, "compile_s": compile_s,
+            "threads": torch.get_num_threads(), "peak_rss_mb": _peak_rss_mb()}
+
+
+def worker_keras_jax(steps: int, warmup: int, epoch: bool) -> dict:
+    os.environ["KERAS_BACKEND"] = "jax"
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([  # The tutorial's code, as written there.
+        keras.Input(shape=(28, 28, 1)),
+        layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
+        layers.Conv2D(64, (3, 3), activation="relu"),
+        layers.MaxPooling2D(pool_size=(2, 2)),
+        layers.Dropout(0.25),
+        layers.Flatten(),
+        layers.Dense(128, activation="relu"),
+        layers.Dropout(0.5),
+        layers.Dense(10, activation="softmax"),
+    ])
+    model.compile(loss="sparse_categorical_crossentropy", optimizer=keras.optimizers.Adam(),
+                  metrics=["accuracy"])
+    images, labels = _fake_mnist(BATCH * (warmup + steps))
+    x = images.astype("float32") / 255
+
+    start = time.perf_counter()
+    model.fit(x[:BATCH], labels[:BATCH], batch_size=BATCH, epochs=1, verbose=0)
+    compile_s = time.perf_counter() - start
+    model.fit(x[:BATCH * warmup], labels[:BATCH * warmup], batch_size=BATCH, epochs=1,
+              verbose=0, shuffle=False)
+    start = time.perf_counter()
+    model.fit(x[BATCH * warmup:], labels[BATCH * warmup:], batch_size=BATCH, epochs=1,
+              verbose=0, shuffle=False)
+    step_s = (time.perf_counter() - start) / steps
+    return {"images_per_s": BATCH / step_s, "ms_per_step": 1000 * step_s, "compile_s": compile_s,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+WORKERS = {"mnist_flax": worker_mnist_flax, "pytorch": worker_pytorch,
+           "keras_jax": worker_keras_jax}
+
+
+def run_worker(name: str, args) -> dict | None:
+    command = [sys.executable, os.path.abspath(__file__), f"--worker={name}",
+               f"--steps={args.steps}", f"--warmup={args.warmup}"]
+    if args.epoch:
+        command.append("--epoch")
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"  {name}: failed ({last})", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=20, help="steps before timing")
+    parser.add_argument("--peers", default="mnist_flax,pytorch,keras_jax")
+    parser.add_argument("--no-epoch", dest="epoch", action="store_false",
+                        help="skip the whole-epoch timing of mnist_flax's data path")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args.steps, args.warmup, args.epoch)))
+        return
+    names = [n for n in args.peers.split(",") if n]
+    unknown = set(names) - set(WORKERS)
+    if unknown:
+        sys.exit(f"error: --peers: unknown {', '.join(sorted(unknown))}; "
+                 f"choose from {', '.join(WORKERS)}")
+
+    env_keys = ("LD_PRELOAD", "GLIBC_TUNABLES", "XLA_FLAGS", "OMP_NUM_THREADS")
+    env = ", ".join(f"{k}={os.environ[k]}" for k in env_keys if k in os.environ)
+    print(f"cpus: {os.cpu_count()}, environment: {env or 'default'}", file=sys.stderr)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for repeat in range(args.repeats):
+        for name in names:
+            result = run_worker(name, args)
+            if result:
+                runs[name].append(result)
+                print(f"  repeat {repeat + 1} {name}: {result['images_per_s']:.0f} images/s",
+                      file=sys.stderr)
+
+    def median(name, key):
+        values = [r[key] for r in runs[name] if key in r]
+        return statistics.median(values) if values else float("nan")
+
+    print(f"\n{'':12} {'images/s':>9} {'ms/step':>8} {'compile s':>10} {'peak RSS MB':>12}")
+    for name in names:
+        print(f"{name:12} {median(name, 'images_per_s'):9.0f} {median(name, 'ms_per_step'):8.1f}"
+              f" {median(name, 'compile_s'):10.2f} {median(name, 'peak_rss_mb'):12.0f}")
+    summary = {name: round(median(name, "images_per_s"), 1) for name in names}
+    if "mnist_flax" in names and args.epoch:
+        epoch = median("mnist_flax", "epoch_images_per_s")
+        summary["mnist_flax_epoch"] = round(epoch, 1)
+        print(f"mnist_flax whole epoch through main's data path: {epoch:.0f} images/s "
+              f"(epoch/step = {epoch / summary['mnist_flax']:.3f})")
+    if "mnist_flax" in names and "pytorch" in names:
+        summary["ratio_vs_pytorch"] = round(summary["mnist_flax"] / summary["pytorch"], 3)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
