@@ -41,6 +41,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 128  # Global batch, split over all devices.
     config.num_epochs = 12
     config.seed = 0  # Initialisation, dropout and shuffling all derive from it.
+    config.lr_schedule = 'constant'  # One of: constant, cosine (warmup, then cosine to 0),
+    # one_cycle (optax.cosine_onecycle_schedule); learning_rate is the peak.
+    config.warmup_epochs = 0.0  # Epochs (may be fractional) of warmup; unused by 'constant'.
+    config.label_smoothing = 0.0  # Weight moved from the true class to uniform, in [0, 1).
+
+    # Augmentation (mnist_flax.augment): a random affine warp per training image, on the device.
+    # All zero (the tutorial) turns it off.
+    config.augment_max_shift = 0.0  # Pixels, uniform in [-x, x] along each axis.
+    config.augment_max_rotation = 0.0  # Degrees, uniform in [-x, x].
+    config.augment_max_scale = 0.0  # Zoom uniform in [1 - x, 1 + x].
 
     # Speed (numerics are unchanged by these; tests pin that).
     config.fast_ops = True  # CPU-friendly convolution gradients and pooling (mnist_flax.ops).
@@ -49,5 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Logging and evaluation.
     config.log_every_steps = 100  # Progress line (loss, images/s, ETA) every this many steps.
     config.eval_batch_size = 1000  # Test images per jitted evaluation call.
+
+    # Checkpoints (workdir/checkpoints/): always at the end of every epoch and on SIGTERM.
+    config.checkpoint_every_steps = 0  # Steps; also save every this many steps (0 = epochs only).
+    config.checkpoint_keep = 3  # How many of the newest checkpoints to keep (>= 1).
 
     return config

@@ -10,6 +10,7 @@ import ml_collections
 from mnist_flax import input_pipeline, models
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+LR_SCHEDULES = ("constant", "cosine", "one_cycle")
 
 
 class ConfigError(ValueError):
@@ -33,8 +34,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
              f"--config.data_source={config.data_source!r}: must be one of "
              f"{', '.join(input_pipeline.SOURCES)}")
     for name in ("num_epochs", "batch_size", "dense_features", "num_classes", "log_every_steps",
-                 "eval_batch_size"):
+                 "eval_batch_size", "checkpoint_keep"):
         _positive_int(config, name)
+    every = config.checkpoint_every_steps
+    _require(isinstance(every, int) and not isinstance(every, bool) and every >= 0,
+             f"--config.checkpoint_every_steps={every!r}: must be an integer >= 0 (0 = only at "
+             "the end of each epoch)")
     _require(isinstance(config.seed, int) and config.seed >= 0,
              f"--config.seed={config.seed!r}: must be a non-negative integer")
     for name in ("learning_rate", "adam_eps"):
@@ -51,6 +56,19 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     _require(config.kernel_init in models.KERNEL_INITS,
              f"--config.kernel_init={config.kernel_init!r}: must be one of "
              f"{', '.join(models.KERNEL_INITS)}")
+    _require(config.lr_schedule in LR_SCHEDULES,
+             f"--config.lr_schedule={config.lr_schedule!r}: must be one of "
+             f"{', '.join(LR_SCHEDULES)}")
+    _require(0 <= config.warmup_epochs < config.num_epochs
+             and (config.warmup_epochs > 0 or config.lr_schedule != "one_cycle"),
+             f"--config.warmup_epochs={config.warmup_epochs!r}: must be in [0, num_epochs="
+             f"{config.num_epochs}) (and > 0 for one_cycle)")
+    _require(0.0 <= config.label_smoothing < 1.0,
+             f"--config.label_smoothing={config.label_smoothing!r}: must be in [0, 1)")
+    for name, limit in (("augment_max_shift", 14.0), ("augment_max_rotation", 180.0),
+                        ("augment_max_scale", 1.0)):
+        _require(0.0 <= config[name] < limit,
+                 f"--config.{name}={config[name]!r}: must be in [0, {limit:g})")
     _require(config.compute_dtype in COMPUTE_DTYPES,
              f"--config.compute_dtype={config.compute_dtype!r}: must be one of "
              f"{', '.join(COMPUTE_DTYPES)}")

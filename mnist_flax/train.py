@@ -8,6 +8,7 @@ and the batch, so a run resumes exactly from a checkpoint of the state (see chec
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -19,17 +20,22 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from flax import struct
 from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mnist_flax import config_checks, input_pipeline, models, summaries
+from mnist_flax import augment, checkpoints, config_checks, input_pipeline, models, summaries
 
 Batch = dict[str, jax.Array]
 
 
 class TrainState(train_state.TrainState):
     dropout_key: jax.Array  # Per-step dropout keys are fold_in(dropout_key, step): no host rng.
+    # Static parts of the recipe that the step reads, like `tx`: not saved in checkpoints.
+    label_smoothing: float = struct.field(pytree_node=False, default=0.0)
+    augmentation: augment.RandomAffine = struct.field(pytree_node=False,
+                                                      default=augment.RandomAffine())
 
 
 class TrainingDivergedError(RuntimeError):
@@ -48,22 +54,43 @@ def create_model(config: ml_collections.ConfigDict) -> models.CNN:
     )
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    return optax.constant_schedule(config.learning_rate)
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int | None = None) -> optax.Schedule:
+    """The step size per step; epochs in the config become steps here, so overrides stay coherent.
+
+    `steps_per_epoch` defaults to full MNIST's; a restored checkpoint needs only the optimizer
+    state's structure, which is the same for every schedule.
+    """
+    if config.lr_schedule == "constant":
+        return optax.constant_schedule(config.learning_rate)
+    steps_per_epoch = steps_per_epoch or input_pipeline.MNIST_SIZES["train"] // config.batch_size
+    total_steps = steps_per_epoch * config.num_epochs
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    if config.lr_schedule == "cosine":  # Linear warmup from 0, then cosine decay to 0.
+        return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup_steps,
+                                                  total_steps)
+    # one_cycle: cosine up from learning_rate/25 over the warmup, cosine down to 1/1e4 of that.
+    return optax.cosine_onecycle_schedule(total_steps, config.learning_rate,
+                                          pct_start=warmup_steps / total_steps)
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    return optax.adam(learning_rate_schedule(config), eps=config.adam_eps)
+def create_optimizer(config: ml_collections.ConfigDict,
+                     steps_per_epoch: int | None = None) -> optax.GradientTransformation:
+    return optax.adam(learning_rate_schedule(config, steps_per_epoch), eps=config.adam_eps)
 
 
-def create_train_state(config: ml_collections.ConfigDict, key: jax.Array) -> TrainState:
+def create_train_state(config: ml_collections.ConfigDict, key: jax.Array,
+                       steps_per_epoch: int | None = None) -> TrainState:
     """Initialises parameters (Keras's initialisers) and the optimizer from `key`."""
     init_key, dropout_key = jax.random.split(key)
     model = create_model(config)
     dummy = jnp.zeros((1, *input_pipeline.IMAGE_SHAPE), jnp.float32)
     params = jax.jit(functools.partial(model.init, train=False))(init_key, dummy)["params"]
     return TrainState.create(
-        apply_fn=model.apply, params=params, tx=create_optimizer(config), dropout_key=dropout_key
+        apply_fn=model.apply, params=params, tx=create_optimizer(config, steps_per_epoch),
+        dropout_key=dropout_key, label_smoothing=config.label_smoothing,
+        augmentation=augment.RandomAffine(config.augment_max_shift,
+                                          config.augment_max_rotation, config.augment_max_scale),
     )
 
 
@@ -71,17 +98,28 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def train_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+    """Cross-entropy against smoothed targets; 0 is the tutorial's loss, computed the same way."""
+    if not label_smoothing:
+        return cross_entropy_loss(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
 @functools.partial(jax.jit, donate_argnames="state")
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One Adam step on a batch of uint8 images; metrics come from the same forward pass."""
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
     images = input_pipeline.normalize(batch["image"])
+    if state.augmentation.enabled:  # Static: the tutorial's step compiles without it.
+        images = augment.random_affine(jax.random.fold_in(dropout_key, 1), images,
+                                       state.augmentation)
 
     def loss_fn(params):
         logits = state.apply_fn(
             {"params": params}, images, train=True, rngs={"dropout": dropout_key}
         )
-        return cross_entropy_loss(logits, batch["label"]).mean(), logits
+        return train_loss(logits, batch["label"], state.label_smoothing).mean(), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     accuracy = (logits.argmax(-1) == batch["label"]).mean()
@@ -129,7 +167,12 @@ def shard_batch(mesh: jax.sharding.Mesh, global_batch: dict[str, np.ndarray]) ->
 
 
 def replicate(mesh: jax.sharding.Mesh, tree: Any) -> Any:
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """A full copy of `tree` on every device of every host (the parameters, the optimizer state).
+
+    A jitted identity rather than device_put: with several hosts, device_put cannot reach the
+    other hosts' devices, while every host running the same jit builds the global array.
+    """
+    return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
 
 
 def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, batch_size: int,
@@ -153,6 +196,13 @@ def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, batch_si
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order of epoch `epoch`: a function of (seed, epoch) alone, so a resumed run replays it."""
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def host_batch(dataset: input_pipeline.Dataset, order: np.ndarray, index: int,
+               batch_size: int) -> dict[str, np.ndarray]:
+    """Batch `index` of an epoch whose order is `order`: uint8 images, scaled on the device."""
+    idx = order[index * batch_size:(index + 1) * batch_size]
+    return {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}
 
 
 def _format_duration(seconds: float) -> str:
@@ -191,75 +241,99 @@ def train_and_evaluate(
     # draws a new order, so every image is still seen.
     num_steps = steps_per_epoch * config.num_epochs
 
-    state = replicate(mesh, create_train_state(config, jax.random.key(config.seed)))
-    writer = summaries.create_writer(workdir)
+    state = replicate(mesh, create_train_state(config, jax.random.key(config.seed),
+                                               steps_per_epoch))
+    # Resume from the newest checkpoint, if any: shapes and data order are checked first, and a
+    # mismatch raises before anything in the workdir is written.
+    position = functools.partial(checkpoints.data_position, steps_per_epoch=steps_per_epoch,
+                                 config=config, num_train=num_train)
+    state = checkpoints.restore(workdir, state, position(0))
+    start_step = int(state.step)
+    if start_step:
+        logging.info("Resuming from the checkpoint at step %d (epoch %d, step %d of it)",
+                     start_step, start_step // steps_per_epoch + 1, start_step % steps_per_epoch)
+        for change in checkpoints.config_changes(workdir, config):
+            logging.warning("Config changed since the last start: %s", change)
+    checkpoints.write_config(workdir, config)
+    manager = checkpoints.create_manager(workdir, config.checkpoint_keep)
+    writer = summaries.create_writer(workdir, purge_step=start_step or None)
     summaries.write_run_info(writer, config, dataset, state.params)
-    schedule = learning_rate_schedule(config)
+    summaries.write_model_summary(writer, create_model(config))
+    schedule = learning_rate_schedule(config, steps_per_epoch)
 
     metrics: dict[str, float] = {}
-    start_step = int(state.step)
     pending: list[dict[str, jax.Array]] = []  # Train metrics stay on device until logged.
     epoch_train: list[dict[str, float]] = []
     last_log_time, last_log_step = time.perf_counter(), start_step
-    epoch_start_time = time.perf_counter()
+    epoch_start_time, epoch_start_step = time.perf_counter(), start_step
     images_per_second = 0.0
 
-    for step in range(start_step, num_steps):
-        epoch, index = divmod(step, steps_per_epoch)
-        if index == 0:
-            order = epoch_permutation(config.seed, epoch, num_train)
-            epoch_start_time = time.perf_counter()
-            epoch_train = []
-        idx = order[index * batch_size:(index + 1) * batch_size]
-        batch = {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}
-        state, step_metrics = train_step(state, shard_batch(mesh, batch))
-        pending.append(step_metrics)
+    # SIGTERM (a preemption) only sets a flag; the step in flight finishes, then we save and stop.
+    with checkpoints.SigtermFlag() as sigterm, contextlib.closing(manager):
+        for step in range(start_step, num_steps):
+            epoch, index = divmod(step, steps_per_epoch)
+            if index == 0 or step == start_step:  # A resumed run may start mid-epoch.
+                order = epoch_permutation(config.seed, epoch, num_train)
+                epoch_start_time, epoch_start_step = time.perf_counter(), step
+                epoch_train = []
+            batch = shard_batch(mesh, host_batch(dataset, order, index, batch_size))
+            state, step_metrics = train_step(state, batch)
+            pending.append(step_metrics)
 
-        done = step + 1
-        end_of_epoch = done % steps_per_epoch == 0
-        if done % config.log_every_steps == 0 or end_of_epoch:
-            host = jax.device_get(pending)
-            pending = []
-            mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-            epoch_train.append({**mean, "n": len(host)})
-            _check_finite(mean["loss"], done)
-            now = time.perf_counter()
-            images_per_second = (done - last_log_step) * batch_size / (now - last_log_time)
-            last_log_time, last_log_step = now, done
-            eta = (num_steps - done) * batch_size / images_per_second
-            logging.info(
-                "epoch %d/%d step %d/%d: loss %.4f accuracy %.4f | %.0f images/s | ETA %s",
-                epoch + 1, config.num_epochs, done, num_steps, mean["loss"], mean["accuracy"],
-                images_per_second, _format_duration(eta),
-            )
-        if end_of_epoch:
-            total = sum(m["n"] for m in epoch_train)
-            train = {k: sum(m[k] * m["n"] for m in epoch_train) / total
-                     for k in ("loss", "accuracy")}
-            test = evaluate(state, dataset.test_images, dataset.test_labels,
-                            config.eval_batch_size, mesh)
-            epoch_seconds = time.perf_counter() - epoch_start_time
-            metrics = {
-                "train/loss": train["loss"], "train/accuracy": train["accuracy"],
-                "test/loss": test["loss"], "test/accuracy": test["accuracy"],
-                "train/learning_rate": float(schedule(done)),
-                "train/images_per_second": steps_per_epoch * batch_size / epoch_seconds,
-                "epoch": epoch + 1,
-            }
-            summaries.write_scalars(writer, done, metrics)
-            logging.info(
-                "epoch %d/%d done: train loss %.4f accuracy %.4f | test loss %.4f accuracy %.4f"
-                " | %.1f s, %.0f images/s",
-                epoch + 1, config.num_epochs, train["loss"], train["accuracy"], test["loss"],
-                test["accuracy"], epoch_seconds, metrics["train/images_per_second"],
-            )
+            done = step + 1
+            end_of_epoch = done % steps_per_epoch == 0
+            if done % config.log_every_steps == 0 or end_of_epoch:
+                host = jax.device_get(pending)
+                pending = []
+                mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                epoch_train.append({**mean, "n": len(host)})
+                _check_finite(mean["loss"], done)
+                now = time.perf_counter()
+                images_per_second = (done - last_log_step) * batch_size / (now - last_log_time)
+                last_log_time, last_log_step = now, done
+                eta = (num_steps - done) * batch_size / images_per_second
+                logging.info(
+                    "epoch %d/%d step %d/%d: loss %.4f accuracy %.4f | %.0f images/s | ETA %s",
+                    epoch + 1, config.num_epochs, done, num_steps, mean["loss"], mean["accuracy"],
+                    images_per_second, _format_duration(eta),
+                )
+            if end_of_epoch:
+                total = sum(m["n"] for m in epoch_train)
+                train = {k: sum(m[k] * m["n"] for m in epoch_train) / total
+                         for k in ("loss", "accuracy")}
+                test = evaluate(state, dataset.test_images, dataset.test_labels,
+                                config.eval_batch_size, mesh)
+                epoch_seconds = time.perf_counter() - epoch_start_time
+                metrics = {
+                    "train/loss": train["loss"], "train/accuracy": train["accuracy"],
+                    "test/loss": test["loss"], "test/accuracy": test["accuracy"],
+                    "train/learning_rate": float(schedule(done)),
+                    "train/images_per_second": (done - epoch_start_step) * batch_size
+                    / epoch_seconds,
+                    "epoch": epoch + 1,
+                }
+                summaries.write_scalars(writer, done, metrics)
+                logging.info(
+                    "epoch %d/%d done: train loss %.4f accuracy %.4f | test loss %.4f accuracy %.4f"
+                    " | %.1f s, %.0f images/s",
+                    epoch + 1, config.num_epochs, train["loss"], train["accuracy"], test["loss"],
+                    test["accuracy"], epoch_seconds, metrics["train/images_per_second"],
+                )
+            every = config.checkpoint_every_steps
+            if end_of_epoch or (every and done % every == 0) or sigterm.is_set():
+                checkpoints.save(manager, state, position(done))
+            if sigterm.is_set():
+                checkpoints.log_preempted(done)
+                summaries.close(writer)
+                raise checkpoints.Preempted(done)
+        checkpoints.save(manager, state, position(int(state.step)))  # No-op when already saved.
 
     if not metrics:  # Nothing left to train (a finished run restarted): evaluate what we have.
         test = evaluate(state, dataset.test_images, dataset.test_labels, config.eval_batch_size,
                         mesh)
         metrics = {"test/loss": test["loss"], "test/accuracy": test["accuracy"]}
     summaries.write_final(writer, state, dataset, config, metrics)
-    writer.close()
+    summaries.close(writer)
     print(f"Test loss: {metrics['test/loss']:.4f}")
     print(f"Test accuracy: {metrics['test/accuracy']:.4f}")
     return state, metrics

@@ -1,0 +1,228 @@
+"""Predicts digits in people's own images with a trained workdir.
+
+    python -m mnist_flax.predict --workdir=runs/default IMAGE [IMAGE...] [--json]
+    predict = mnist_flax.predict.load("runs/default"); predict(images)  # (N, 10) probabilities
+
+Photographs and drawings are brought to MNIST's form first (`preprocess`): grayscale, white ink on
+black (inverted when the border is light), cropped to the ink, the longer side fitted into 20 px,
+and placed in 28x28 with the centre of mass in the middle, which is how MNIST's digits were made.
+A 28x28 image with a dark background is taken to be MNIST-style already and passes unchanged.
+The model is built from the config stored in the workdir, with the newest checkpoint's params.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from absl import flags
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mnist_flax import checkpoints, input_pipeline, train
+
+BOX = 20  # MNIST fits the digit's longer side into 20 px ...
+SIZE = 28  # ... and centres it by mass in 28x28.
+MIN_CONTRAST = 32  # Ink must differ from the background by this much (of 255), else "blank".
+INK_FLOOR = 0.1  # After stretching to [0, 1], values below this are background (paper, noise).
+TOP_K = 3  # Probabilities printed per image.
+
+
+class PredictError(ValueError):
+    """A missing workdir or checkpoint, or an image we cannot use; one line naming it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Images -> MNIST-style 28x28 uint8.
+
+
+def read_image(path: str) -> Image.Image:
+    if not os.path.exists(path):
+        raise PredictError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise PredictError(f"{path}: is a directory, not an image")
+    if os.path.getsize(path) == 0:
+        raise PredictError(f"{path}: empty file")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        detail = "not an image PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise PredictError(f"{path}: unreadable ({detail}); use a PNG or JPEG") from None
+    return ImageOps.exif_transpose(image)  # Phone photos store their rotation in EXIF.
+
+
+def to_grayscale(image: Image.Image) -> np.ndarray:
+    """float32 (H, W) in [0, 255]; transparent pixels become white paper."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, "white")
+        image = Image.alpha_composite(paper, rgba)
+    return np.asarray(image.convert("L"), np.float32)
+
+
+def _border(pixels: np.ndarray) -> np.ndarray:
+    return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+
+
+def preprocess(image: Image.Image | np.ndarray, name: str = "image") -> np.ndarray:
+    """Any digit picture -> (28, 28) uint8, white ink on black, as MNIST's digits are.
+
+    Raises PredictError for an empty or blank (no ink) image. `name` goes into the message.
+    """
+    pixels = to_grayscale(image) if isinstance(image, Image.Image) else np.asarray(
+        image, np.float32).squeeze()
+    if pixels.ndim != 2 or pixels.size == 0:
+        raise PredictError(f"{name}: empty image (shape {pixels.shape})")
+    if np.median(_border(pixels)) > 127:  # Light background: dark ink on paper.
+        pixels = 255.0 - pixels
+    if pixels.shape == (SIZE, SIZE):  # MNIST-style already.
+        if pixels.max() - pixels.min() < MIN_CONTRAST:
+            raise PredictError(f"{name}: blank image (no digit found)")
+        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+    background = float(np.median(_border(pixels)))
+    ink = pixels.max()
+    if ink - background < MIN_CONTRAST:
+        raise PredictError(f"{name}: blank image (no digit found)")
+    scaled = np.clip((pixels - background) / (ink - background), 0.0, 1.0)
+    scaled[scaled < INK_FLOOR] = 0.0
+    rows, cols = np.flatnonzero(scaled.any(axis=1)), np.flatnonzero(scaled.any(axis=0))
+    crop = scaled[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+    h, w = crop.shape
+    factor = BOX / max(h, w)
+    new_h, new_w = max(1, round(h * factor)), max(1, round(w * factor))
+    fitted = Image.fromarray((crop * 255).astype(np.uint8)).resize(
+        (new_w, new_h), Image.Resampling.LANCZOS)
+    fitted = np.asarray(fitted, np.float32)
+
+    total = fitted.sum()
+    ys, xs = np.indices(fitted.shape)
+    centre_y, centre_x = (ys * fitted).sum() / total, (xs * fitted).sum() / total
+    top, left = round(SIZE / 2 - centre_y), round(SIZE / 2 - centre_x)
+    out = np.zeros((SIZE, SIZE), np.float32)
+    # Paste with clipping: a lopsided digit may be shifted partly past the edge, as in MNIST.
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + new_h, SIZE), min(left + new_w, SIZE)
+    out[y0:y1, x0:x1] = fitted[y0 - top:y1 - top, x0 - left:x1 - left]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def load_images(paths: list[str]) -> np.ndarray:
+    """(N, 28, 28, 1) uint8 from image files; the first bad file raises PredictError."""
+    return np.stack([preprocess(read_image(p), p) for p in paths])[..., None]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model.
+
+
+def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from images to (N, 10) class probabilities, with the workdir's newest params.
+
+    It takes uint8 (0-255) or float (0-1) arrays of shape (N, 28, 28) or (N, 28, 28, 1), white
+    ink on black, as MNIST (use `preprocess` for other pictures). `predict.step` is the
+    checkpoint's step.
+    """
+    if not os.path.isdir(workdir):
+        raise PredictError(f"--workdir={workdir}: no such directory")
+    if checkpoints.latest_step(workdir) is None:
+        raise PredictError(f"{checkpoints.checkpoint_dir(workdir)}: no checkpoint; train first "
+                           f"with python -m mnist_flax.main --workdir={workdir}")
+    try:
+        config = checkpoints.read_config(workdir)
+        model = train.create_model(config)
+        dummy = np.zeros((1, *input_pipeline.IMAGE_SHAPE), np.float32)
+        expected = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
+        params, step = checkpoints.restore_params(workdir, expected["params"])
+    except checkpoints.CheckpointError as e:
+        raise PredictError(str(e)) from None
+
+    @jax.jit
+    def probabilities(images: jax.Array) -> jax.Array:
+        return jax.nn.softmax(model.apply({"params": params}, images, train=False))
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[1:] != input_pipeline.IMAGE_SHAPE:
+            raise ValueError(f"images must be (N, 28, 28) or (N, 28, 28, 1); got {images.shape}")
+        if images.dtype == np.uint8:
+            images = input_pipeline.normalize(images)
+        return np.asarray(probabilities(images.astype(np.float32)))
+
+    predict.step = step
+    return predict
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line. Its own FlagValues, so importing this module next to mnist_flax.main (which
+# also has --workdir) defines nothing twice.
+
+USAGE = "usage: python -m mnist_flax.predict --workdir=DIR IMAGE [IMAGE...] [--json]"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and checkpoints/).",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("json", False, "Print one JSON document instead of one line per image.",
+                  flag_values=FLAGS)
+
+
+def describe(path: str, probabilities: np.ndarray) -> dict:
+    top = np.argsort(-probabilities, kind="stable")[:TOP_K]
+    return {"image": path, "digit": int(top[0]),
+            "top": [{"digit": int(d), "probability": round(float(probabilities[d]), 4)}
+                    for d in top],
+            "probabilities": [round(float(p), 6) for p in probabilities]}
+
+
+def run(argv: list[str]) -> int:
+    """The command: prints predictions (or one-line errors on stderr); returns the exit status.
+
+    0 when every image was predicted, 1 when some image could not be read (the others are still
+    predicted and printed), 2 for bad usage or an unusable workdir.
+    """
+    FLAGS.unparse_flags()
+    try:
+        paths = FLAGS(argv)[1:]
+    except flags.Error as e:
+        print(f"error: {e}\n{USAGE}", file=sys.stderr)
+        return 2
+    if not FLAGS.workdir or not paths:
+        print(f"error: {'no images given' if FLAGS.workdir else '--workdir is required'}\n{USAGE}",
+              file=sys.stderr)
+        return 2
+    try:
+        predict = load(FLAGS.workdir)
+    except PredictError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results, images = [], []
+    for path in paths:  # A bad file is reported and skipped; the others are still predicted.
+        try:
+            images.append(preprocess(read_image(path), path))
+            results.append({"image": path})
+        except PredictError as e:
+            results.append({"image": path, "error": str(e)})
+            print(f"error: {e}", file=sys.stderr)
+    if images:
+        probabilities = iter(predict(np.stack(images)[..., None]))
+        results = [r if "error" in r else describe(r["image"], next(probabilities))
+                   for r in results]
+    if FLAGS.json:
+        print(json.dumps({"workdir": FLAGS.workdir, "step": predict.step, "results": results},
+                         indent=2))
+    else:
+        for r in results:
+            if "error" not in r:
+                top = ", ".join(f"{t['digit']}: {t['probability']:.3f}" for t in r["top"])
+                print(f"{r['image']}: {r['digit']}  ({top})")
+    return 1 if len(images) < len(paths) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv))

@@ -1,0 +1,79 @@
+"""mnist_flax.augment: the warp is the transform it claims; the train step uses it reproducibly."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+
+from mnist_flax import augment, train
+
+
+@pytest.fixture
+def images() -> jax.Array:
+    return jnp.asarray(np.random.default_rng(0).random((3, 28, 28, 1)), jnp.float32)
+
+
+def _matrices(linear: np.ndarray, shift: np.ndarray, n: int = 3) -> jax.Array:
+    """Inverse maps (output -> input) for a forward transform x -> linear @ x + shift."""
+    inverse = np.linalg.inv(linear)
+    return jnp.asarray(np.concatenate([inverse, (-inverse @ shift)[:, None]], -1)[None]
+                       .repeat(n, 0), jnp.float32)
+
+
+def test_zero_ranges_are_the_identity(images):
+    spec = augment.RandomAffine()
+    assert not spec.enabled
+    out = augment.random_affine(jax.random.key(0), images, spec)
+    np.testing.assert_array_equal(out, images)
+
+
+def test_integer_shift_moves_pixels_and_fills_zeros(images):
+    out = augment.warp(images, _matrices(np.eye(2), np.array([2.0, -1.0])))
+    expected = np.zeros_like(images)
+    expected[:, 2:, :-1] = np.asarray(images)[:, :-2, 1:]  # Down 2 rows, left 1 column.
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_quarter_turn_is_rot90_about_the_centre(images):
+    quarter = np.array([[0.0, -1.0], [1.0, 0.0]])
+    out = augment.warp(images, _matrices(quarter, np.zeros(2)))
+    np.testing.assert_allclose(out, np.rot90(np.asarray(images), 1, axes=(1, 2)), atol=1e-5)
+
+
+def test_draws_stay_in_range_and_depend_only_on_the_key():
+    spec = augment.RandomAffine(max_shift=2.0, max_rotation=0.0, max_scale=0.0)
+    m = augment.affine_matrices(jax.random.key(3), 1000, spec)
+    np.testing.assert_allclose(m[:, :, :2], np.broadcast_to(np.eye(2), (1000, 2, 2)), atol=1e-6)
+    assert np.abs(m[:, :, 2]).max() <= 2.0 and np.abs(m[:, :, 2]).max() > 1.9
+    np.testing.assert_array_equal(m, augment.affine_matrices(jax.random.key(3), 1000, spec))
+    assert not np.array_equal(m, augment.affine_matrices(jax.random.key(4), 1000, spec))
+    spec = augment.RandomAffine(max_rotation=15.0, max_scale=0.1)
+    m = np.asarray(augment.affine_matrices(jax.random.key(5), 1000, spec))
+    scale = 1 / np.sqrt(np.linalg.det(m[:, :, :2]))
+    angle = np.degrees(np.arctan2(m[:, 1, 0], m[:, 0, 0]))
+    assert 0.9 - 1e-5 <= scale.min() < 0.92 and 1.08 < scale.max() <= 1.1 + 1e-5
+    assert 14 < np.abs(angle).max() <= 15 + 1e-4
+
+
+def _batch(n: int = 16) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(1)
+    return {"image": jnp.asarray(rng.integers(0, 256, (n, 28, 28, 1), np.uint8)),
+            "label": jnp.asarray(rng.integers(0, 10, n), jnp.int32)}
+
+
+def _step_loss(config) -> float:
+    state = train.create_train_state(config, jax.random.key(0))
+    _, metrics = train.train_step(state, _batch())
+    return float(metrics["loss"])
+
+
+def test_train_step_augments_reproducibly_and_only_when_asked():
+    config = load_config("default")
+    assert not train.create_train_state(config, jax.random.key(0)).augmentation.enabled
+    plain = _step_loss(config)
+    config.augment_max_rotation = 15.0
+    config.augment_max_shift = 2.0
+    augmented = _step_loss(config)
+    assert augmented != plain  # The model saw different images.
+    assert _step_loss(config) == augmented  # Same state and step -> same warp: resumable.

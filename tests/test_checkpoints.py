@@ -1,0 +1,293 @@
+"""Checkpoints: round trip, keep-last-K, mismatch errors, SIGTERM, atomic saves, exact resume.
+
+The resume tests run `python -m mnist_flax.main` in a subprocess on 320 synthetic digits, kill it
+(SIGKILL, or SIGTERM as a preemption does) at whatever step it has reached after its first
+checkpoints, run the same command again, and require the final state to equal an uninterrupted
+run's bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import REPO, load_config, write_idx_dir
+
+from mnist_flax import checkpoints, train
+
+ROOT = str(REPO)
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+    config = load_config()
+    config.update(conv_features=(4, 8), dense_features=16, batch_size=16, num_epochs=2,
+                  log_every_steps=1, eval_batch_size=64)
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """One small state for the unit tests (building one compiles `init`: seconds)."""
+    config = tiny_config()
+    return config, train.create_train_state(config, jax.random.key(0), steps_per_epoch=20)
+
+
+def assert_trees_identical(a, b) -> None:
+    flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten(b)[0]
+    assert len(flat_a) == len(flat_b)
+    for (path, x), y in zip(flat_a, flat_b, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+        assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs"
+
+
+def position(config, step: int, num_train: int = 320) -> dict[str, int]:
+    return checkpoints.data_position(step, num_train // config.batch_size, config, num_train)
+
+
+def snapshot(directory) -> dict[str, tuple[int, int]]:
+    """Every file under `directory` with its size and mtime: what 'nothing was touched' means."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            files[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Unit tests, in process.
+
+
+def test_save_then_restore_is_bit_identical(tmp_path, tiny):
+    config, fresh = tiny
+    # A state unlike the fresh one in every part, as after some training.
+    state = fresh.replace(params=jax.tree.map(lambda p: p + 0.5, fresh.params),
+                          opt_state=jax.tree.map(lambda x: x + 1, fresh.opt_state),
+                          step=jnp.asarray(7), dropout_key=jax.random.key(42))
+    with contextlib.closing(checkpoints.create_manager(str(tmp_path), keep=3)) as manager:
+        assert checkpoints.save(manager, state, position(config, 7))
+        assert not checkpoints.save(manager, state, position(config, 7))  # Once per step.
+    restored = checkpoints.restore(str(tmp_path), fresh, position(config, 0))
+    assert int(restored.step) == 7
+    assert_trees_identical(checkpoints.state_tree(restored), checkpoints.state_tree(state))
+    assert np.array_equal(jax.random.key_data(restored.dropout_key),
+                          jax.random.key_data(state.dropout_key))
+    # The restored optimizer state has optax's own types again, so the step function takes it.
+    assert type(restored.opt_state[0]) is type(state.opt_state[0])
+
+
+def test_restore_without_checkpoint_returns_the_fresh_state(tmp_path, tiny):
+    config, state = tiny
+    assert checkpoints.restore(str(tmp_path), state, position(config, 0)) is state
+    assert not os.path.exists(tmp_path / "checkpoints")  # Reading never creates anything.
+
+
+def test_keeps_the_newest_k(tmp_path, tiny):
+    config, state = tiny
+    with contextlib.closing(checkpoints.create_manager(str(tmp_path), keep=2)) as manager:
+        for step in range(1, 6):
+            checkpoints.save(manager, state.replace(step=step), position(config, step))
+        assert manager.all_steps() == [4, 5]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "5"]
+
+
+def test_other_model_width_is_a_clear_error_and_the_workdir_is_untouched(tmp_path, tiny):
+    _, saved = tiny
+    config = tiny_config(data_source="sample", num_epochs=1)
+    with contextlib.closing(checkpoints.create_manager(str(tmp_path), keep=3)) as manager:
+        checkpoints.save(manager, saved.replace(step=5),
+                         checkpoints.data_position(5, 250, config, 4000))
+    checkpoints.write_config(str(tmp_path), config)
+    before = snapshot(tmp_path)
+
+    wider = tiny_config(data_source="sample", num_epochs=1, conv_features=(4, 16))
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        train.train_and_evaluate(wider, str(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message
+    assert "params/Conv_1/bias has shape (8,) in the checkpoint but (16,) in the config" in message
+    assert snapshot(tmp_path) == before
+
+
+def test_check_shapes_names_missing_and_extra_parameters():
+    with pytest.raises(checkpoints.CheckpointError, match="has no params/Dense_2/kernel"):
+        checkpoints.check_shapes({"params/a": (1,)}, {"params/a": (1,), "params/Dense_2/kernel":
+                                                      (2, 2)}, "w")
+    with pytest.raises(checkpoints.CheckpointError, match="has params/b .*does not"):
+        checkpoints.check_shapes({"params/a": (1,), "params/b": (3,)}, {"params/a": (1,)}, "w")
+    checkpoints.check_shapes({"params/a": (1,)}, {"params/a": (1,)}, "w")  # Equal: no error.
+
+
+def test_other_batch_size_is_an_error_because_it_changes_the_data_order(tmp_path, tiny):
+    config, state = tiny
+    with contextlib.closing(checkpoints.create_manager(str(tmp_path), keep=3)) as manager:
+        checkpoints.save(manager, state.replace(step=3), position(config, 3))
+    other = tiny_config(batch_size=32)
+    with pytest.raises(checkpoints.CheckpointError, match="batch_size=16 but this run has 32"):
+        checkpoints.restore(str(tmp_path), state, position(other, 0))
+
+
+def test_sigterm_sets_the_flag_and_the_old_handler_comes_back():
+    previous = signal.getsignal(signal.SIGTERM)
+    with checkpoints.SigtermFlag() as flag:
+        assert not flag.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # The handler runs at the next bytecode boundary.
+            if flag.is_set():
+                break
+            time.sleep(0.01)
+        assert flag.is_set()
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic saves: SIGKILL while orbax is writing, then read the newest checkpoint.
+
+_SAVE_FOREVER = textwrap.dedent("""
+    import sys, numpy as np, orbax.checkpoint as ocp
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False,
+                                           preservation_policy=ocp.checkpoint_managers.LatestN(2))
+    manager = ocp.CheckpointManager(sys.argv[1], options=options)
+    for step in range(1, 10_000):
+        tree = {"x": np.full((16, 1024, 1024), step, np.float32)}  # 64 MB: a save takes a while.
+        manager.save(step, args=ocp.args.StandardSave(tree), force=True)
+""")
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
+    directory = tmp_path / "checkpoints"
+    process = subprocess.Popen([sys.executable, "-c", _SAVE_FOREVER, str(directory)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # Wait until a save is under way after a finished one.
+            names = os.listdir(directory) if directory.exists() else []
+            if any("tmp" in n for n in names) and any(n.isdigit() for n in names):
+                break
+            time.sleep(0.002)
+        else:
+            pytest.fail("no save in progress within 60 s")
+        process.kill()
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert any("tmp" in n for n in os.listdir(directory))  # Killed mid-save.
+
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True))
+    step = manager.latest_step()
+    assert step is not None
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+    assert np.all(np.asarray(restored["x"]) == step)  # Complete, and the one its name says.
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume of `python -m mnist_flax.main`, killed in a subprocess.
+
+NUM_TRAIN, NUM_TEST = 320, 64
+NUM_STEPS = NUM_TRAIN // 16 * 2  # batch 16, 2 epochs.
+
+
+def main_command(data_dir, workdir) -> list[str]:
+    return [sys.executable, "-m", "mnist_flax.main", f"--workdir={workdir}",
+            "--config.data_source=idx", f"--config.data_dir={data_dir}",
+            "--config.verify_checksums=False", "--config.conv_features=(4,8)",
+            "--config.dense_features=16", "--config.batch_size=16", "--config.num_epochs=2",
+            "--config.eval_batch_size=64", "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=3"]
+
+
+def run_env(cache_dir) -> dict[str, str]:
+    """CPU, and one compilation cache for all runs: later runs load `train_step` instead of
+    compiling it again (the same executable an uninterrupted run would use)."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def run_to_end(command, log_path) -> str:
+    with open(log_path, "w") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=300,
+                                env=run_env(log_path.parent / "jax_cache"), cwd=ROOT)
+    output = open(log_path).read()
+    assert result.returncode == 0, output[-3000:]
+    return output
+
+
+def run_and_interrupt(command, log_path, sig: int, after_step: int) -> tuple[int, str]:
+    """Starts `command`, sends `sig` once its log reports `after_step` steps; returns rc, log."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env=run_env(log_path.parent / "jax_cache"), cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and process.poll() is None:
+                steps = [int(s) for s in re.findall(rf"step (\d+)/{NUM_STEPS}:",
+                                                    open(log_path).read())]
+                if steps and max(steps) >= after_step:
+                    process.send_signal(sig)
+                    break
+                time.sleep(0.005)
+            process.wait(timeout=120)
+        finally:
+            process.kill()
+    return process.returncode, open(log_path).read()
+
+
+def final_state(workdir) -> dict:
+    manager = checkpoints.create_manager(str(workdir), keep=1, read_only=True)
+    assert manager.latest_step() == NUM_STEPS
+    restored = manager.restore(NUM_STEPS, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+    return jax.tree.map(np.asarray, restored["state"])
+
+
+@pytest.fixture(scope="module")
+def resume_setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("resume")
+    write_idx_dir(base / "data", n_train=NUM_TRAIN, n_test=NUM_TEST)
+    run_to_end(main_command(base / "data", base / "uninterrupted"), base / "uninterrupted.log")
+    return base, final_state(base / "uninterrupted")
+
+
+def test_sigkill_at_any_step_then_resume_is_bit_identical(resume_setup):
+    base, expected = resume_setup
+    command = main_command(base / "data", base / "killed")
+    rc, log = run_and_interrupt(command, base / "killed.log", signal.SIGKILL, after_step=8)
+    assert rc == -signal.SIGKILL, log[-3000:]
+    assert "Test accuracy" not in log  # It really was stopped mid-run.
+
+    log = run_to_end(command, base / "killed_resumed.log")
+    resumed_from = int(re.search(r"Resuming from the checkpoint at step (\d+)", log).group(1))
+    assert 6 <= resumed_from < NUM_STEPS
+    assert_trees_identical(final_state(base / "killed"), expected)
+
+
+def test_sigterm_saves_exits_143_then_resume_is_bit_identical(resume_setup):
+    base, expected = resume_setup
+    command = main_command(base / "data", base / "terminated")
+    rc, log = run_and_interrupt(command, base / "terminated.log", signal.SIGTERM, after_step=10)
+    assert rc == checkpoints.PREEMPTED_EXIT_CODE == 143, log[-3000:]
+    stopped_at = int(re.search(r"SIGTERM: saved the checkpoint at step (\d+)", log).group(1))
+    assert 10 <= stopped_at < NUM_STEPS
+    assert checkpoints.latest_step(str(base / "terminated")) == stopped_at  # The last word.
+
+    log = run_to_end(command, base / "terminated_resumed.log")
+    assert f"Resuming from the checkpoint at step {stopped_at} " in log
+    assert_trees_identical(final_state(base / "terminated"), expected)

@@ -1,0 +1,104 @@
+"""`python -m mnist_flax.main` end to end: a tiny run that writes readable TensorBoard events,
+and one-line errors (no traceback, nothing written) for bad flags and configs."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+from tensorboard.backend.event_processing import event_accumulator
+
+from mnist_flax import summaries
+
+
+def run_main(*args: str, env: dict | None = None, timeout: int = 300):
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_flax.main", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, "MNIST_DATA_DIR": "", **(env or {})},
+    )
+
+
+def read_events(workdir) -> event_accumulator.EventAccumulator:
+    """TensorBoard's own reader, as the TensorBoard server would load the run."""
+    accumulator = event_accumulator.EventAccumulator(
+        str(workdir), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_tiny_run_writes_events_tensorboard_can_read(tmp_path, idx_dir):
+    workdir = tmp_path / "run"
+    result = run_main(f"--workdir={workdir}", f"--config.data_dir={idx_dir}",
+                      "--config.num_epochs=2", "--config.batch_size=32",
+                      "--config.verify_checksums=False")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-2].startswith("Test loss:") and lines[-1].startswith("Test accuracy:")
+    assert "idx (" in result.stderr and "256 train / 64 test" in result.stderr  # Source logged.
+    assert "images/s" in result.stderr and "ETA" in result.stderr  # Progress lines.
+    assert glob.glob(str(workdir / "events.out.tfevents.*"))
+
+    events = read_events(workdir)
+    tags = events.Tags()
+    assert set(summaries.SCALAR_TAGS) <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("test/accuracy")] == [8, 16]  # Every epoch.
+    assert events.Scalars("epoch")[-1].value == 2
+    final_accuracy = events.Scalars("test/accuracy")[-1].value
+    assert float(lines[-1].split()[-1]) == pytest.approx(final_accuracy, abs=1e-4)
+    assert "test/digits" in tags["images"]
+
+
+def test_default_command_offline_uses_the_packaged_sample_and_says_so(tmp_path):
+    """The README's run command with no data and no network: trains on the sample, loudly."""
+    result = run_main(f"--workdir={tmp_path / 'run'}", "--config.num_epochs=1",
+                      env={"TFDS_DATA_DIR": str(tmp_path / "tfds"),
+                           # A closed local port stands in for the unreachable TFDS host.
+                           "MNIST_FLAX_TFDS_URL": "http://127.0.0.1:9/"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PACKAGED SAMPLE" in result.stderr and "4,000 train / 1,000 test" in result.stderr
+    accuracy = float(result.stdout.strip().splitlines()[-1].split()[-1])
+    assert accuracy > 0.85
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.num_epochs=-1"], "--config.num_epochs=-1: must be a positive integer"),
+        (["--config.batch_size=0"], "--config.batch_size=0: must be a positive integer"),
+        (["--config.learning_rate=nan"], "--config.learning_rate=nan: must be a finite number"),
+        (["--config.learning_rat=0.1"], 'no such field in the config; did you mean "learning_rate"'),
+        (["--config.num_epochs=abc"], "--config.num_epochs=abc"),
+        (["--config=experiments/nope.py"], "cannot load the config file"),
+        (["--config.data_source=sample", "--config.batch_size=5000"],
+         "larger than the 4,000 training images"),
+        (["--config.compute_dtype=float16"], "--config.compute_dtype='float16': must be one of"),
+        (["--config.kernel_init=glorot"], "--config.kernel_init='glorot': must be one of"),
+        (["--config.data_source=idx", "--config.data_dir=/nonexistent"],
+         "/nonexistent: not a directory"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    workdir = tmp_path / "run"
+    result = run_main(f"--workdir={workdir}", *args)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not glob.glob(str(workdir / "**" / "*"), recursive=True)  # Nothing written.
+
+
+def test_missing_or_unusable_workdir(tmp_path):
+    result = run_main()
+    assert result.returncode != 0 and "--workdir" in result.stderr.strip().splitlines()[-1]
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    result = run_main(f"--workdir={a_file}")
+    assert "exists and is not a directory" in result.stderr.strip().splitlines()[-1]
+    assert a_file.read_text() == "keep me"
+    result = run_main(f"--workdir={a_file}/sub")
+    assert "cannot write there" in result.stderr.strip().splitlines()[-1]

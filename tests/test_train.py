@@ -1,0 +1,108 @@
+"""Training: a step lowers the loss, evaluation counts every image, the loop's contracts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config, synthetic_digits
+
+from mnist_flax import summaries, train
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config()
+
+
+def _batch(n=128, seed=0):
+    images, labels = synthetic_digits(n, seed)
+    return {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+
+
+def _eval_loss(state, batch):
+    mesh = train.make_mesh()
+    return train.evaluate(state, np.asarray(batch["image"]), np.asarray(batch["label"]), 64,
+                          mesh)["loss"]
+
+
+def test_train_steps_lower_the_loss(config):
+    state = train.create_train_state(config, jax.random.key(0))
+    batch = _batch()
+    before = _eval_loss(state, batch)
+    assert abs(before - np.log(10)) < 0.5  # Untrained: close to chance.
+    for _ in range(5):
+        state, metrics = train.train_step(state, batch)
+    assert int(state.step) == 5
+    assert set(metrics) == {"loss", "accuracy"} and np.isfinite(float(metrics["loss"]))
+    assert _eval_loss(state, batch) < 0.5 * before
+
+
+def test_train_step_is_deterministic_and_dropout_changes_with_step(config):
+    batch = _batch()
+    state_a = train.create_train_state(config, jax.random.key(0))
+    state_b = train.create_train_state(config, jax.random.key(0))
+    state_a, metrics_a = train.train_step(state_a, batch)
+    state_b, metrics_b = train.train_step(state_b, batch)
+    assert float(metrics_a["loss"]) == float(metrics_b["loss"])
+    for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Same params and batch, next step: a different dropout mask gives a different loss.
+    params_before = state_a.params
+    _, metrics_next = train.train_step(state_a.replace(params=params_before), batch)
+    assert float(metrics_next["loss"]) != float(metrics_a["loss"])
+
+
+def test_adam_uses_keras_epsilon(config):
+    state = train.create_train_state(config, jax.random.key(0))
+    assert config.adam_eps == 1e-7 and config.learning_rate == 1e-3
+    # Adam's first update is -lr * g / (|g| + eps): with g = eps = 1e-7 it is exactly -lr / 2
+    # (optax's default eps of 1e-8 would give -lr * 0.91).
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-7), state.params)
+    updates, _ = state.tx.update(grads, state.opt_state, state.params)
+    first = jax.tree.leaves(updates)[0].ravel()[0]
+    np.testing.assert_allclose(first, -1e-3 / 2, rtol=1e-4)
+
+
+def test_evaluate_counts_every_image(config):
+    """250 images in batches of 100: the last 50 are padded and masked, not dropped."""
+    state = train.create_train_state(config, jax.random.key(0))
+    images, labels = synthetic_digits(250, 3)
+    mesh = train.make_mesh()
+    result = train.evaluate(state, images, labels, 100, mesh)
+    logits = state.apply_fn({"params": state.params}, images.astype(np.float32) / 255, train=False)
+    expected_acc = float((np.asarray(logits).argmax(-1) == labels).mean())
+    expected_loss = float(train.cross_entropy_loss(logits, jnp.asarray(labels)).mean())
+    assert result["accuracy"] == pytest.approx(expected_acc, abs=1e-6)
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    a = train.epoch_permutation(0, 3, 1000)
+    np.testing.assert_array_equal(a, train.epoch_permutation(0, 3, 1000))
+    assert sorted(a) == list(range(1000))
+    assert not np.array_equal(a, train.epoch_permutation(0, 4, 1000))
+    assert not np.array_equal(a, train.epoch_permutation(1, 3, 1000))
+
+
+def test_train_and_evaluate_on_small_data(idx_dir, tmp_path, config, capsys):
+    config = config.copy_and_resolve_references()
+    config.update(data_dir=str(idx_dir), num_epochs=3, batch_size=32, log_every_steps=4,
+                  verify_checksums=False)
+    state, metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert int(state.step) == 3 * (256 // 32)
+    assert set(summaries.SCALAR_TAGS) <= set(metrics)  # Metric names are an API.
+    assert metrics["epoch"] == 3
+    assert metrics["test/accuracy"] >= 0.9  # The synthetic digits are easy.
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].startswith("Test loss: ") and out[-1].startswith("Test accuracy: ")
+    assert float(out[-1].split()[-1]) == pytest.approx(metrics["test/accuracy"], abs=1e-4)
+
+
+def test_short_real_run_on_full_mnist(shared_mnist, tmp_path, config):
+    """One epoch of the tutorial recipe on the real 60,000 digits."""
+    config = config.copy_and_resolve_references()
+    config.update(data_dir=str(shared_mnist), num_epochs=1, log_every_steps=200)
+    _, metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert metrics["test/accuracy"] >= 0.97
