@@ -57,11 +57,9 @@ def _peak_rss_mb() -> float:
 
 def worker_mnist_flax(steps: int, warmup: int, epoch: bool) -> dict:
     import jax
-    import numpy as np
 
-    from mnist_flax import input_pipeline, ops, train
+    from mnist_flax import input_pipeline, train  # Importing it tunes malloc, as for main.
 
-    ops.tune_host_allocator()  # What main does first.
     config = _default_config()
     images, labels = _fake_mnist(NUM_TRAIN)
     dataset = input_pipeline.Dataset(images, labels, images[:1000], labels[:1000], "synthetic")
@@ -173,8 +171,8 @@ WORKERS = {"mnist_flax": worker_mnist_flax, "pytorch": worker_pytorch,
 def run_worker(name: str, args) -> dict | None:
     command = [sys.executable, os.path.abspath(__file__), f"--worker={name}",
                f"--steps={args.steps}", f"--warmup={args.warmup}"]
-    if args.epoch:
-        command.append("--epoch")
+    if not args.epoch:
+        command.append("--no-epoch")
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["?"])[-1]
@@ -213,6 +211,10 @@ def main() -> None:
                 runs[name].append(result)
                 print(f"  repeat {repeat + 1} {name}: {result['images_per_s']:.0f} images/s",
                       file=sys.stderr)
+
+    failed = [name for name in names if not runs[name]]
+    if failed:
+        sys.exit(f"error: no successful measurement of {', '.join(failed)} (see above)")
 
     def median(name, key):
         values = [r[key] for r in runs[name] if key in r]

@@ -11,11 +11,10 @@ import re
 import sys
 
 import jax
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mnist_flax import checkpoints, config_checks, input_pipeline, ops, train
+from mnist_flax import checkpoints, config_checks, input_pipeline, train
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "experiments", "default.py")
@@ -71,7 +70,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    ops.tune_host_allocator()  # Before JAX allocates anything big; see ops.py.
     if FLAGS.multihost:
         jax.distributed.initialize()
     config = FLAGS.config

@@ -25,7 +25,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mnist_flax import augment, checkpoints, config_checks, input_pipeline, models, summaries
+from mnist_flax import augment, checkpoints, config_checks, input_pipeline, models, ops, summaries
 
 Batch = dict[str, jax.Array]
 
@@ -106,7 +106,7 @@ def train_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> 
     return optax.softmax_cross_entropy(logits, targets)
 
 
-@functools.partial(jax.jit, donate_argnames="state")
+@functools.partial(ops.jit, donate_argnames="state")  # jax.jit + ops.xla_compiler_options().
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One Adam step on a batch of uint8 images; metrics come from the same forward pass."""
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
@@ -126,7 +126,7 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
     return state.apply_gradients(grads=grads), {"loss": loss, "accuracy": accuracy}
 
 
-@jax.jit
+@ops.jit
 def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     """Sums of loss and correct predictions over the batch's real (mask=1) images."""
     logits = state.apply_fn({"params": state.params}, input_pipeline.normalize(batch["image"]),
@@ -190,11 +190,12 @@ def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, batch_si
         }
         totals.append(eval_step(state, shard_batch(mesh, batch)))
     totals = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(totals))
-    return {"loss": totals["loss"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
+    count = totals["count"]
+    return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count}
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order of epoch `epoch`: a function of (seed, epoch) alone, so a resumed run replays it."""
+    """The order of epoch `epoch`: a function of (seed, epoch) alone; a resumed run replays it."""
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
@@ -211,11 +212,33 @@ def _format_duration(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s")
 
 
-def _check_finite(loss: float, step: int) -> None:
-    if not math.isfinite(loss):
+def _check_finite(losses: list[float], last_step: int) -> None:
+    """Raises on the first NaN/Inf among the per-step `losses` of the steps up to `last_step`."""
+    for offset, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            step = last_step - len(losses) + 1 + offset
+            raise TrainingDivergedError(
+                f"training loss became {loss} at step {step}; stopped without saving it (the last "
+                "good checkpoint, if any, is kept); lower --config.learning_rate"
+            )
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def check_savable(state: TrainState, pending: list[dict[str, jax.Array]], step: int) -> None:
+    """Refuses to checkpoint a diverged state, which would push the last good checkpoint out.
+
+    Progress lines check the loss only every `log_every_steps`; this checks the steps since the
+    last one and every parameter (a finite loss can still give NaN gradients), for a few ms a save.
+    """
+    _check_finite([float(loss) for loss in jax.device_get([m["loss"] for m in pending])], step)
+    if not bool(all_finite(state.params)):
         raise TrainingDivergedError(
-            f"training loss became {loss} at step {step}; lower --config.learning_rate "
-            "(the last good checkpoint, if any, is kept)"
+            f"the parameters became NaN or Inf at step {step}; stopped without saving them (the "
+            "last good checkpoint, if any, is kept); lower --config.learning_rate"
         )
 
 
@@ -234,6 +257,15 @@ def train_and_evaluate(
     dataset = input_pipeline.load_dataset(config)
     logging.info("Data: %s", dataset.describe())
     config_checks.check_fits_data(config, len(dataset.train_labels))
+    # Bad input has failed by now, before the workdir was touched. From here on the workdir is
+    # this run's alone: a second run on it stops with a one-line error (checkpoints.workdir_lock).
+    with checkpoints.workdir_lock(workdir):
+        return _train(config, workdir, dataset)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           dataset: input_pipeline.Dataset) -> tuple[TrainState, dict[str, float]]:
+    """The body of `train_and_evaluate`, run while holding the workdir's lock."""
     mesh = make_mesh()
     num_train = len(dataset.train_labels)
     batch_size = config.batch_size
@@ -277,6 +309,8 @@ def train_and_evaluate(
                 epoch_start_time, epoch_start_step = time.perf_counter(), step
                 epoch_train = []
             batch = shard_batch(mesh, host_batch(dataset, order, index, batch_size))
+            if step + 1 == config.debug_nan_at_step:  # Tests only: this step's loss becomes NaN.
+                state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
             state, step_metrics = train_step(state, batch)
             pending.append(step_metrics)
 
@@ -287,7 +321,7 @@ def train_and_evaluate(
                 pending = []
                 mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
                 epoch_train.append({**mean, "n": len(host)})
-                _check_finite(mean["loss"], done)
+                _check_finite([float(m["loss"]) for m in host], done)
                 now = time.perf_counter()
                 images_per_second = (done - last_log_step) * batch_size / (now - last_log_time)
                 last_log_time, last_log_step = now, done
@@ -321,6 +355,7 @@ def train_and_evaluate(
                 )
             every = config.checkpoint_every_steps
             if end_of_epoch or (every and done % every == 0) or sigterm.is_set():
+                check_savable(state, pending, done)
                 checkpoints.save(manager, state, position(done))
             if sigterm.is_set():
                 checkpoints.log_preempted(done)
