@@ -94,6 +94,28 @@ def worker_mnist_flax(steps: int, warmup: int, epoch: bool) -> dict:
     return result
 
 
+def worker_mnist_flax_bf16(steps: int, warmup: int, epoch: bool) -> dict:
+    """The same, with --config.compute_dtype=bfloat16 (convolutions and matmuls in bf16)."""
+    return worker_mnist_flax(steps, warmup, epoch=False, compute_dtype="bfloat16")
+
+
+def worker_matmul(steps: int, warmup: int, epoch: bool) -> dict:
+    """The machine's float32 roofline: a jitted 2048x2048 matmul, in GFLOP/s."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    for _ in range(3):
+        matmul(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(20):
+        out = matmul(a)
+    out.block_until_ready()
+    seconds = (time.perf_counter() - start) / 20
+    return {"gflops": 2 * 2048**3 / seconds / 1e9}
+
+
 def worker_pytorch(steps: int, warmup: int, epoch: bool) -> dict:
     import torch
     from torch import nn
@@ -164,8 +186,8 @@ def worker_keras_jax(steps: int, warmup: int, epoch: bool) -> dict:
             "peak_rss_mb": _peak_rss_mb()}
 
 
-WORKERS = {"mnist_flax": worker_mnist_flax, "pytorch": worker_pytorch,
-           "keras_jax": worker_keras_jax}
+WORKERS = {"mnist_flax": worker_mnist_flax, "mnist_flax_bf16": worker_mnist_flax_bf16,
+           "pytorch": worker_pytorch, "keras_jax": worker_keras_jax}
 
 
 def run_worker(name: str, args) -> dict | None:
@@ -186,13 +208,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=20, help="steps before timing")
-    parser.add_argument("--peers", default="mnist_flax,pytorch,keras_jax")
+    parser.add_argument("--peers", default="mnist_flax,mnist_flax_bf16,pytorch,keras_jax")
     parser.add_argument("--no-epoch", dest="epoch", action="store_false",
                         help="skip the whole-epoch timing of mnist_flax's data path")
-    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=sorted([*WORKERS, "matmul"]), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](args.steps, args.warmup, args.epoch)))
+        worker = worker_matmul if args.worker == "matmul" else WORKERS[args.worker]
+        print(json.dumps(worker(args.steps, args.warmup, args.epoch)))
         return
     names = [n for n in args.peers.split(",") if n]
     unknown = set(names) - set(WORKERS)
@@ -203,6 +226,11 @@ def main() -> None:
     env_keys = ("LD_PRELOAD", "GLIBC_TUNABLES", "XLA_FLAGS", "OMP_NUM_THREADS")
     env = ", ".join(f"{k}={os.environ[k]}" for k in env_keys if k in os.environ)
     print(f"cpus: {os.cpu_count()}, environment: {env or 'default'}", file=sys.stderr)
+    roofline = run_worker("matmul", args)
+    if roofline:
+        gflops = roofline["gflops"]
+        print(f"jitted 2048^2 float32 matmul: {gflops:.0f} GFLOP/s, so ~{gflops * 1e3 / 72:.0f} "
+              "images/s at 72 MFLOP per training image", file=sys.stderr)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for repeat in range(args.repeats):
         for name in names:
@@ -225,6 +253,8 @@ def main() -> None:
         print(f"{name:12} {median(name, 'images_per_s'):9.0f} {median(name, 'ms_per_step'):8.1f}"
               f" {median(name, 'compile_s'):10.2f} {median(name, 'peak_rss_mb'):12.0f}")
     summary = {name: round(median(name, "images_per_s"), 1) for name in names}
+    if roofline:
+        summary["matmul_gflops"] = round(roofline["gflops"], 1)
     if "mnist_flax" in names and args.epoch:
         epoch = median("mnist_flax", "epoch_images_per_s")
         summary["mnist_flax_epoch"] = round(epoch, 1)
