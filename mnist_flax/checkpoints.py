@@ -8,7 +8,9 @@ is `train.epoch_permutation(seed, epoch, n)`. So restoring the state and continu
 are not saved: a resumed epoch's train/* means cover only the steps after the resume.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a run
-killed mid-save leaves the previous checkpoint intact (tests/test_checkpoints.py checks it).
+killed mid-save leaves the previous checkpoint intact (tests/test_checkpoints.py checks it), and
+a save that fails (a full disk) stops the run with one line naming the checkpoint that is intact.
+`workdir_lock` keeps a second run off a workdir in use (tests/test_reliability.py).
 Saves are synchronous: the state is 14 MB, a save takes well under a second, and the next
 `train_step` donates (overwrites) the arrays a background save would still be reading.
 """
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import logging as std_logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -34,6 +38,7 @@ from absl import logging
 
 CHECKPOINT_DIR = "checkpoints"  # Under the workdir.
 CONFIG_FILE = "config.json"  # Under the workdir: the config the run was started (or resumed) with.
+LOCK_FILE = ".lock"  # Under the workdir: flock-ed by the run using it; holds that run's pid.
 # Exit status of a run stopped by SIGTERM after saving its checkpoint: 128 + SIGTERM, what a
 # shell reports for a process SIGTERM ended, so job systems see "terminated" and can restart it.
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
@@ -116,6 +121,8 @@ def _drop_orbax_info(record: std_logging.LogRecord) -> bool:
     for restoring) is read-only; keep its other warnings and errors."""
     if f"{os.sep}orbax{os.sep}" not in record.pathname:
         return True
+    if record.exc_info:  # A failed save (e.g. a full disk): `save` reports it in one line.
+        record.exc_info, record.exc_text = None, None
     return record.levelno >= std_logging.WARNING and "read only" not in record.getMessage() and (
         "read_only=True" not in record.getMessage())
 
@@ -155,11 +162,28 @@ def save(manager: ocp.CheckpointManager, state, position: dict[str, int]) -> boo
     step = position["step"]
     if manager.latest_step() == step:
         return False
-    saved = manager.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state_tree(state)),
-        position=ocp.args.JsonSave(position)))
-    manager.wait_until_finished()
+    try:
+        saved = manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state_tree(state)),
+            position=ocp.args.JsonSave(position)))
+        manager.wait_until_finished()
+    except (OSError, ValueError) as e:  # tensorstore reports a full disk as a ValueError.
+        raise CheckpointError(_save_failed(manager, step, e)) from None
     return saved
+
+
+def _save_failed(manager: ocp.CheckpointManager, step: int, e: Exception) -> str:
+    """The one-line error for a failed save. The half-written save is a tmp directory that no
+    restore reads (the next manager deletes it), so the newest complete checkpoint is intact."""
+    message = str(e)
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in message:
+        reason = "no space left on device"
+    else:
+        reason = f"{type(e).__name__}: {(message.strip().splitlines() or [''])[0][:200]}"
+    last = manager.latest_step()
+    kept = f"the checkpoint at step {last} is intact" if last is not None else "no checkpoint yet"
+    return (f"{manager.directory}: saving the checkpoint at step {step} failed ({reason}); {kept}; "
+            "free space and run the same command to resume")
 
 
 def restore(workdir: str, state, position: dict[str, int]):
@@ -206,6 +230,39 @@ def restore_params(workdir: str, expected_params: Any) -> tuple[Any, int]:
             state=ocp.args.StandardRestore()))
     params = jax.tree.map(np.asarray, restored["state"]["params"])
     return params, step
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per workdir.
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """Holds an exclusive flock on workdir/.lock while the block runs, so a second run on the same
+    workdir stops at once instead of interleaving its checkpoints and events with ours.
+
+    The kernel drops the lock when the process dies, so a SIGKILLed run never blocks the next one.
+    Only process 0 locks: it alone writes the config and events, and a pod's hosts share a workdir.
+    """
+    if jax.process_index() != 0:
+        yield
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, LOCK_FILE), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            raise CheckpointError(f"another run (pid {pid}) is using --workdir={workdir}; wait "
+                                  "for it or use another workdir") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------

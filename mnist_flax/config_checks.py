@@ -40,6 +40,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     _require(isinstance(every, int) and not isinstance(every, bool) and every >= 0,
              f"--config.checkpoint_every_steps={every!r}: must be an integer >= 0 (0 = only at "
              "the end of each epoch)")
+    nan_at = config.debug_nan_at_step
+    _require(isinstance(nan_at, int) and not isinstance(nan_at, bool) and nan_at >= 0,
+             f"--config.debug_nan_at_step={nan_at!r}: must be an integer >= 0 (0 = off; for tests)")
     _require(isinstance(config.seed, int) and config.seed >= 0,
              f"--config.seed={config.seed!r}: must be a non-negative integer")
     for name in ("learning_rate", "adam_eps"):

