@@ -336,9 +336,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dataset: input_pipel
                 total = sum(m["n"] for m in epoch_train)
                 train = {k: sum(m[k] * m["n"] for m in epoch_train) / total
                          for k in ("loss", "accuracy")}
+                epoch_seconds = time.perf_counter() - epoch_start_time  # Training only.
                 test = evaluate(state, dataset.test_images, dataset.test_labels,
                                 config.eval_batch_size, mesh)
-                epoch_seconds = time.perf_counter() - epoch_start_time
                 metrics = {
                     "train/loss": train["loss"], "train/accuracy": train["accuracy"],
                     "test/loss": test["loss"], "test/accuracy": test["accuracy"],
