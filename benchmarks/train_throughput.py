@@ -55,12 +55,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker_mnist_flax(steps: int, warmup: int, epoch: bool) -> dict:
+def worker_mnist_flax(steps: int, warmup: int, epoch: bool, **overrides) -> dict:
     import jax
 
     from mnist_flax import input_pipeline, train  # Importing it tunes malloc, as for main.
 
     config = _default_config()
+    config.update(overrides)
     images, labels = _fake_mnist(NUM_TRAIN)
     dataset = input_pipeline.Dataset(images, labels, images[:1000], labels[:1000], "synthetic")
     mesh = train.make_mesh()
