@@ -81,17 +81,11 @@ def pieces() -> dict[str, tuple]:
 
 def full_step():
     """The real train_step of the default config, on a fixed batch."""
-    import importlib.util
-    import os
+    from train_throughput import default_config  # Beside this file.
 
     from mnist_flax import train
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "experiments", "default.py")
-    spec = importlib.util.spec_from_file_location("default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    state = train.create_train_state(module.get_config(), jax.random.key(0))
+    state = train.create_train_state(default_config(), jax.random.key(0))
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.integers(0, 256, (128, 28, 28, 1), np.uint8)),
              "label": jnp.asarray(rng.integers(0, 10, 128).astype(np.int32))}

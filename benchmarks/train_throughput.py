@@ -40,7 +40,8 @@ def _fake_mnist(n: int, seed: int = 0):
             rng.integers(0, 10, n).astype(np.int32))
 
 
-def _default_config():
+def default_config():
+    """experiments/default.py's config, as `main` loads it by default."""
     import importlib.util
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -60,7 +61,7 @@ def worker_mnist_flax(steps: int, warmup: int, epoch: bool, **overrides) -> dict
 
     from mnist_flax import input_pipeline, train  # Importing it tunes malloc, as for main.
 
-    config = _default_config()
+    config = default_config()
     config.update(overrides)
     images, labels = _fake_mnist(NUM_TRAIN)
     dataset = input_pipeline.Dataset(images, labels, images[:1000], labels[:1000], "synthetic")
