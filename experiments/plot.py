@@ -1,0 +1,89 @@
+"""Plots test accuracy per epoch of the recorded experiments: experiments/test_accuracy.png.
+
+    python experiments/plot.py [--out=experiments/test_accuracy.png] [results/default.json ...]
+    python experiments/plot.py --table   # the results table of experiments/README.md, as Markdown
+
+Reads experiments/results/*.json, which `mnist_flax.sweep --results=...` fills with each run's
+per-epoch test accuracy as read back from its TensorBoard event files. Each experiment is drawn as
+its mean over seeds, with every seed as a thin line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+HERE = pathlib.Path(__file__).resolve().parent
+DEFAULT_RESULTS = [HERE / "results" / f"{name}.json" for name in ("default", "best", "fast")]
+
+
+def curves(path: pathlib.Path) -> np.ndarray:
+    """(seeds, epochs) test accuracy in percent."""
+    runs = json.loads(path.read_text())["runs"]
+    return 100 * np.array([r["test_accuracy_per_epoch"] for r in runs])
+
+
+def plot(paths: list[pathlib.Path], out: pathlib.Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for path, color in zip(paths, ("tab:blue", "tab:red", "tab:green", "tab:purple"),
+                           strict=False):
+        acc = curves(path)
+        epochs = np.arange(1, acc.shape[1] + 1)
+        for seed in acc:
+            ax.plot(epochs, seed, color=color, alpha=0.25, linewidth=0.8)
+        std = acc[:, -1].std(ddof=1) if len(acc) > 1 else 0.0
+        ax.plot(epochs, acc.mean(0), color=color, marker="o", markersize=3,
+                label=f"{path.stem}: {acc[:, -1].mean():.2f} ± {std:.2f}% ({len(acc)} seeds)")
+    for target in (99.2, 99.6):
+        ax.axhline(target, color="gray", linestyle=":", linewidth=0.8)
+    ax.set_ylim(98.0, 100.0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("MNIST test accuracy per epoch (mean over seeds; thin lines: each seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out)
+
+
+def table(paths: list[pathlib.Path]) -> str:
+    """One Markdown row per results file: the numbers README.md shows, straight from the JSON."""
+    rows = ["| experiment | test accuracy (mean ± std) | per seed | epochs | wall time per run "
+            "| results |", "| --- | --- | --- | --- | --- | --- |"]
+    for path in paths:
+        payload = json.loads(path.read_text())
+        runs, summary = payload["runs"], payload["summary"]
+        seeds = ", ".join(f"{r['name']}: {100 * r['test_accuracy']:.2f}" for r in runs)
+        seconds = ", ".join(f"{r['run_seconds']:.0f}" for r in runs)
+        rows.append(
+            f"| `{path.stem}.py` | {100 * summary['test_accuracy_mean']:.2f} ± "
+            f"{100 * summary['test_accuracy_std']:.2f}% ({summary['runs']} seeds) | {seeds} | "
+            f"{runs[0]['epochs']} | {seconds} s | [results/{path.name}](results/{path.name}) |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="*", type=pathlib.Path)
+    parser.add_argument("--out", type=pathlib.Path, default=HERE / "test_accuracy.png")
+    parser.add_argument("--table", action="store_true", help="print the Markdown table instead")
+    args = parser.parse_args()
+    paths = args.results or [p for p in DEFAULT_RESULTS if p.exists()]
+    if not paths:
+        raise SystemExit("error: no results JSON found; run the sweeps in experiments/README.md")
+    if args.table:
+        print(table(paths))
+        return
+    plot(paths, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Runs one config over a grid of values, each run its own TensorBoard run under one parent dir.
+
+    python -m mnist_flax.sweep --config=experiments/default.py --workdir=runs/lr \\
+        --sweep=learning_rate=1e-4,3e-4,1e-3 [--sweep=seed=0,1,2] [--results=out.json]
+
+Each value (each combination, for several --sweep flags) trains in `workdir/key=value[/...]` with
+`train.train_and_evaluate`, one after the other, so `tensorboard --logdir=workdir` overlays them.
+The summary table, and the optional JSON, give each run's final test accuracy, its wall time and the
+machine; the JSON is rewritten after every run, so an interrupted sweep keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mnist_flax import config_checks, input_pipeline, ops, train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Parent directory; each run writes to workdir/key=value.")
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_multi_string("sweep", None, "key=value1,value2,...; several flags sweep the grid.")
+flags.DEFINE_string("results", None, "Optional JSON file for the measured results.")
+flags.mark_flags_as_required(["workdir", "config", "sweep"])
+
+Assignment = tuple[tuple[str, Any, str], ...]  # ((key, value, value as typed), ...) for one run.
+
+
+def split_values(text: str) -> list[str]:
+    """Splits at commas outside brackets, so tuple values like (32,64),(64,128) stay whole."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char in "([":
+            depth += 1
+        elif char in ")]":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [p.strip() for p in parts + [current]]
+
+
+def parse_value(key: str, text: str, current: Any) -> Any:
+    """`text` as the type of the config field's current value; ConfigError when it is not."""
+    def fail(kind: str) -> config_checks.ConfigError:
+        return config_checks.ConfigError(f"--sweep {key}: {text!r} is not {kind}")
+
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false"):
+            raise fail("a bool (true/false)")
+        return text.lower() == "true"
+    if isinstance(current, str):
+        return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise fail(f"a {type(current).__name__}") from None
+    if isinstance(current, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise fail("an int")
+        return value
+    if isinstance(current, float):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise fail("a number")
+        return float(value)
+    if isinstance(current, tuple | list):
+        if not isinstance(value, tuple | list):
+            raise fail("a tuple, e.g. (32,64)")
+        return tuple(value)
+    raise config_checks.ConfigError(f"--sweep {key}: fields of type {type(current).__name__} "
+                                    "cannot be swept")
+
+
+def parse_sweep(spec: str, config: ml_collections.ConfigDict) -> list[tuple[str, Any, str]]:
+    """'key=v1,v2' -> [(key, v1, 'v1'), (key, v2, 'v2')], typed like the config's field."""
+    key, sep, values = spec.partition("=")
+    key = key.strip()
+    if not sep or not key or not values.strip():
+        raise config_checks.ConfigError(f"--sweep={spec}: expected key=value1,value2,...")
+    if key not in config:
+        raise config_checks.ConfigError(f"--sweep={spec}: the config has no field {key!r}")
+    texts = split_values(values)
+    if any(not t for t in texts):
+        raise config_checks.ConfigError(f"--sweep={spec}: empty value in the list")
+    return [(key, parse_value(key, t, config[key]), t) for t in texts]
+
+
+def expand(specs: list[str], config: ml_collections.ConfigDict) -> list[Assignment]:
+    """The grid of all --sweep flags, in the order given (the last flag varies fastest)."""
+    axes = [parse_sweep(spec, config) for spec in specs]
+    keys = [axis[0][0] for axis in axes]
+    if len(set(keys)) != len(keys):
+        raise config_checks.ConfigError(f"--sweep: a field is swept twice ({', '.join(keys)})")
+    return [tuple(run) for run in itertools.product(*axes)]
+
+
+def run_config(config: ml_collections.ConfigDict,
+               assignment: Assignment) -> ml_collections.ConfigDict:
+    run = config.copy_and_resolve_references()
+    for key, value, _ in assignment:
+        run[key] = value
+    return run
+
+
+def run_name(assignment: Assignment) -> str:
+    """'learning_rate=1e-4/seed=0': the values as typed, one directory level per swept field."""
+    return "/".join(f"{key}={text}" for key, _, text in assignment)
+
+
+def read_scalars(logdir: str, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of `tag` in `logdir`'s event files, read with TensorBoard's own reader.
+
+    It reads every file of the directory in order and honours the purge a resumed run writes,
+    so each step appears once.
+    """
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(logdir,
+                                                size_guidance={event_accumulator.SCALARS: 0})
+    events.Reload()
+    if tag not in events.Tags()["scalars"]:
+        return []
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def machine() -> dict[str, Any]:
+    """What the wall times were measured on."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return {
+        "cpu": info.get("model name") or platform.processor(), "cpu_count": os.cpu_count(),
+        "avx512": "avx512f" in info.get("flags", "").split(),
+        "jax": jax.__version__, "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux), so imports and compilation are counted."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
+    accuracies = [r["test_accuracy"] for r in results]
+    return {
+        "runs": len(accuracies),
+        "test_accuracy_mean": statistics.fmean(accuracies),
+        "test_accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+        "run_seconds_mean": statistics.fmean(r["run_seconds"] for r in results),
+    }
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    width = max([len("run")] + [len(r["name"]) for r in results])
+    lines = [f"{'run':<{width}}  test acc  test loss  epochs  seconds"]
+    for r in results:
+        lines.append(f"{r['name']:<{width}}  {r['test_accuracy']:8.4f}  {r['test_loss']:9.4f}  "
+                     f"{r['epochs']:6d}  {r['run_seconds']:7.1f}")
+    s = summarize(results)
+    lines.append(f"test accuracy {100 * s['test_accuracy_mean']:.2f} ± "
+                 f"{100 * s['test_accuracy_std']:.2f}% (mean ± sample std over {s['runs']} runs)")
+    return "\n".join(lines)
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str, specs: list[str],
+              on_result=None) -> list[dict[str, Any]]:
+    """Validates every run's config first, then trains them one after the other."""
+    grid = expand(specs, config)
+    configs = [run_config(config, a) for a in grid]
+    for cfg in configs:
+        config_checks.validate(cfg, jax.device_count())
+    results = []
+    for assignment, cfg in zip(grid, configs, strict=True):
+        logdir = os.path.join(workdir, run_name(assignment))
+        config_checks.prepare_workdir(logdir)
+        logging.info("Sweep run %s", run_name(assignment))
+        start = time.perf_counter()
+        _, metrics = train.train_and_evaluate(cfg, logdir)
+        results.append({
+            "name": run_name(assignment),
+            "overrides": {key: value for key, value, _ in assignment},
+            "test_accuracy": metrics["test/accuracy"],
+            "test_loss": metrics["test/loss"],
+            "epochs": cfg.num_epochs,
+            "run_seconds": time.perf_counter() - start,  # Data loading and compilation included.
+            "test_accuracy_per_epoch": [v for _, v in read_scalars(logdir, "test/accuracy")],
+            "train_images": next((int(v) for _, v in read_scalars(logdir, "data/train_images")),
+                                 None),
+            "logdir": logdir,
+        })
+        if on_result:
+            on_result(results)
+    return results
+
+
+def write_results(path: str, config: ml_collections.ConfigDict, results: list[dict[str, Any]],
+                  command: str) -> None:
+    payload = {
+        "command": command,
+        "machine": machine(),
+        "process_seconds": process_seconds(),
+        "summary": summarize(results),
+        "runs": results,
+        "config": json.loads(config.to_json()),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    ops.tune_host_allocator()
+    config = FLAGS.config
+    command = "python -m mnist_flax.sweep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    on_result = None
+    if FLAGS.results:
+        def on_result(results):
+            write_results(FLAGS.results, config, results, command)
+    try:
+        results = run_sweep(config, FLAGS.workdir, FLAGS.sweep, on_result)
+    except (config_checks.ConfigError, input_pipeline.DataError,
+            train.TrainingDivergedError) as e:
+        sys.exit(f"error: {e}")
+    print(format_table(results))
+
+
+if __name__ == "__main__":
+    app.run(main)

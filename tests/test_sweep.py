@@ -1,0 +1,95 @@
+"""mnist_flax.sweep: specs parse to typed values or fail in one line; runs land as separate runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, load_config
+
+from mnist_flax import config_checks, sweep
+
+
+def test_values_are_typed_like_the_field():
+    config = load_config()
+    assert sweep.parse_sweep("learning_rate=1e-4,3e-4,1", config) == [
+        ("learning_rate", 1e-4, "1e-4"), ("learning_rate", 3e-4, "3e-4"),
+        ("learning_rate", 1.0, "1")]
+    assert [v for _, v, _ in sweep.parse_sweep("seed=0,1,2", config)] == [0, 1, 2]
+    assert [v for _, v, _ in sweep.parse_sweep("fast_ops=true,False", config)] == [True, False]
+    assert [v for _, v, _ in sweep.parse_sweep("lr_schedule=cosine,'one_cycle'", config)] == [
+        "cosine", "one_cycle"]
+    assert [v for _, v, _ in sweep.parse_sweep("conv_features=(32,64),(64, 128)", config)] == [
+        (32, 64), (64, 128)]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("learning_rate", "expected key=value1,value2"),
+    ("=1,2", "expected key=value1,value2"),
+    ("learning_rat=1e-3", "the config has no field 'learning_rat'"),
+    ("learning_rate=1e-3,abc", "'abc' is not a float"),
+    ("learning_rate=1e-3,,2e-3", "empty value"),
+    ("seed=1.5", "'1.5' is not an int"),
+    ("fast_ops=yes", "'yes' is not a bool"),
+    ("conv_features=32", "is not a tuple"),
+])
+def test_bad_specs_fail_with_one_line(spec, message):
+    with pytest.raises(config_checks.ConfigError, match=message) as info:
+        sweep.parse_sweep(spec, load_config())
+    assert "\n" not in str(info.value)
+
+
+def test_grid_order_and_names():
+    grid = sweep.expand(["learning_rate=1e-3,3e-3", "seed=0,1"], load_config())
+    assert [sweep.run_name(a) for a in grid] == [
+        "learning_rate=1e-3/seed=0", "learning_rate=1e-3/seed=1",
+        "learning_rate=3e-3/seed=0", "learning_rate=3e-3/seed=1"]
+    with pytest.raises(config_checks.ConfigError, match="swept twice"):
+        sweep.expand(["seed=0", "seed=1"], load_config())
+    config = load_config()
+    run = sweep.run_config(config, grid[-1])
+    assert (run.learning_rate, run.seed) == (3e-3, 1)
+    assert (config.learning_rate, config.seed) == (1e-3, 0)  # The base config is untouched.
+
+
+def test_every_run_is_validated_before_any_trains(tmp_path):
+    with pytest.raises(config_checks.ConfigError, match="learning_rate=-1"):
+        sweep.run_sweep(load_config(), str(tmp_path), ["learning_rate=1e-3,-1"])
+    assert not os.listdir(tmp_path)
+
+
+def test_summary_is_mean_and_sample_std():
+    runs = [{"test_accuracy": a, "run_seconds": 1.0} for a in (0.990, 0.992, 0.994)]
+    summary = sweep.summarize(runs)
+    assert summary["test_accuracy_mean"] == pytest.approx(0.992)
+    assert summary["test_accuracy_std"] == pytest.approx(0.002)
+
+
+def test_cli_sweeps_into_separate_tensorboard_runs(tmp_path):
+    workdir, results = tmp_path / "sweep", tmp_path / "results.json"
+    cmd = [sys.executable, "-m", "mnist_flax.sweep", f"--workdir={workdir}",
+           f"--config={REPO / 'experiments' / 'default.py'}", "--sweep=learning_rate=1e-3,3e-3",
+           "--config.data_source=sample", "--config.num_epochs=1", "--config.batch_size=500",
+           f"--results={results}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(os.listdir(workdir)) == ["learning_rate=1e-3", "learning_rate=3e-3"]
+    payload = json.loads(results.read_text())
+    assert [r["name"] for r in payload["runs"]] == ["learning_rate=1e-3", "learning_rate=3e-3"]
+    for run in payload["runs"]:
+        assert 0.0 <= run["test_accuracy"] <= 1.0
+        # What TensorBoard shows for the run is what the run returned.
+        assert run["test_accuracy_per_epoch"] == [pytest.approx(run["test_accuracy"])]
+        assert run["train_images"] == 4000 and run["run_seconds"] > 0
+    assert payload["config"]["learning_rate"] == 1e-3 and payload["process_seconds"] > 0
+    assert "mean ± sample std over 2 runs" in out.stdout
+
+
+def test_cli_bad_spec_is_one_line_error(tmp_path):
+    cmd = [sys.executable, "-m", "mnist_flax.sweep", f"--workdir={tmp_path}",
+           f"--config={REPO / 'experiments' / 'default.py'}", "--sweep=nope=1,2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: --sweep=nope=1,2: the config has no field 'nope'")
