@@ -27,7 +27,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mnist_flax import config_checks, input_pipeline, ops, train
+from mnist_flax import config_checks, input_pipeline, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Parent directory; each run writes to workdir/key=value.")
@@ -240,7 +240,6 @@ def write_results(path: str, config: ml_collections.ConfigDict, results: list[di
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    ops.tune_host_allocator()
     config = FLAGS.config
     command = "python -m mnist_flax.sweep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     on_result = None
