@@ -31,8 +31,8 @@ WORST_ERRORS = 24  # Misclassified test digits shown, most confident first.
 
 
 def create_writer(workdir: str, purge_step: int | None = None) -> SummaryWriter | None:
-    """`purge_step`: a resumed run's first step; TensorBoard drops what earlier files logged from
-    there on (the steps a killed run did after its last checkpoint, which are now done again)."""
+    """`purge_step`: TensorBoard drops what earlier files logged from this step on (what a killed
+    run logged after its last checkpoint, which the resumed run does again)."""
     if jax.process_index() != 0:
         return None
     return SummaryWriter(logdir=workdir, flush_secs=10, purge_step=purge_step)

@@ -289,7 +289,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dataset: input_pipel
     hold.enter_context(checkpoints.workdir_lock(workdir))
     checkpoints.write_config(workdir, config)
     manager = checkpoints.create_manager(workdir, config.checkpoint_keep)
-    writer = summaries.create_writer(workdir, purge_step=start_step or None)
+    # TensorBoard drops what an interrupted run logged after its checkpoint, but keeps the
+    # checkpoint's own step (its epoch-end metrics were logged before it was saved).
+    writer = summaries.create_writer(workdir, purge_step=start_step + 1 if start_step else None)
     summaries.write_run_info(writer, config, dataset, state.params)
     summaries.write_model_summary(writer, create_model(config))
     schedule = learning_rate_schedule(config, steps_per_epoch)

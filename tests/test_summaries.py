@@ -148,3 +148,22 @@ def test_nothing_is_written_off_process_zero():
                   lambda: summaries.write_hparams(None, default_config()),
                   lambda: summaries.write_model_summary(None, models.CNN())):
         write()  # Accepts None (what create_writer returns on other processes).
+
+
+def test_a_resumed_run_keeps_the_metrics_of_its_checkpoint_step(idx_dir, tmp_path):
+    """Resuming at an epoch end must not purge that epoch's test metrics from TensorBoard."""
+    from conftest import load_config
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from mnist_flax import train
+
+    config = load_config()
+    config.update(data_dir=str(idx_dir), verify_checksums=False, batch_size=32, num_epochs=1)
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)  # Ends with a checkpoint at step 8.
+    config.num_epochs = 2
+    train.train_and_evaluate(config, workdir)  # Resumes at step 8.
+    events = event_accumulator.EventAccumulator(
+        workdir, size_guidance={event_accumulator.SCALARS: 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("test/accuracy")] == [8, 16]
