@@ -6,65 +6,20 @@ modules, so this file only parses, checks and reports.
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from mnist_flax import checkpoints, config_checks, input_pipeline, train
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "experiments", "default.py")
-
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for TensorBoard events and checkpoints.")
-
-
-
-def _exit_bad_config(e: Exception) -> None:
-    """One line for whatever loading the config file or a --config.x=y override raised."""
-    message = str(e)
-    if isinstance(e, (AttributeError, KeyError)) and "get_config" not in message:
-        field = re.search(r"'([\w.]+)", message)
-        suggestion = re.search(r'Did you mean "([\w.]+)"', message)
-        hint = (f'did you mean "{suggestion.group(1)}"?' if suggestion
-                else f"the fields are listed in {_DEFAULT_CONFIG}")
-        sys.exit(f"error: --config.{field.group(1) if field else message}: no such field in the "
-                 f"config; {hint}")
-    reason = [line.strip() for line in message.splitlines() if line.strip()][-1:]
-    sys.exit(f"error: --config: cannot load the config file ({' '.join(reason)}); pass a Python "
-             "file that defines get_config(), e.g. --config=experiments/default.py")
-
-
-_CONFIG_ERRORS = (AttributeError, KeyError, OSError, ImportError, SyntaxError, TypeError)
-try:  # ml_collections already reads the --config.x=y overrides here, at definition time.
-    config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.",
-                                    lock_config=True)
-except _CONFIG_ERRORS as e:
-    _exit_bad_config(e)
+config_checks.define_config_flag(config_checks.DEFAULT_CONFIG)
 flags.DEFINE_bool("multihost", False,
                   "Call jax.distributed.initialize() first (every host of a TPU pod slice runs "
                   "the same command).")
 flags.mark_flags_as_required(["workdir"])
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, plus loading the config file, with every failure as a one-line error.
-
-    config_flags loads the file (and applies `--config.x=y`) lazily on first access, where a typo
-    would otherwise surface as a traceback from inside ml_collections.
-    """
-    try:
-        rest = FLAGS(argv)
-        FLAGS.config.keys()  # Loads the file and applies the overrides now.
-    except flags.Error as e:
-        sys.exit(f"error: {e}")
-    except _CONFIG_ERRORS as e:
-        _exit_bad_config(e)
-    return rest
 
 
 def main(argv: list[str]) -> None:
@@ -91,4 +46,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=config_checks.parse_flags)

@@ -25,13 +25,12 @@ from typing import Any
 import jax
 import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from mnist_flax import config_checks, input_pipeline, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Parent directory; each run writes to workdir/key=value.")
-config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+config_checks.define_config_flag(None)
 flags.DEFINE_multi_string("sweep", None, "key=value1,value2,...; several flags sweep the grid.")
 flags.DEFINE_string("results", None, "Optional JSON file for the measured results.")
 flags.mark_flags_as_required(["workdir", "config", "sweep"])
@@ -255,4 +254,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_checks.parse_flags)

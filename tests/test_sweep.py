@@ -93,3 +93,17 @@ def test_cli_bad_spec_is_one_line_error(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1] == (
         "error: --sweep=nope=1,2: the config has no field 'nope'")
+
+
+def test_cli_mistyped_config_key_is_one_line_error(tmp_path):
+    """The sweep shares main's --config flag: a typo is one line, not a traceback."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_flax.sweep", f"--workdir={tmp_path}/sweep",
+         "--config=experiments/default.py", "--config.learning_rat=1", "--sweep=seed=0"],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        'error: --config.learning_rat: no such field in the config; did you mean "learning_rate"?')
