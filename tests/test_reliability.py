@@ -218,7 +218,7 @@ _MAIN_WITH_FULL_DISK = textwrap.dedent("""
     import errno, sys
     from absl import app
     from etils import epath
-    from mnist_flax import checkpoints, main
+    from mnist_flax import checkpoints, config_checks, main
 
     real_save, real_write_text = checkpoints.save, epath.gpath._GPath.write_text
     full = []
@@ -234,7 +234,7 @@ _MAIN_WITH_FULL_DISK = textwrap.dedent("""
         return real_write_text(self, *args, **kwargs)
 
     checkpoints.save, epath.gpath._GPath.write_text = save, write_text
-    app.run(main.main, flags_parser=main.parse_flags)
+    app.run(main.main, flags_parser=config_checks.parse_flags)
 """)
 
 
