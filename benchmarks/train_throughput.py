@@ -1,6 +1,6 @@
 """Training throughput of mnist_flax against PyTorch eager and the Keras tutorial (Keras 3, JAX).
 
-    python benchmarks/train_throughput.py [--repeats=3] [--steps=100] [--warmup=20]
+    python benchmarks/train_throughput.py [--repeats=3] [--steps=100] [--warmup=20] [--peers=...]
 
 Same model (the tutorial CNN), batch 128, Adam, float32, on whatever this machine is. Every
 measurement runs in its own subprocess with the same environment (threads, allocator, variables),
@@ -69,17 +69,22 @@ def worker_mnist_flax(steps: int, warmup: int, epoch: bool, **overrides) -> dict
     state = train.replicate(mesh, train.create_train_state(config, jax.random.key(0)))
     order = train.epoch_permutation(0, 0, NUM_TRAIN)
 
+    def step(state, batch):  # As train_and_evaluate's loop does it.
+        if state.augmentation.enabled:
+            batch = train.augment_batch(state, batch)
+        return train.train_step(state, batch)
+
     start = time.perf_counter()
     batch = train.shard_batch(mesh, train.host_batch(dataset, order, 0, BATCH))
-    state, metrics = train.train_step(state, batch)
+    state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
     for _ in range(warmup):
-        state, metrics = train.train_step(state, batch)
+        state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(steps):
-        state, metrics = train.train_step(state, batch)
+        state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / steps
     result = {"images_per_s": BATCH / step_s, "ms_per_step": 1000 * step_s,
@@ -89,7 +94,7 @@ def worker_mnist_flax(steps: int, warmup: int, epoch: bool, **overrides) -> dict
         start = time.perf_counter()
         for index in range(steps_per_epoch):
             batch = train.shard_batch(mesh, train.host_batch(dataset, order, index, BATCH))
-            state, metrics = train.train_step(state, batch)
+            state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         result["epoch_images_per_s"] = steps_per_epoch * BATCH / (time.perf_counter() - start)
     result["peak_rss_mb"] = _peak_rss_mb()
@@ -99,6 +104,12 @@ def worker_mnist_flax(steps: int, warmup: int, epoch: bool, **overrides) -> dict
 def worker_mnist_flax_bf16(steps: int, warmup: int, epoch: bool) -> dict:
     """The same, with --config.compute_dtype=bfloat16 (convolutions and matmuls in bf16)."""
     return worker_mnist_flax(steps, warmup, epoch=False, compute_dtype="bfloat16")
+
+
+def worker_mnist_flax_augmented(steps: int, warmup: int, epoch: bool) -> dict:
+    """The same, with experiments/best.py's random affine warp of every training image."""
+    return worker_mnist_flax(steps, warmup, epoch=False, augment_max_shift=2.0,
+                             augment_max_rotation=10.0, augment_max_scale=0.1)
 
 
 def worker_matmul(steps: int, warmup: int, epoch: bool) -> dict:
@@ -189,6 +200,7 @@ def worker_keras_jax(steps: int, warmup: int, epoch: bool) -> dict:
 
 
 WORKERS = {"mnist_flax": worker_mnist_flax, "mnist_flax_bf16": worker_mnist_flax_bf16,
+           "mnist_flax_augmented": worker_mnist_flax_augmented,
            "pytorch": worker_pytorch, "keras_jax": worker_keras_jax}
 
 
@@ -250,9 +262,9 @@ def main() -> None:
         values = [r[key] for r in runs[name] if key in r]
         return statistics.median(values) if values else float("nan")
 
-    print(f"\n{'':12} {'images/s':>9} {'ms/step':>8} {'compile s':>10} {'peak RSS MB':>12}")
+    print(f"\n{'':20} {'images/s':>9} {'ms/step':>8} {'compile s':>10} {'peak RSS MB':>12}")
     for name in names:
-        print(f"{name:12} {median(name, 'images_per_s'):9.0f} {median(name, 'ms_per_step'):8.1f}"
+        print(f"{name:20} {median(name, 'images_per_s'):9.0f} {median(name, 'ms_per_step'):8.1f}"
               f" {median(name, 'compile_s'):10.2f} {median(name, 'peak_rss_mb'):12.0f}")
     summary = {name: round(median(name, "images_per_s"), 1) for name in names}
     if roofline:

@@ -1,8 +1,9 @@
-"""Random affine augmentation (shift, rotation, zoom) computed on the device, inside the train step.
+"""Random affine augmentation (shift, rotation, zoom) computed on the device, once per step.
 
 The whole batch is warped by one `map_coordinates` call per image (bilinear, zero fill), so nothing
 runs on the host and the transform is a pure function of the step's key: a resumed run replays the
-same images. All ranges zero (the tutorial) means no augmentation: `train_step` then skips it.
+same images. `train.augment_batch` calls it in a jit of its own, just before `train_step`; all
+ranges zero (the tutorial) means no augmentation, and the training loop then skips that call.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""mnist_flax.augment: the warp is the transform it claims; the train step uses it reproducibly."""
+"""mnist_flax.augment: the warp is the transform it claims; training uses it reproducibly."""
 
 import jax
 import jax.numpy as jnp
@@ -62,18 +62,44 @@ def _batch(n: int = 16) -> dict[str, jax.Array]:
             "label": jnp.asarray(rng.integers(0, 10, n), jnp.int32)}
 
 
-def _step_loss(config) -> float:
-    state = train.create_train_state(config, jax.random.key(0))
-    _, metrics = train.train_step(state, _batch())
-    return float(metrics["loss"])
-
-
-def test_train_step_augments_reproducibly_and_only_when_asked():
+def _augmented_config():
     config = load_config("default")
-    assert not train.create_train_state(config, jax.random.key(0)).augmentation.enabled
-    plain = _step_loss(config)
     config.augment_max_rotation = 15.0
     config.augment_max_shift = 2.0
-    augmented = _step_loss(config)
-    assert augmented != plain  # The model saw different images.
-    assert _step_loss(config) == augmented  # Same state and step -> same warp: resumable.
+    return config
+
+
+def test_augment_batch_warps_images_reproducibly_per_step():
+    state = train.create_train_state(_augmented_config(), jax.random.key(0))
+    batch = _batch()
+    out = train.augment_batch(state, batch)
+    np.testing.assert_array_equal(out["label"], batch["label"])
+    assert out["image"].dtype == jnp.float32 and out["image"].shape == batch["image"].shape
+    assert float(out["image"].max()) > 200  # Still the 0-255 scale train_step expects.
+    assert not np.allclose(out["image"], batch["image"])  # The digits moved.
+    # Same state and step -> the same warp (a resumed run replays it); the next step, another.
+    np.testing.assert_array_equal(out["image"], train.augment_batch(state, batch)["image"])
+    later = train.augment_batch(state.replace(step=state.step + 1), batch)
+    assert not np.allclose(later["image"], out["image"])
+
+
+def test_zero_shift_rotation_and_scale_leave_pixels_in_place():
+    config = load_config("default")
+    config.augment_max_scale = 1e-9  # Enabled, but every draw is (almost) the identity.
+    state = train.create_train_state(config, jax.random.key(0))
+    batch = _batch()
+    np.testing.assert_allclose(train.augment_batch(state, batch)["image"], batch["image"],
+                               atol=1e-3)
+
+
+@pytest.mark.parametrize("augmented", [False, True])
+def test_the_training_loop_augments_every_step_only_when_asked(augmented, idx_dir, tmp_path,
+                                                               monkeypatch):
+    config = _augmented_config() if augmented else load_config("default")
+    config.update(data_dir=str(idx_dir), num_epochs=1, batch_size=64, verify_checksums=False)
+    calls = []
+    original = train.augment_batch
+    monkeypatch.setattr(train, "augment_batch", lambda s, b: calls.append(1) or original(s, b))
+    state, _ = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert int(state.step) == 256 // 64
+    assert len(calls) == (int(state.step) if augmented else 0)
