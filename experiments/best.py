@@ -8,9 +8,9 @@ Same model and optimizer as default.py. What changes, and why:
   digits differently, and the tutorial model overfits its 60,000 images within a few epochs;
 - a one-cycle learning rate (warm up to 3x the tutorial's 1e-3, anneal to ~0): a higher step size
   early, and a small one at the end, where a constant 1e-3 keeps bouncing around the minimum;
-- label smoothing 0.1, and more epochs, which augmentation makes useful.
-Measured: see experiments/README.md and experiments/results/best.json (3 seeds were still running
-when this was written).
+- label smoothing 0.1, and 30 epochs, which augmentation makes useful: the same recipe over 15
+  epochs gave 99.61, 99.56 and 99.55% (seeds 0-2, mean 99.57%), just short of 99.6%.
+Measured: see experiments/README.md and experiments/results/best.json.
 """
 
 import pathlib
@@ -22,7 +22,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     """default.py plus augmentation, a one-cycle schedule, label smoothing and more epochs."""
     config = runpy.run_path(str(pathlib.Path(__file__).with_name("default.py")))["get_config"]()
-    config.num_epochs = 15
+    config.num_epochs = 30
     config.lr_schedule = 'one_cycle'
     config.learning_rate = 3e-3  # The peak.
     config.warmup_epochs = 2.0
