@@ -6,7 +6,8 @@ The pieces are the ones the step is made of (batch 128, the tutorial CNN, ops.py
 compiled with ops.xla_compiler_options()), plus the forms they replaced, for comparison. Each is
 jitted alone and the pieces are interleaved round by round; medians of wall and CPU milliseconds
 (CPU ms ~ 2x wall when both cores are busy). The full step is timed the same way, so the sum of
-the pieces can be checked against it.
+the pieces can be checked against it; so is the step with best.py's augmentation, as the training
+loop runs it (warp in a jit of its own) and as it ran before (warp traced into the step's jit).
 """
 
 from __future__ import annotations
@@ -79,20 +80,33 @@ def pieces() -> dict[str, tuple]:
     }
 
 
-def full_step():
-    """The real train_step of the default config, on a fixed batch."""
+def full_step(augmented: bool = False, fused: bool = False):
+    """The real train_step of the default config, on a fixed batch.
+
+    `augmented` adds best.py's random warp, as the training loop runs it (`train.augment_batch`,
+    then `train.train_step`); `fused` traces both into one jit instead, the form that replaced.
+    """
     from train_throughput import default_config  # Beside this file.
 
     from mnist_flax import train
 
-    state = train.create_train_state(default_config(), jax.random.key(0))
+    config = default_config()
+    if augmented:
+        config.update(augment_max_shift=2.0, augment_max_rotation=10.0, augment_max_scale=0.1)
+    state = train.create_train_state(config, jax.random.key(0))
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.integers(0, 256, (128, 28, 28, 1), np.uint8)),
              "label": jnp.asarray(rng.integers(0, 10, 128).astype(np.int32))}
     holder = {"state": state}
+    one_jit = jax.jit(lambda s, b: train.train_step.__wrapped__(
+        s, train.augment_batch.__wrapped__(s, b)), compiler_options=ops.xla_compiler_options())
 
     def step():
-        holder["state"], metrics = train.train_step(holder["state"], batch)
+        if fused:
+            holder["state"], metrics = one_jit(holder["state"], batch)
+        else:
+            images = train.augment_batch(holder["state"], batch) if augmented else batch
+            holder["state"], metrics = train.train_step(holder["state"], images)
         return metrics
 
     return step
@@ -108,9 +122,11 @@ def main() -> None:
         jitted = jax.jit(fun, compiler_options=options or None)
         jax.block_until_ready(jitted(*inputs))
         jobs[name] = (jitted, inputs)
-    step = full_step()
-    jax.block_until_ready(step())
-    jobs["FULL train_step (default config)"] = (step, ())
+    for name, step in (("FULL train_step (default config)", full_step()),
+                       ("  FULL, best.py's warp apart (now)", full_step(augmented=True)),
+                       ("  FULL, warp in the step (replaced)", full_step(True, fused=True))):
+        jax.block_until_ready(step())
+        jobs[name] = (step, ())
     wall = {name: [] for name in jobs}
     cpu = {name: [] for name in jobs}
     for _ in range(args.rounds):
@@ -126,7 +142,7 @@ def main() -> None:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])
         if not name.startswith(("  ", "FULL")):
             total_wall, total_cpu = total_wall + w, total_cpu + c
-        if name.startswith("FULL"):
+        if name.startswith("FULL"):  # The default step, after its pieces.
             print(f"{'sum of the pieces above':36} {total_wall:8.1f} {total_cpu:8.1f}")
         print(f"{name:36} {w:8.1f} {c:8.1f}")
 

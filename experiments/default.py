@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.verify_checksums = True  # Check canonical IDX files against the known MNIST md5 sums.
 
     # Model (models.CNN).
-    config.conv_features = (32, 64)  # Channels of the two 3x3 convolutions.
+    config.conv_features = (32, 64)  # Channels of the 3x3 convolutions (1 to 6 of them).
     config.dense_features = 128  # Width of the hidden dense layer.
     config.dropout_rates = (0.25, 0.5)  # After the pool, and after the hidden dense layer.
     config.num_classes = 10

@@ -57,8 +57,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
         _require(math.isfinite(value) and value >= 0 and (value > 0 or name == "adam_eps"),
                  f"--config.{name}={value!r}: must be a finite number > 0")
     features = tuple(config.conv_features)
-    _require(len(features) == 2 and all(isinstance(f, int) and f > 0 for f in features),
-             f"--config.conv_features={features!r}: must be two positive integers, e.g. (32,64)")
+    _require(1 <= len(features) <= 6 and all(isinstance(f, int) and f > 0 for f in features),
+             f"--config.conv_features={features!r}: must be 1 to 6 positive integers (one 3x3 "
+             "convolution each), e.g. (32,64)")
     rates = tuple(config.dropout_rates)
     _require(len(rates) == 2 and all(0.0 <= r < 1.0 for r in rates),
              f"--config.dropout_rates={rates!r}: must be two rates in [0, 1), e.g. (0.25,0.5)")

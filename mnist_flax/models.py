@@ -36,7 +36,7 @@ class CNN(nn.Module):
     gradients on CPU. `dtype` is the compute dtype; parameters stay float32.
     """
 
-    conv_features: Sequence[int] = (32, 64)
+    conv_features: Sequence[int] = (32, 64)  # One 3x3 VALID conv + relu each, then the pool.
     dense_features: int = 128
     dropout_rates: Sequence[float] = (0.25, 0.5)
     num_classes: int = 10

@@ -108,8 +108,12 @@ def test_label_smoothing_zero_is_the_tutorial_loss_and_alpha_mixes_in_uniform():
     ({"label_smoothing": 1.0}, "label_smoothing=1.0: must be in"),
     ({"augment_max_rotation": -5.0}, "augment_max_rotation=-5.0: must be in"),
     ({"augment_max_scale": 1.0}, "augment_max_scale=1.0: must be in"),
+    ({"conv_features": ()}, "conv_features=(): must be 1 to 6 positive integers"),
+    ({"conv_features": (32, 0)}, "conv_features=(32, 0): must be 1 to 6 positive integers"),
+    ({"conv_features": (8,) * 7}, "must be 1 to 6 positive integers (one 3x3 convolution each)"),
 ])
 def test_bad_recipe_values_fail_in_one_line(overrides, message):
+    """Each field's check names the field, the value and what it must be."""
     with pytest.raises(config_checks.ConfigError, match=re.escape(message)) as info:
         config_checks.validate(_config(**overrides))
     assert "\n" not in str(info.value)

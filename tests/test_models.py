@@ -38,9 +38,15 @@ def test_keras_initialisers_glorot_uniform_and_zero_bias():
     assert all(float(jnp.abs(p["bias"]).max()) == 0 for p in params.values())
 
 
-def test_configurable_widths_and_classes():
-    model = models.CNN(conv_features=(8, 16), dense_features=32, num_classes=3)
-    logits = model.apply({"params": _params(model)}, jnp.zeros((5, 28, 28, 1)), train=False)
+@pytest.mark.parametrize("conv_features, pooled_side", [((8, 16), 12), ((8, 8, 16), 11)])
+def test_configurable_widths_depth_and_classes(conv_features, pooled_side):
+    model = models.CNN(conv_features=conv_features, dense_features=32, num_classes=3)
+    params = _params(model)
+    assert [params[f"Conv_{i}"]["kernel"].shape[-1] for i in range(len(conv_features))] == list(
+        conv_features)
+    # Each 3x3 VALID convolution trims 2 pixels; the 2x2 pool halves what is left.
+    assert params["Dense_0"]["kernel"].shape == (pooled_side ** 2 * conv_features[-1], 32)
+    logits = model.apply({"params": params}, jnp.zeros((5, 28, 28, 1)), train=False)
     assert logits.shape == (5, 3) and logits.dtype == jnp.float32
 
 
