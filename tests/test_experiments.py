@@ -44,7 +44,7 @@ def test_variants_override_a_few_fields_of_default(name):
     default, variant = load_config("default").to_dict(), load_config(name).to_dict()
     assert variant.keys() == default.keys()
     changed = {k for k in default if variant[k] != default[k]}
-    assert 0 < len(changed) <= 8, changed
+    assert 0 < len(changed) <= 10, changed  # A recipe, not a new default.
     doc = (EXPERIMENTS / f"{name}.py").read_text()
     assert f"--config=experiments/{name}.py" in doc  # The docstring gives the command.
 
