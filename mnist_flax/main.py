@@ -11,7 +11,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from mnist_flax import checkpoints, config_checks, input_pipeline, train
+from mnist_flax import checkpoints, config_checks, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for TensorBoard events and checkpoints.")
@@ -38,8 +38,7 @@ def main(argv: list[str]) -> None:
     logging.info("Config:\n%s", config)
     try:
         train.train_and_evaluate(config, FLAGS.workdir)
-    except (config_checks.ConfigError, input_pipeline.DataError, checkpoints.CheckpointError,
-            train.TrainingDivergedError) as e:
+    except train.USER_ERRORS as e:
         sys.exit(f"error: {e}")
     except checkpoints.Preempted:  # SIGTERM: the checkpoint is saved; the same command resumes.
         sys.exit(checkpoints.PREEMPTED_EXIT_CODE)

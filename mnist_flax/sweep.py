@@ -26,7 +26,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from mnist_flax import config_checks, input_pipeline, train
+from mnist_flax import checkpoints, config_checks, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Parent directory; each run writes to workdir/key=value.")
@@ -247,9 +247,10 @@ def main(argv: list[str]) -> None:
             write_results(FLAGS.results, config, results, command)
     try:
         results = run_sweep(config, FLAGS.workdir, FLAGS.sweep, on_result)
-    except (config_checks.ConfigError, input_pipeline.DataError,
-            train.TrainingDivergedError) as e:
+    except train.USER_ERRORS as e:
         sys.exit(f"error: {e}")
+    except checkpoints.Preempted:  # SIGTERM: the run in progress saved its checkpoint.
+        sys.exit(checkpoints.PREEMPTED_EXIT_CODE)
     print(format_table(results))
 
 

@@ -42,6 +42,11 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or Inf."""
 
 
+# Bad input, or a run that cannot go on: main and sweep print these as one line, no traceback.
+USER_ERRORS = (config_checks.ConfigError, input_pipeline.DataError, checkpoints.CheckpointError,
+               TrainingDivergedError)
+
+
 def create_model(config: ml_collections.ConfigDict) -> models.CNN:
     return models.CNN(
         conv_features=tuple(config.conv_features),

@@ -107,3 +107,21 @@ def test_cli_mistyped_config_key_is_one_line_error(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         'error: --config.learning_rat: no such field in the config; did you mean "learning_rate"?')
+
+
+def test_cli_workdir_trained_with_another_model_is_one_line_error(tmp_path):
+    """Re-running a sweep after changing the model stops in one line and keeps the old runs."""
+    def run(conv_features: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "mnist_flax.sweep", f"--workdir={tmp_path}",
+               "--config=experiments/default.py", "--config.data_source=sample",
+               "--config.num_epochs=1", "--config.batch_size=500", "--config.dense_features=16",
+               f"--config.conv_features={conv_features}", "--sweep=seed=0"]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+    assert run("(4,8)").returncode == 0
+    saved = sorted((tmp_path / "seed=0" / "checkpoints").iterdir())
+    out = run("(4,4,8)")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "use another --workdir" in last, last
+    assert sorted((tmp_path / "seed=0" / "checkpoints").iterdir()) == saved
