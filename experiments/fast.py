@@ -9,7 +9,7 @@ The tutorial's model and data, trained for 3 epochs instead of 12:
 - lighter dropout (0.1, 0.25 instead of 0.25, 0.5): in 3 epochs the model cannot overfit yet, and
   full dropout only slows fitting (exploratory runs are in experiments/README.md).
 Measured (experiments/README.md, experiments/results/fast.json): 99.12 +- 0.05% over seeds 0-2
-(99.10, 99.18, 99.08), 216-242 s per run on the shared 2-core AVX-512 CPU, no accelerator.
+(99.10, 99.18, 99.08), 137-147 s per run on the 2-core AVX-512 CPU, no accelerator.
 """
 
 import pathlib
