@@ -83,30 +83,29 @@ def pieces() -> dict[str, tuple]:
 def full_step(augmented: bool = False, fused: bool = False):
     """The real train_step of the default config, on a fixed batch.
 
-    `augmented` adds best.py's random warp, as the training loop runs it (`train.augment_batch`,
-    then `train.train_step`); `fused` traces both into one jit instead, the form that replaced.
+    `augmented` adds best.py's random warp, as the training loop runs it
+    (`train.augment_and_train_step`); `fused` traces the warp into the step's jit instead, the
+    form that replaced.
     """
-    from train_throughput import default_config  # Beside this file.
+    from train_throughput import best_augmentation, default_config  # Beside this file.
 
     from mnist_flax import train
 
     config = default_config()
     if augmented:
-        config.update(augment_max_shift=2.0, augment_max_rotation=10.0, augment_max_scale=0.1)
+        config.update(best_augmentation())
     state = train.create_train_state(config, jax.random.key(0))
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.integers(0, 256, (128, 28, 28, 1), np.uint8)),
              "label": jnp.asarray(rng.integers(0, 10, 128).astype(np.int32))}
     holder = {"state": state}
-    one_jit = jax.jit(lambda s, b: train.train_step.__wrapped__(
-        s, train.augment_batch.__wrapped__(s, b)), compiler_options=ops.xla_compiler_options())
+    step_fn = train.augment_and_train_step
+    if fused:
+        step_fn = jax.jit(lambda s, b: train.train_step.__wrapped__(
+            s, train.augment_batch.__wrapped__(s, b)), compiler_options=ops.xla_compiler_options())
 
     def step():
-        if fused:
-            holder["state"], metrics = one_jit(holder["state"], batch)
-        else:
-            images = train.augment_batch(holder["state"], batch) if augmented else batch
-            holder["state"], metrics = train.train_step(holder["state"], images)
+        holder["state"], metrics = step_fn(holder["state"], batch)
         return metrics
 
     return step

@@ -9,7 +9,8 @@ the table shows medians. The last line printed is one JSON object:
 {"mnist_flax": images/s, "pytorch": ..., "keras_jax": ..., "ratio_vs_pytorch": ...}.
 
 mnist_flax is timed through exactly `main`'s path: `train.create_train_state`, then per step
-`train.host_batch` (shuffled indices -> numpy batch) + `train.shard_batch` + `train.train_step`.
+`train.host_batch` (shuffled indices -> numpy batch) + `train.shard_batch` +
+`train.augment_and_train_step`.
 Two figures: "step" feeds one resident batch (the step alone), "epoch" runs a whole epoch through
 the data path; the data path must cost under 5% (`epoch/step` is printed).
 
@@ -40,16 +41,22 @@ def _fake_mnist(n: int, seed: int = 0):
             rng.integers(0, 10, n).astype(np.int32))
 
 
-def default_config():
-    """experiments/default.py's config, as `main` loads it by default."""
+def default_config(name: str = "default"):
+    """experiments/<name>.py's config, as `--config=experiments/<name>.py` loads it."""
     import importlib.util
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "experiments", "default.py")
-    spec = importlib.util.spec_from_file_location("default_config", path)
+                        "experiments", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def best_augmentation() -> dict[str, float]:
+    """experiments/best.py's warp ranges, to add to the default config."""
+    best = default_config("best")
+    return {key: best[key] for key in best if key.startswith("augment_")}
 
 
 def _peak_rss_mb() -> float:
@@ -69,10 +76,7 @@ def worker_mnist_flax(steps: int, warmup: int, epoch: bool, **overrides) -> dict
     state = train.replicate(mesh, train.create_train_state(config, jax.random.key(0)))
     order = train.epoch_permutation(0, 0, NUM_TRAIN)
 
-    def step(state, batch):  # As train_and_evaluate's loop does it.
-        if state.augmentation.enabled:
-            batch = train.augment_batch(state, batch)
-        return train.train_step(state, batch)
+    step = train.augment_and_train_step  # What train_and_evaluate's loop runs.
 
     start = time.perf_counter()
     batch = train.shard_batch(mesh, train.host_batch(dataset, order, 0, BATCH))
@@ -108,8 +112,7 @@ def worker_mnist_flax_bf16(steps: int, warmup: int, epoch: bool) -> dict:
 
 def worker_mnist_flax_augmented(steps: int, warmup: int, epoch: bool) -> dict:
     """The same, with experiments/best.py's random affine warp of every training image."""
-    return worker_mnist_flax(steps, warmup, epoch=False, augment_max_shift=2.0,
-                             augment_max_rotation=10.0, augment_max_scale=0.1)
+    return worker_mnist_flax(steps, warmup, epoch=False, **best_augmentation())
 
 
 def worker_matmul(steps: int, warmup: int, epoch: bool) -> dict:

@@ -1,9 +1,10 @@
 """Training and evaluation: TrainState, the jitted steps, and the epoch loop.
 
 One step, from `main` to the optimizer: `train_and_evaluate` builds `TrainState` (params + optax
-state + dropout key), feeds `train_step` one global batch at a time, and `train_step` computes the
-loss and gradients in one pass and applies optax.adam. Everything the step needs is in the state
-and the batch, so a run resumes exactly from a checkpoint of the state (see checkpoints.py).
+state + dropout key), feeds `train_step` one global batch at a time (warped first by
+`augment_batch` when the config augments), and `train_step` computes the loss and gradients in one
+pass and applies optax.adam. Everything the step needs is in the state and the batch, so a run
+resumes exactly from a checkpoint of the state (see checkpoints.py).
 """
 
 from __future__ import annotations
@@ -141,6 +142,14 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     accuracy = (logits.argmax(-1) == batch["label"]).mean()
     return state.apply_gradients(grads=grads), {"loss": loss, "accuracy": accuracy}
+
+
+def augment_and_train_step(state: TrainState,
+                           batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One step as the training loop (and the benchmarks) run it: the warp first, if any."""
+    if state.augmentation.enabled:  # Static: the tutorial's run never calls augment_batch.
+        batch = augment_batch(state, batch)
+    return train_step(state, batch)
 
 
 @ops.jit
@@ -331,9 +340,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, dataset: input_pipel
             batch = shard_batch(mesh, host_batch(dataset, order, index, batch_size))
             if step + 1 == config.debug_nan_at_step:  # Tests only: this step's loss becomes NaN.
                 state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
-            if state.augmentation.enabled:  # Static: the tutorial's run never calls it.
-                batch = augment_batch(state, batch)
-            state, step_metrics = train_step(state, batch)
+            state, step_metrics = augment_and_train_step(state, batch)
             pending.append(step_metrics)
 
             done = step + 1
