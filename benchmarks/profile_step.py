@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py [--rounds=8]
 
 The pieces are the ones the step is made of (batch 128, the tutorial CNN, ops.py's fast forms,
-compiled with ops.xla_compiler_options()), plus the forms they replaced, for comparison. Each is
+compiled with ops.compiler_options()), plus the forms they replaced, for comparison. Each is
 jitted alone and the pieces are interleaved round by round; medians of wall and CPU milliseconds
 (CPU ms ~ 2x wall when both cores are busy). The full step is timed the same way, so the sum of
 the pieces can be checked against it; so is the step with best.py's augmentation, as the training
@@ -13,6 +13,7 @@ loop runs it (warp in a jit of its own) and as it ran before (warp traced into t
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -87,13 +88,12 @@ def full_step(augmented: bool = False, fused: bool = False):
     (`train.augment_and_train_step`); `fused` traces the warp into the step's jit instead, the
     form that replaced.
     """
-    from train_throughput import best_augmentation, default_config  # Beside this file.
+    from mnist_flax import configs, train
 
-    from mnist_flax import train
-
-    config = default_config()
-    if augmented:
-        config.update(best_augmentation())
+    config = configs.load()
+    if augmented:  # Only the warp of experiments/best.py, on the tutorial's model.
+        best = configs.load(os.path.join(os.path.dirname(__file__), "..", "experiments", "best.py"))
+        config.update({key: best[key] for key in best if key.startswith("augment_")})
     state = train.create_train_state(config, jax.random.key(0))
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.integers(0, 256, (128, 28, 28, 1), np.uint8)),
@@ -102,7 +102,7 @@ def full_step(augmented: bool = False, fused: bool = False):
     step_fn = train.augment_and_train_step
     if fused:
         step_fn = jax.jit(lambda s, b: train.train_step.__wrapped__(
-            s, train.augment_batch.__wrapped__(s, b)), compiler_options=ops.xla_compiler_options())
+            s, train.augment_batch.__wrapped__(s, b)), compiler_options=ops.compiler_options())
 
     def step():
         holder["state"], metrics = step_fn(holder["state"], batch)
@@ -115,7 +115,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
-    options = ops.xla_compiler_options()
+    ops.tune_host_allocator()  # As main does, before JAX runs anything.
+    options = ops.compiler_options()
     jobs = {}
     for name, (fun, inputs) in pieces().items():
         jitted = jax.jit(fun, compiler_options=options or None)

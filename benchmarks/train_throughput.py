@@ -9,7 +9,7 @@ the table shows medians. The last line printed is one JSON object:
 {"mnist_flax": images/s, "pytorch": ..., "keras_jax": ..., "ratio_vs_pytorch": ...}.
 
 mnist_flax is timed through exactly `main`'s path: `train.create_train_state`, then per step
-`train.host_batch` (shuffled indices -> numpy batch) + `train.shard_batch` +
+`input_pipeline.batch_at` (shuffled indices -> numpy batch) + `sharding.shard_batch` +
 `train.augment_and_train_step`.
 Two figures: "step" feeds one resident batch (the step alone), "epoch" runs a whole epoch through
 the data path; the data path must cost under 5% (`epoch/step` is printed).
@@ -41,21 +41,15 @@ def _fake_mnist(n: int, seed: int = 0):
             rng.integers(0, 10, n).astype(np.int32))
 
 
-def default_config(name: str = "default"):
-    """experiments/<name>.py's config, as `--config=experiments/<name>.py` loads it."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "experiments", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"{name}_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments")
 
 
 def best_augmentation() -> dict[str, float]:
     """experiments/best.py's warp ranges, to add to the default config."""
-    best = default_config("best")
+    from mnist_flax import configs
+
+    best = configs.load(os.path.join(EXPERIMENTS, "best.py"))
     return {key: best[key] for key in best if key.startswith("augment_")}
 
 
@@ -64,22 +58,23 @@ def _peak_rss_mb() -> float:
 
 
 def worker_mnist_flax(steps: int, warmup: int, epoch: bool, **overrides) -> dict:
+    from mnist_flax import ops
+
+    ops.tune_host_allocator()  # As main does, before JAX runs anything.
     import jax
 
-    from mnist_flax import input_pipeline, train  # Importing it tunes malloc, as for main.
+    from mnist_flax import configs, input_pipeline, sharding, train
 
-    config = default_config()
+    config = configs.load()
     config.update(overrides)
     images, labels = _fake_mnist(NUM_TRAIN)
     dataset = input_pipeline.Dataset(images, labels, images[:1000], labels[:1000], "synthetic")
-    mesh = train.make_mesh()
-    state = train.replicate(mesh, train.create_train_state(config, jax.random.key(0)))
-    order = train.epoch_permutation(0, 0, NUM_TRAIN)
-
+    mesh = sharding.make_mesh()
+    state = sharding.replicate(mesh, train.create_train_state(config, jax.random.key(0)))
     step = train.augment_and_train_step  # What train_and_evaluate's loop runs.
 
     start = time.perf_counter()
-    batch = train.shard_batch(mesh, train.host_batch(dataset, order, 0, BATCH))
+    batch = sharding.shard_batch(mesh, input_pipeline.batch_at(dataset, 0, 0, BATCH))
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
@@ -97,7 +92,7 @@ def worker_mnist_flax(steps: int, warmup: int, epoch: bool, **overrides) -> dict
         steps_per_epoch = NUM_TRAIN // BATCH
         start = time.perf_counter()
         for index in range(steps_per_epoch):
-            batch = train.shard_batch(mesh, train.host_batch(dataset, order, index, BATCH))
+            batch = sharding.shard_batch(mesh, input_pipeline.batch_at(dataset, 0, index, BATCH))
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         result["epoch_images_per_s"] = steps_per_epoch * BATCH / (time.perf_counter() - start)

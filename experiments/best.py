@@ -17,15 +17,14 @@ Measured (experiments/README.md, experiments/results/best.json): 99.61 +- 0.03% 
 (99.63, 99.57, 99.62), 845-858 s per run on the 2-core AVX-512 CPU, no accelerator.
 """
 
-import pathlib
-import runpy
-
 import ml_collections
+
+from mnist_flax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
     """default.py plus augmentation, a one-cycle schedule, label smoothing and one more conv."""
-    config = runpy.run_path(str(pathlib.Path(__file__).with_name("default.py")))["get_config"]()
+    config = default.get_config()
     config.num_epochs = 15
     config.conv_features = (32, 32, 64)
     config.lr_schedule = 'one_cycle'

@@ -12,15 +12,14 @@ Measured (experiments/README.md, experiments/results/fast.json): 99.12 +- 0.05% 
 (99.10, 99.18, 99.08), 137-147 s per run on the 2-core AVX-512 CPU, no accelerator.
 """
 
-import pathlib
-import runpy
-
 import ml_collections
+
+from mnist_flax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
     """default.py with a short one-cycle run and lighter dropout."""
-    config = runpy.run_path(str(pathlib.Path(__file__).with_name("default.py")))["get_config"]()
+    config = default.get_config()
     config.num_epochs = 3
     config.lr_schedule = 'one_cycle'
     config.learning_rate = 3e-3  # The peak.

@@ -1,32 +1,17 @@
-"""Checkpoints of the whole TrainState in `workdir/checkpoints/`, exact resume, and SIGTERM.
-
-A run resumes exactly because the state holds everything the future depends on: params, optax
-state, step and the dropout key (per-step keys are fold_in(dropout_key, step)); the epoch and the
-position in the epoch's order follow from the step (`data_position`), and the order of every epoch
-is `train.epoch_permutation(seed, epoch, n)`. So restoring the state and continuing the loop at
-`state.step` replays the same batches and masks, bit for bit. Train metrics of a half-finished epoch
-are not saved: a resumed epoch's train/* means cover only the steps after the resume.
+"""Checkpoints with orbax: the train state and its data position, saved, kept, restored.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a run
-killed mid-save leaves the previous checkpoint intact (tests/test_checkpoints.py checks it), and
-a save that fails (a full disk) stops the run with one line naming the checkpoint that is intact.
-`workdir_lock` keeps a second run off a workdir in use (tests/test_reliability.py).
-Saves are synchronous: the state is 14 MB, a save takes well under a second, and the next
+killed mid-save leaves the previous checkpoint intact, and a save that fails (a full disk) stops
+the run with one line naming the checkpoint that is intact. Saves are synchronous: the next
 `train_step` donates (overwrites) the arrays a background save would still be reading.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
-import fcntl
-import json
 import logging as std_logging
 import os
-import signal
-import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -35,27 +20,17 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from mnist_flax import workdir as workdir_lib
 
 CHECKPOINT_DIR = "checkpoints"  # Under the workdir.
-CONFIG_FILE = "config.json"  # Under the workdir: the config the run was started (or resumed) with.
-LOCK_FILE = ".lock"  # Under the workdir: flock-ed by the run using it; holds that run's pid.
-# Exit status of a run stopped by SIGTERM after saving its checkpoint: 128 + SIGTERM, what a
-# shell reports for a process SIGTERM ended, so job systems see "terminated" and can restart it.
-PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 # Fields that decide which batch comes at a given step: a resumed run must keep them.
 DATA_ORDER_FIELDS = ("seed", "batch_size", "num_train")
 
 
 class CheckpointError(ValueError):
     """A workdir whose checkpoint cannot be used with this config; one line naming the mismatch."""
-
-
-class Preempted(Exception):  # noqa: N818 (a signal, not an error)
-    """SIGTERM arrived; the checkpoint at `step` was saved and the run should exit."""
-
-    def __init__(self, step: int):
-        super().__init__(f"stopped by SIGTERM at step {step}; checkpoint saved")
-        self.step = step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +69,7 @@ def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def check_shapes(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
-                 where: str) -> None:
+                 where: str | epath.Path) -> None:
     """Raises CheckpointError naming the first parameter whose name or shape differs."""
     params_first = sorted(set(saved) | set(expected), key=lambda n: (not n.startswith("params"), n))
     for name in params_first:
@@ -127,11 +102,15 @@ def _drop_orbax_info(record: std_logging.LogRecord) -> bool:
         "read_only=True" not in record.getMessage())
 
 
-logging.get_absl_logger().addFilter(_drop_orbax_info)
+def quiet_orbax_logging() -> None:
+    """Keeps orbax's INFO chatter out of the log; entry points call it once, first thing."""
+    logger = logging.get_absl_logger()
+    if _drop_orbax_info not in logger.filters:
+        logger.addFilter(_drop_orbax_info)
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+def checkpoint_dir(workdir: str) -> epath.Path:
+    return workdir_lib.path(workdir) / CHECKPOINT_DIR
 
 
 def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
@@ -151,7 +130,7 @@ def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.Chec
 
 
 def latest_step(workdir: str) -> int | None:
-    if not os.path.isdir(checkpoint_dir(workdir)):
+    if not checkpoint_dir(workdir).is_dir():
         return None
     with contextlib.closing(create_manager(workdir, 1, read_only=True)) as manager:
         return manager.latest_step()
@@ -196,7 +175,7 @@ def restore(workdir: str, state, position: dict[str, int]):
     step = latest_step(workdir)
     if step is None:
         return state
-    where = os.path.join(checkpoint_dir(workdir), str(step))
+    where = checkpoint_dir(workdir) / str(step)
     with contextlib.closing(create_manager(workdir, 1, read_only=True)) as manager:
         saved_tree = manager.item_metadata(step)["state"].tree
         target = state_tree(state)
@@ -221,7 +200,7 @@ def restore_params(workdir: str, expected_params: Any) -> tuple[Any, int]:
     if step is None:
         raise CheckpointError(f"{checkpoint_dir(workdir)}: no checkpoint; train first with "
                               f"python -m mnist_flax.main --workdir={workdir}")
-    where = os.path.join(checkpoint_dir(workdir), str(step))
+    where = checkpoint_dir(workdir) / str(step)
     with contextlib.closing(create_manager(workdir, 1, read_only=True)) as manager:
         saved = manager.item_metadata(step)["state"].tree["params"]
         check_shapes(tree_shapes({"params": saved}), tree_shapes({"params": expected_params}),
@@ -230,115 +209,3 @@ def restore_params(workdir: str, expected_params: Any) -> tuple[Any, int]:
             state=ocp.args.StandardRestore()))
     params = jax.tree.map(np.asarray, restored["state"]["params"])
     return params, step
-
-
-# ---------------------------------------------------------------------------------------------
-# One run per workdir.
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: str) -> Iterator[None]:
-    """Holds an exclusive flock on workdir/.lock while the block runs, so a second run on the same
-    workdir stops at once instead of interleaving its checkpoints and events with ours.
-
-    The kernel drops the lock when the process dies, so a SIGKILLed run never blocks the next one.
-    Only process 0 locks: it alone writes the config and events, and a pod's hosts share a workdir.
-    """
-    if jax.process_index() != 0:
-        yield
-        return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, LOCK_FILE), "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            pid = f.read().strip() or "unknown"
-            raise CheckpointError(f"another run (pid {pid}) is using --workdir={workdir}; wait "
-                                  "for it or use another workdir") from None
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-# ---------------------------------------------------------------------------------------------
-# The config stored with the run.
-
-
-def config_path(workdir: str) -> str:
-    return os.path.join(workdir, CONFIG_FILE)
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes workdir/config.json atomically (process 0 only); predict builds the model from it."""
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)  # train_and_evaluate may be called without main.
-    path = config_path(workdir)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(config.to_json(indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    path = config_path(workdir)
-    try:
-        with open(path) as f:
-            return ml_collections.ConfigDict(json.load(f))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found; is {workdir} a training workdir?") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
-
-
-def config_changes(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
-    """'name: old -> new' for every field that differs from the config stored in the workdir."""
-    if not os.path.exists(config_path(workdir)):
-        return []
-    old = read_config(workdir).to_dict()
-    new = json.loads(config.to_json())
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
-
-
-# ---------------------------------------------------------------------------------------------
-# SIGTERM.
-
-
-@dataclasses.dataclass
-class SigtermFlag:
-    """While installed, SIGTERM only sets `requested`; the loop saves and exits at the next step.
-
-    A context manager: leaving it puts the previous handler back. Outside the main thread (where
-    Python cannot install handlers) it does nothing and SIGTERM keeps its usual meaning.
-    """
-
-    requested: threading.Event = dataclasses.field(default_factory=threading.Event)
-    _previous: Callable | int | None = None
-
-    def __enter__(self) -> SigtermFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        del signum, frame
-        self.requested.set()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-    def is_set(self) -> bool:
-        return self.requested.is_set()
-
-
-def log_preempted(step: int) -> None:
-    logging.warning("SIGTERM: saved the checkpoint at step %d; exiting with status %d. Run the "
-                    "same command again to resume.", step, PREEMPTED_EXIT_CODE)

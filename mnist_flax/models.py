@@ -1,9 +1,12 @@
-"""The Keras tutorial CNN (keras/examples/mnist_cnn.py) as a Flax Linen module."""
+"""The Keras tutorial CNN (keras/examples/mnist_cnn.py) as a Linen module, built from a config."""
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import ml_collections
 
 from mnist_flax import ops
 
@@ -66,3 +69,30 @@ class CNN(nn.Module):
         x = nn.Dropout(self.dropout_rates[1], deterministic=not train)(x)
         x = nn.Dense(self.num_classes, kernel_init=init, dtype=self.dtype)(x)
         return x.astype(jnp.float32)  # (B, 10) logits; the loss is always computed in float32.
+
+
+def create_model(config: ml_collections.ConfigDict) -> CNN:
+    return CNN(
+        conv_features=tuple(config.conv_features),
+        dense_features=config.dense_features,
+        dropout_rates=tuple(config.dropout_rates),
+        num_classes=config.num_classes,
+        kernel_init=config.kernel_init,
+        fast_ops=config.fast_ops,
+        dtype=jnp.dtype(config.compute_dtype),
+    )
+
+
+def normalize(images):
+    """uint8 pixels -> float32 in [0, 1], as the tutorial scales them (works on numpy and jax)."""
+    return images.astype("float32") / 255.0
+
+
+def logits(apply_fn, params: Any, images: jax.Array) -> jax.Array:
+    """The inference forward pass (dropout off) on 0-255 images: evaluation, TensorBoard and
+    predict all go through it."""
+    return apply_fn({"params": params}, normalize(images), train=False)
+
+
+def probabilities(apply_fn, params: Any, images: jax.Array) -> jax.Array:
+    return jax.nn.softmax(logits(apply_fn, params, images))

@@ -1,36 +1,9 @@
-"""Fast ops for the MNIST CNN's training step on CPU, in pure jax.numpy / jax.lax.
+"""Fast pieces of the CNN's training step on CPU, in pure jax.numpy / jax.lax.
 
-Every trick here exists because of a measurement on the 2-core AVX-512 CPU (AMD EPYC, Zen 4) this
-project trains on, with jax/jaxlib 0.10.2, full training step (forward + backward + Adam, batch
-128). Numbers are medians of interleaved runs; "quiet" ones were taken while the machine was
-otherwise idle, the rest while other training jobs shared it (load 6-8), so read those as ratios.
-Scripts: /work/scratch/speed/ (README.md there).
-
-What the plain Flax step (nn.Conv, nn.max_pool; ~290 ms/step quiet) spends its time on, and the fix:
-
-1. `tune_host_allocator`: ~45% of the plain step was the kernel zeroing fresh pages. glibc serves
-   XLA's big per-step temporaries with mmap and munmaps them on free: ~86,000 minor faults per
-   step. Keeping them in the heap: 286 -> 164 ms/step (quiet), ~0 faults per step.
-2. `xla_compiler_options`: jaxlib 0.10 hands unpadded convolutions to YNNPACK, 2-2.5x slower here
-   than XLA's Eigen convolution for the 3x3 conv 32->64 (forward 37 vs 15 ms, weight gradient 42
-   vs 27 ms, isolated, quiet). The per-jit option keeps YNNPACK for dots and reductions and sends
-   convolutions to Eigen: plain step 164 -> 118 ms (quiet). No graph-level trick reaches Eigen
-   without waste (tried: pad by 3 and slice, +12.5% FLOPs; a "dy as input" weight-gradient conv,
-   which Eigen runs 50x slower), hence a compile option, not an op.
-3. `max_pool_2x2`: the gradient of `nn.max_pool` (reduce_window -> select_and_scatter) costs ~40
-   ms per step; a reshape + max with a hand-written, fused backward costs ~3-5 ms.
-4. `conv2d` on one input channel (conv 1->32): 9 fused multiply-adds (0.7 ms vs 1.7 ms YNNPACK /
-   5 ms Eigen) and its weight gradient as one (9, N) x (N, 32) GEMM (2 ms vs 2.5-5 ms).
-
-Tried and not used (measured): im2col / GEMM forms of the 32->64 conv and its gradients in
-float32 or bfloat16 (materialising the 85 MB im2col costs more than the GEMM saves; bf16 GEMMs are
-2x faster only through YNNPACK dots), col2im for the input gradient, 9 accumulated per-tap GEMMs,
-bfloat16 convolutions (Eigen and YNNPACK: no faster than float32), "rbg"/"unsafe_rbg" dropout
-PRNGs (3x slower than threefry here), XNNPACK / oneDNN options, YNNPACK for elementwise fusions
-(+12%), `lax.scan` over steps (minutes to compile, far slower).
-
-Everything is jnp/lax only: it runs (and is tested) under jit with batch sharding over several
-devices, and on GPU/TPU, where `xla_compiler_options()` returns {}.
+Each piece computes the same function as its plain Linen/XLA form (tests/test_ops.py pins values
+and gradients) and exists because it measured faster on CPU; the figures, and what was tried and
+lost, are in the README's Speed section. Everything runs under jit on any backend and with batch
+sharding; on GPU/TPU the CPU compile option is simply not read.
 """
 
 from __future__ import annotations
@@ -46,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["conv2d", "jit", "max_pool_2x2", "tune_host_allocator", "xla_compiler_options"]
+__all__ = ["compiler_options", "conv2d", "jit", "max_pool_2x2", "tune_host_allocator"]
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _TAPS_MAX_CIN = 4  # Input channels up to which conv2d uses the 9-tap elementwise form.
@@ -96,9 +69,8 @@ def _conv_kernel_grad(x, dy, kshape):
                           for i in range(kh) for j in range(kw) for c in range(cin)], 0)
         dk = jnp.dot(cols, dy.reshape(-1, cout), preferred_element_type=jnp.float32)
         return dk.reshape(kh, kw, cin, cout)
-    # The convolution autodiff emits (batch and feature dims swapped, dy as a 24x24 "kernel").
-    # With xla_compiler_options() on CPU it runs in Eigen (27 ms), else YNNPACK (42 ms); an
-    # explicit im2col GEMM was no faster than either.
+    # The convolution autodiff emits (batch and feature dims swapped, dy as a 24x24 "kernel"),
+    # which COMPILER_OPTIONS sends to Eigen on CPU.
     return lax.conv_general_dilated(x, dy, (1, 1), "VALID",
                                     dimension_numbers=("CHWN", "IHWO", "HWNC"),
                                     preferred_element_type=jnp.float32)
@@ -113,7 +85,7 @@ def _conv2d(x, kernel, bias, compute_dtype):
 def _conv2d_fwd(x, kernel, bias, compute_dtype):
     xc, kc = x.astype(compute_dtype), kernel.astype(compute_dtype)
     y = (_conv_valid(xc, kc) + bias.astype(jnp.float32)).astype(compute_dtype)
-    # Residuals in the compute dtype: the bf16 path saves half the activation memory traffic.
+    # Residuals in the compute dtype: bf16 halves the activation memory traffic.
     return y, (xc, kc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), kernel.dtype),
                jnp.zeros((0,), bias.dtype))
 
@@ -134,20 +106,13 @@ def conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array,
            compute_dtype: jnp.dtype | None = None) -> jax.Array:
     """3x3 (any kh x kw), stride 1, VALID convolution, NHWC input, HWIO kernel, plus bias.
 
-    Same function as `flax.linen.Conv(features, (kh, kw), padding='VALID')` /
-    `lax.conv_general_dilated(x, kernel, (1, 1), 'VALID') + bias`, with a `jax.custom_vjp` whose
-    pieces are chosen for XLA:CPU (see the module docstring):
+    The same function as `flax.linen.Conv(features, (kh, kw), padding='VALID')`, with a
+    `jax.custom_vjp` whose pieces suit XLA:CPU: with few input channels (MNIST's first layer) the
+    forward pass is 9 fused multiply-adds and the weight gradient one small GEMM; otherwise the
+    convolutions autodiff would emit, and the input gradient as a padded "full" convolution.
 
-    * few input channels (<= 4, e.g. MNIST's first layer): forward as 9 fused multiply-adds
-      (0.7 ms vs 1.7-5 ms per step at batch 128) and weight gradient as one small GEMM (2 ms);
-    * otherwise forward and weight gradient as the convolutions autodiff would emit (fast when the
-      step is jitted with `xla_compiler_options()`), input gradient as a padded "full" conv.
-
-    `compute_dtype` (e.g. jnp.bfloat16) is the dtype of the conv operands and of the result, as
-    Linen's `dtype`; accumulation, bias add and the bias gradient are float32, and gradients come
-    back in the parameters'/input's own dtypes. Default: x's dtype. On this CPU the bf16
-    convolutions themselves are no faster (Eigen/YNNPACK convert), but the halved activation and
-    residual traffic made the full step ~6% faster (85 -> 79 ms/step quiet, 160 -> 151 CPU-ms).
+    `compute_dtype` (default: x's dtype) is the dtype of the operands and the result, as Linen's
+    `dtype`; accumulation, the bias add and the bias gradient are float32.
     """
     compute_dtype = jnp.dtype(compute_dtype or x.dtype)
     return _conv2d(x, kernel, bias, compute_dtype)
@@ -168,17 +133,10 @@ def _pool_windows(x):
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max pool, stride 2, NHWC (odd trailing rows/columns dropped, as VALID pooling does).
 
-    Equals `flax.linen.max_pool(x, (2, 2), strides=(2, 2))` in value. Its gradient is written by
-    hand: the pooled gradient goes to the window's maximum. Flax's gradient goes through XLA's
-    select_and_scatter, which costs ~40 ms per step on this CPU; this one is a single fused
-    elementwise pass (~2-4 ms), and autodiff of the reshape+max form (~8 ms) also divides by
-    the tie count.
-
-    Ties: the whole gradient goes to the first maximal element in row-major window order
-    (top-left, top-right, bottom-left, bottom-right). Flax/XLA also gives it to exactly one element,
-    but which one is an implementation detail; autodiff of reshape+max would split it evenly. In
-    this network ties are windows of ReLU zeros, whose gradient ReLU zeroes anyway, so training is
-    identical. Without ties, values and gradients equal flax's exactly.
+    Equals `flax.linen.max_pool(x, (2, 2), strides=(2, 2))` in value; its gradient is written by
+    hand as one fused elementwise pass, where Flax's goes through XLA's slow select_and_scatter.
+    Ties: the whole gradient goes to the first maximal element in row-major window order (XLA also
+    picks exactly one; in this network ties are ReLU zeros, whose gradient ReLU zeroes anyway).
     """
     a, b, c, d = _pool_windows(x)
     return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
@@ -215,54 +173,45 @@ max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
 # XLA:CPU compile options
 # --------------------------------------------------------------------------------------------
 
-_CPU_OPTIONS = {
-    # Let YNNPACK take dots and reductions only; convolutions go to XLA's Eigen kernels (2-2.5x
-    # faster here). REDUCE must stay: without YNNPACK, XLA rewrites the bias-gradient sums into
-    # reduce-windows that cost 16 ms instead of 1.7 ms. ELTWISE in YNNPACK was slower (+12%).
-    "xla_cpu_experimental_ynn_fusion_type":
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
-}
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+# Let YNNPACK take dots and reductions only; convolutions go to XLA's Eigen kernels, which are
+# faster here. REDUCE must stay (without it the bias-gradient sums become slow reduce-windows).
+_CPU_OPTIONS = {_YNN_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+_FIRST_JAXLIB_WITH_OPTION = (0, 10)  # The option appeared with YNNPACK in XLA:CPU.
 
 
-@functools.cache
-def _cpu_options_supported() -> bool:
-    try:
-        jax.jit(lambda a: a + 1, compiler_options=_CPU_OPTIONS).lower(
-            jax.ShapeDtypeStruct((2,), jnp.float32)).compile()
-        return True
-    except Exception:  # an older/newer jaxlib without this option
-        return False
+def compiler_options() -> dict[str, str]:
+    """The per-jit XLA options of the training step: `_CPU_OPTIONS` where jaxlib knows them.
 
-
-def xla_compiler_options(backend: str | None = None) -> dict[str, str]:
-    """Per-jit XLA options that make the training step fast on CPU; {} elsewhere.
-
-    Use as `jax.jit(train_step, compiler_options=ops.xla_compiler_options())`: it needs no
-    environment variable and touches only that jit. Measured on the full step (batch 128):
-    the convolutions drop from ~95 ms (YNNPACK) to ~60 ms (Eigen). Returns {} off CPU and when
-    this jaxlib does not know the option (checked once by compiling a one-op function).
+    Decided from jaxlib's version, without starting a backend, so jitted functions can be built at
+    import. A GPU or TPU compiler ignores a CPU debug option.
     """
-    backend = backend or jax.default_backend()
-    if backend != "cpu" or not _cpu_options_supported():
-        return {}
-    return dict(_CPU_OPTIONS)
+    version = tuple(int(part) for part in jaxlib_version().split(".")[:2])
+    return dict(_CPU_OPTIONS) if version >= _FIRST_JAXLIB_WITH_OPTION else {}
 
 
-def jit(fun: Callable, **jit_kwargs) -> Callable:
-    """`jax.jit(fun, **jit_kwargs)` plus `xla_compiler_options()` for the backend in use.
+def jaxlib_version() -> str:
+    from jax._src.lib import version_str  # jaxlib's version, without importing a backend.
 
-    The options depend on the backend, which must not be started at import time (a multi-host
-    run calls jax.distributed.initialize() first), so the jitted function is built on first call.
+    return version_str
+
+
+def log_compiler_options() -> None:
+    """Says once, at program start, whether the CPU convolution option is in use."""
+    if not compiler_options():
+        logging.getLogger(__name__).info(
+            "jaxlib %s predates the XLA:CPU option %s; convolutions use XLA's default CPU "
+            "library (slower on CPU, the same numerics)", jaxlib_version(), _YNN_OPTION)
+
+
+def jit(fun: Callable | None = None, **jit_kwargs) -> Callable:
+    """`jax.jit` with `compiler_options()`; a real jit object (`.lower()`, `.trace()` work).
+
+    Use as `@ops.jit` or `@functools.partial(ops.jit, donate_argnames=...)`.
     """
-    @functools.cache
-    def jitted() -> Callable:
-        return jax.jit(fun, compiler_options=xla_compiler_options(), **jit_kwargs)
-
-    @functools.wraps(fun)
-    def call(*args, **kwargs):
-        return jitted()(*args, **kwargs)
-
-    return call
+    if fun is None:
+        return functools.partial(jit, **jit_kwargs)
+    return jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,33 +219,17 @@ def jit(fun: Callable, **jit_kwargs) -> Callable:
 # --------------------------------------------------------------------------------------------
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
-_allocator_tuned = False
 
 
 def tune_host_allocator() -> bool:
-    """Keep big host allocations in glibc's heap, so XLA:CPU stops page-faulting every step.
+    """Keeps big host allocations in glibc's heap, so XLA:CPU stops page-faulting every step.
 
-    Why: XLA:CPU mallocs each step's temporaries (10-90 MB; one can exceed 32 MB), glibc mmaps
-    them and munmaps them on free, and the next step faults the same pages back in: ~86,000 minor
-    faults (~350 MB) per step, measured with getrusage; the plain Flax step spent ~45% of its time
-    in the kernel. Via mallopt: M_MMAP_MAX=0 (big blocks come from the heap), M_TRIM_THRESHOLD=2 GiB
-    and M_TOP_PAD=64 MiB (the heap top is never given back), M_ARENA_MAX=1 (XLA's worker threads
-    share the sbrk-grown main arena; other arenas' heaps are capped at 64 MB, fall back to mmap
-    and are trimmed with madvise). Measured: ~0 faults per step after the first; plain Flax step
-    286 -> 164 ms (quiet machine), better than GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (192 ms) and
-    with no environment variable; the fast step (ops + xla_compiler_options) -25% wall, -17% CPU.
-
-    Cost: the process keeps its peak heap (a few hundred MB here) instead of returning it to the
-    OS, and all threads share one malloc arena (no contention seen: XLA allocates per step).
-
-    Call it before JAX runs its first computation (at program start): threads that already own a
-    malloc arena keep it, so a late call has no measurable effect; a warning is logged then.
-    Idempotent; a no-op returning False off Linux/glibc or if mallopt fails. Returns True when the
-    settings are in effect.
+    XLA:CPU allocates each step's large temporaries afresh; glibc serves them with mmap and gives
+    them back on free, so every step faults the same pages in again. mallopt (no mmap, no trim,
+    one arena) keeps them. A process-wide setting, so only entry points (main, sweep, benchmarks)
+    call it, first thing: threads that already own an arena keep it. Returns whether the settings
+    are in effect (False off Linux/glibc, or if mallopt fails).
     """
-    global _allocator_tuned
-    if _allocator_tuned:
-        return True
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -307,16 +240,4 @@ def tune_host_allocator() -> bool:
         return False
     settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 64 << 20),
                 (_M_ARENA_MAX, 1))
-    if not all(mallopt(param, value) == 1 for param, value in settings):
-        return False
-    try:
-        from jax._src import xla_bridge
-        late = xla_bridge.backends_are_initialized()
-    except Exception:
-        late = False
-    if late:
-        logging.getLogger(__name__).warning(
-            "tune_host_allocator() called after JAX initialised its backend; XLA's threads keep "
-            "their malloc arenas, so most of the speed-up is lost. Call it at program start.")
-    _allocator_tuned = True
-    return True
+    return all(mallopt(param, value) == 1 for param, value in settings)

@@ -12,6 +12,7 @@ The model is built from the config stored in the workdir, with the newest checkp
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -22,7 +23,8 @@ import numpy as np
 from absl import flags
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnist_flax import checkpoints, input_pipeline, train
+from mnist_flax import checkpoints, input_pipeline, models
+from mnist_flax import workdir as workdir_lib
 
 BOX = 20  # MNIST fits the digit's longer side into 20 px ...
 SIZE = 28  # ... and centres it by mass in 28x28.
@@ -128,23 +130,20 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
     ink on black, as MNIST (use `preprocess` for other pictures). `predict.step` is the
     checkpoint's step.
     """
-    if not os.path.isdir(workdir):
+    if not workdir_lib.path(workdir).is_dir():
         raise PredictError(f"--workdir={workdir}: no such directory")
     if checkpoints.latest_step(workdir) is None:
         raise PredictError(f"{checkpoints.checkpoint_dir(workdir)}: no checkpoint; train first "
                            f"with python -m mnist_flax.main --workdir={workdir}")
     try:
-        config = checkpoints.read_config(workdir)
-        model = train.create_model(config)
+        config = workdir_lib.read_config(workdir)
+        model = models.create_model(config)
         dummy = np.zeros((1, *input_pipeline.IMAGE_SHAPE), np.float32)
         expected = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
         params, step = checkpoints.restore_params(workdir, expected["params"])
-    except checkpoints.CheckpointError as e:
+    except (checkpoints.CheckpointError, workdir_lib.WorkdirError) as e:
         raise PredictError(str(e)) from None
-
-    @jax.jit
-    def probabilities(images: jax.Array) -> jax.Array:
-        return jax.nn.softmax(model.apply({"params": params}, images, train=False))
+    probabilities = jax.jit(functools.partial(models.probabilities, model.apply, params))
 
     def predict(images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
@@ -152,9 +151,9 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
             images = images[..., None]
         if images.ndim != 4 or images.shape[1:] != input_pipeline.IMAGE_SHAPE:
             raise ValueError(f"images must be (N, 28, 28) or (N, 28, 28, 1); got {images.shape}")
-        if images.dtype == np.uint8:
-            images = input_pipeline.normalize(images)
-        return np.asarray(probabilities(images.astype(np.float32)))
+        if images.dtype != np.uint8:  # Floats in [0, 1]: the 0-255 scale the model expects.
+            images = images.astype(np.float32) * 255.0
+        return np.asarray(probabilities(images))
 
     predict.step = step
     return predict
@@ -165,11 +164,17 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
 # also has --workdir) defines nothing twice.
 
 USAGE = "usage: python -m mnist_flax.predict --workdir=DIR IMAGE [IMAGE...] [--json]"
-FLAGS = flags.FlagValues()
-flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and checkpoints/).",
-                    flag_values=FLAGS)
-flags.DEFINE_bool("json", False, "Print one JSON document instead of one line per image.",
-                  flag_values=FLAGS)
+
+
+def _flags() -> flags.FlagValues:
+    """The command's own flags: no --workdir clash with mnist_flax.main in one process."""
+    values = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and "
+                        "checkpoints/), local or gs://.", flag_values=values)
+    flags.DEFINE_bool("json", False, "Print one JSON document instead of one line per image.",
+                      flag_values=values)
+    flags.DEFINE_bool("help", False, "Show this help.", flag_values=values, short_name="h")
+    return values
 
 
 def describe(path: str, probabilities: np.ndarray) -> dict:
@@ -186,12 +191,16 @@ def run(argv: list[str]) -> int:
     0 when every image was predicted, 1 when some image could not be read (the others are still
     predicted and printed), 2 for bad usage or an unusable workdir.
     """
-    FLAGS.unparse_flags()
+    FLAGS = _flags()  # noqa: N806 (absl's name for it)
     try:
         paths = FLAGS(argv)[1:]
     except flags.Error as e:
         print(f"error: {e}\n{USAGE}", file=sys.stderr)
         return 2
+    if FLAGS.help:
+        print(f"{USAGE}\n\nPredicts the digit in each image with a trained workdir's newest "
+              f"checkpoint.\n\n{FLAGS.get_help()}")
+        return 0
     if not FLAGS.workdir or not paths:
         print(f"error: {'no images given' if FLAGS.workdir else '--workdir is required'}\n{USAGE}",
               file=sys.stderr)

@@ -1,7 +1,7 @@
 """Runs one config over a grid of values, each run its own TensorBoard run under one parent dir.
 
-    python -m mnist_flax.sweep --config=experiments/default.py --workdir=runs/lr \\
-        --sweep=learning_rate=1e-4,3e-4,1e-3 [--sweep=seed=0,1,2] [--results=out.json]
+    python -m mnist_flax.sweep --workdir=runs/lr --sweep=learning_rate=1e-4,3e-4,1e-3 \\
+        [--sweep=seed=0,1,2] [--config=experiments/best.py] [--results=out.json]
 
 Each value (each combination, for several --sweep flags) trains in `workdir/key=value[/...]` with
 `train.train_and_evaluate`, one after the other, so `tensorboard --logdir=workdir` overlays them.
@@ -26,14 +26,18 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from mnist_flax import checkpoints, config_checks, train
+from mnist_flax import cli, config_checks, train, workdir
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Parent directory; each run writes to workdir/key=value.")
-config_checks.define_config_flag(None)
-flags.DEFINE_multi_string("sweep", None, "key=value1,value2,...; several flags sweep the grid.")
-flags.DEFINE_string("results", None, "Optional JSON file for the measured results.")
-flags.mark_flags_as_required(["workdir", "config", "sweep"])
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "Parent directory; each run writes to workdir/key=value.")
+    cli.define_config_flag(cli.DEFAULT_CONFIG)
+    flags.declare_key_flag("config")
+    flags.DEFINE_multi_string("sweep", None, "key=value1,value2,...; several flags sweep the grid.")
+    flags.DEFINE_string("results", None, "Optional JSON file for the measured results.")
+    flags.mark_flags_as_required(["workdir", "sweep"])
 
 Assignment = tuple[tuple[str, Any, str], ...]  # ((key, value, value as typed), ...) for one run.
 
@@ -189,7 +193,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_sweep(config: ml_collections.ConfigDict, workdir: str, specs: list[str],
+def run_sweep(config: ml_collections.ConfigDict, parent: str, specs: list[str],
               on_result=None) -> list[dict[str, Any]]:
     """Validates every run's config first, then trains them one after the other."""
     grid = expand(specs, config)
@@ -198,8 +202,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, specs: list[str],
         config_checks.validate(cfg, jax.device_count())
     results = []
     for assignment, cfg in zip(grid, configs, strict=True):
-        logdir = os.path.join(workdir, run_name(assignment))
-        config_checks.prepare_workdir(logdir)
+        logdir = str(workdir.path(parent) / run_name(assignment))
+        workdir.prepare(logdir)
         logging.info("Sweep run %s", run_name(assignment))
         start = time.perf_counter()
         _, metrics = train.train_and_evaluate(cfg, logdir)
@@ -245,14 +249,12 @@ def main(argv: list[str]) -> None:
     if FLAGS.results:
         def on_result(results):
             write_results(FLAGS.results, config, results, command)
-    try:
+    cli.setup_process()
+    with cli.one_line_errors():
         results = run_sweep(config, FLAGS.workdir, FLAGS.sweep, on_result)
-    except train.USER_ERRORS as e:
-        sys.exit(f"error: {e}")
-    except checkpoints.Preempted:  # SIGTERM: the run in progress saved its checkpoint.
-        sys.exit(checkpoints.PREEMPTED_EXIT_CODE)
     print(format_table(results))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_checks.parse_flags)
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

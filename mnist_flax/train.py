@@ -1,15 +1,16 @@
-"""Training and evaluation: TrainState, the jitted steps, and the epoch loop.
+"""Training: TrainState, the optimizer, the jitted steps, and the loop `train_and_evaluate`.
 
 One step, from `main` to the optimizer: `train_and_evaluate` builds `TrainState` (params + optax
-state + dropout key), feeds `train_step` one global batch at a time (warped first by
-`augment_batch` when the config augments), and `train_step` computes the loss and gradients in one
-pass and applies optax.adam. Everything the step needs is in the state and the batch, so a run
-resumes exactly from a checkpoint of the state (see checkpoints.py).
+state + dropout key), feeds `train_step` the batch of each step (`input_pipeline.batch_at`, warped
+first by `augment_batch` when the config augments), and `train_step` computes the loss and
+gradients in one pass and applies optax.adam. Everything the step needs is in the state and the
+batch, so a run resumes exactly from a checkpoint of the state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import time
@@ -23,10 +24,18 @@ import optax
 from absl import logging
 from flax import struct
 from flax.training import train_state
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from mnist_flax import augment, checkpoints, config_checks, input_pipeline, models, ops, summaries
+from mnist_flax import (
+    augment,
+    checkpoints,
+    config_checks,
+    input_pipeline,
+    models,
+    ops,
+    sharding,
+    summaries,
+)
+from mnist_flax import workdir as workdir_lib
 
 Batch = dict[str, jax.Array]
 
@@ -41,23 +50,6 @@ class TrainState(train_state.TrainState):
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or Inf."""
-
-
-# Bad input, or a run that cannot go on: main and sweep print these as one line, no traceback.
-USER_ERRORS = (config_checks.ConfigError, input_pipeline.DataError, checkpoints.CheckpointError,
-               TrainingDivergedError)
-
-
-def create_model(config: ml_collections.ConfigDict) -> models.CNN:
-    return models.CNN(
-        conv_features=tuple(config.conv_features),
-        dense_features=config.dense_features,
-        dropout_rates=tuple(config.dropout_rates),
-        num_classes=config.num_classes,
-        kernel_init=config.kernel_init,
-        fast_ops=config.fast_ops,
-        dtype=jnp.dtype(config.compute_dtype),
-    )
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
@@ -89,7 +81,7 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array,
                        steps_per_epoch: int | None = None) -> TrainState:
     """Initialises parameters (Keras's initialisers) and the optimizer from `key`."""
     init_key, dropout_key = jax.random.split(key)
-    model = create_model(config)
+    model = models.create_model(config)
     dummy = jnp.zeros((1, *input_pipeline.IMAGE_SHAPE), jnp.float32)
     params = jax.jit(functools.partial(model.init, train=False))(init_key, dummy)["params"]
     return TrainState.create(
@@ -117,21 +109,20 @@ def augment_batch(state: TrainState, batch: Batch) -> Batch:
     """The batch with each image randomly warped by `state.augmentation`, keyed by the step.
 
     The key is a function of the state, so a resumed run replays the same images. Pixels stay on
-    the 0-255 scale (as float32), so `train_step` scales them as it does uint8 ones. This is a jit
-    of its own on purpose: inside `train_step`, XLA fuses the bilinear resampling into the first
-    convolution's loops and recomputes it there, which made each CPU step ~30 ms slower; apart,
-    it costs ~1 ms (`benchmarks/train_throughput.py --peers=mnist_flax,mnist_flax_augmented`).
+    the 0-255 scale (as float32), so `train_step` scales them as it does uint8 ones. A jit of its
+    own on purpose: inside `train_step`, XLA fuses the resampling into the first convolution's
+    loops and recomputes it there (README, Speed).
     """
     key = jax.random.fold_in(jax.random.fold_in(state.dropout_key, state.step), 1)
     images = augment.random_affine(key, batch["image"].astype(jnp.float32), state.augmentation)
     return {**batch, "image": images}
 
 
-@functools.partial(ops.jit, donate_argnames="state")  # jax.jit + ops.xla_compiler_options().
+@functools.partial(ops.jit, donate_argnames="state")
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One Adam step on a batch of 0-255 images; metrics come from the same forward pass."""
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
-    images = input_pipeline.normalize(batch["image"])
+    images = models.normalize(batch["image"])
 
     def loss_fn(params):
         logits = state.apply_fn(
@@ -155,50 +146,13 @@ def augment_and_train_step(state: TrainState,
 @ops.jit
 def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     """Sums of loss and correct predictions over the batch's real (mask=1) images."""
-    logits = state.apply_fn({"params": state.params}, input_pipeline.normalize(batch["image"]),
-                            train=False)
+    logits = models.logits(state.apply_fn, state.params, batch["image"])
     mask = batch["mask"]
     return {
         "loss": (cross_entropy_loss(logits, batch["label"]) * mask).sum(),
         "correct": ((logits.argmax(-1) == batch["label"]) * mask).sum(),
         "count": mask.sum(),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Devices: one mesh axis over every device of every host; the batch is split along it.
-
-
-def make_mesh() -> jax.sharding.Mesh:
-    # Auto axes: the compiler propagates the batch sharding through the model (GSPMD), so the
-    # model code stays free of sharding annotations.
-    return jax.make_mesh((jax.device_count(),), ("batch",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def shard_batch(mesh: jax.sharding.Mesh, global_batch: dict[str, np.ndarray]) -> Batch:
-    """Places a global batch (the same numpy arrays on every host) split over all devices.
-
-    Each host contributes only the rows that live on its own devices, so on a pod slice every
-    host feeds its shard of the global batch.
-    """
-    sharding = NamedSharding(mesh, P("batch"))
-    n = len(next(iter(global_batch.values())))
-    per_host = n // jax.process_count()
-    start = jax.process_index() * per_host
-    return {
-        k: jax.make_array_from_process_local_data(sharding, v[start:start + per_host], v.shape)
-        for k, v in global_batch.items()
-    }
-
-
-def replicate(mesh: jax.sharding.Mesh, tree: Any) -> Any:
-    """A full copy of `tree` on every device of every host (the parameters, the optimizer state).
-
-    A jitted identity rather than device_put: with several hosts, device_put cannot reach the
-    other hosts' devices, while every host running the same jit builds the global array.
-    """
-    return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
 
 
 def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, batch_size: int,
@@ -214,22 +168,22 @@ def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, batch_si
             "label": np.pad(labels[start:stop], (0, pad)),
             "mask": np.pad(np.ones(stop - start, np.float32), (0, pad)),
         }
-        totals.append(eval_step(state, shard_batch(mesh, batch)))
+        totals.append(eval_step(state, sharding.shard_batch(mesh, batch)))
     totals = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(totals))
     count = totals["count"]
     return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count}
 
 
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order of epoch `epoch`: a function of (seed, epoch) alone; a resumed run replays it."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+@jax.jit
+def _probabilities(state: TrainState, images: jax.Array) -> jax.Array:
+    return models.probabilities(state.apply_fn, state.params, images)
 
 
-def host_batch(dataset: input_pipeline.Dataset, order: np.ndarray, index: int,
-               batch_size: int) -> dict[str, np.ndarray]:
-    """Batch `index` of an epoch whose order is `order`: uint8 images, scaled on the device."""
-    idx = order[index * batch_size:(index + 1) * batch_size]
-    return {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}
+def predict_probabilities(state: TrainState, images: np.ndarray,
+                          batch_size: int) -> np.ndarray:
+    """(N, classes) probabilities for uint8 images, `batch_size` at a time (for TensorBoard)."""
+    return np.concatenate([np.asarray(_probabilities(state, images[i:i + batch_size]))
+                           for i in range(0, len(images), batch_size)])
 
 
 def _format_duration(seconds: float) -> str:
@@ -272,132 +226,140 @@ def check_savable(state: TrainState, pending: list[dict[str, jax.Array]], step: 
 # The loop.
 
 
+@dataclasses.dataclass
+class _Progress:
+    """Train metrics kept on device until a log line; the epoch's averages and speed."""
+
+    config: ml_collections.ConfigDict
+    num_steps: int
+    pending: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
+    logged: list[dict[str, float]] = dataclasses.field(default_factory=list)  # This epoch's.
+    last_log: tuple[float, int] = (0.0, 0)  # (time, step) of the last log line.
+    epoch_start: tuple[float, int] = (0.0, 0)
+
+    def start_epoch(self, step: int) -> None:
+        self.logged = []
+        self.last_log = self.epoch_start = (time.perf_counter(), step)
+
+    def add(self, step_metrics: dict[str, jax.Array], done: int, epoch: int,
+            end_of_epoch: bool) -> None:
+        """Keeps one step's metrics; every log_every_steps (and at epoch end) logs a line."""
+        self.pending.append(step_metrics)
+        if done % self.config.log_every_steps and not end_of_epoch:
+            return
+        host, self.pending = jax.device_get(self.pending), []
+        _check_finite([float(m["loss"]) for m in host], done)
+        mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        self.logged.append({**mean, "n": len(host)})
+        now, (then, last_step) = time.perf_counter(), self.last_log
+        images_per_second = (done - last_step) * self.config.batch_size / (now - then)
+        self.last_log = (now, done)
+        eta = (self.num_steps - done) * self.config.batch_size / images_per_second
+        logging.info("epoch %d/%d step %d/%d: loss %.4f accuracy %.4f | %.0f images/s | ETA %s",
+                     epoch + 1, self.config.num_epochs, done, self.num_steps, mean["loss"],
+                     mean["accuracy"], images_per_second, _format_duration(eta))
+
+    def epoch_train_metrics(self, done: int) -> dict[str, float]:
+        total = sum(m["n"] for m in self.logged)
+        seconds = time.perf_counter() - self.epoch_start[0]  # Training only, not evaluation.
+        return {"train/loss": sum(m["loss"] * m["n"] for m in self.logged) / total,
+                "train/accuracy": sum(m["accuracy"] * m["n"] for m in self.logged) / total,
+                "train/images_per_second":
+                    (done - self.epoch_start[1]) * self.config.batch_size / seconds}
+
+
+def _end_of_epoch(state: TrainState, progress: _Progress, done: int, epoch: int,
+                  dataset: input_pipeline.Dataset, mesh: jax.sharding.Mesh,
+                  schedule: optax.Schedule, writer: Any) -> dict[str, float]:
+    """Evaluates on the test set, logs the epoch's line and writes its scalars."""
+    config = progress.config
+    train_metrics = progress.epoch_train_metrics(done)
+    test = evaluate(state, dataset.test_images, dataset.test_labels, config.eval_batch_size, mesh)
+    metrics = {**train_metrics, "test/loss": test["loss"], "test/accuracy": test["accuracy"],
+               "train/learning_rate": float(schedule(done)), "epoch": epoch + 1}
+    summaries.write_scalars(writer, done, metrics)
+    logging.info("epoch %d/%d done: train loss %.4f accuracy %.4f | test loss %.4f accuracy %.4f"
+                 " | %.0f images/s", epoch + 1, config.num_epochs, metrics["train/loss"],
+                 metrics["train/accuracy"], test["loss"], test["accuracy"],
+                 metrics["train/images_per_second"])
+    return metrics
+
+
+def _restore(workdir: str, state: TrainState, position: dict[str, int],
+             config: ml_collections.ConfigDict) -> TrainState:
+    """The newest checkpoint's state (or `state`); reads only, and logs what it resumes."""
+    state = checkpoints.restore(workdir, state, position)
+    if int(state.step):
+        steps_per_epoch = position["steps_per_epoch"]
+        logging.info("Resuming from the checkpoint at step %d (epoch %d, step %d of it)",
+                     int(state.step), int(state.step) // steps_per_epoch + 1,
+                     int(state.step) % steps_per_epoch)
+        for change in workdir_lib.config_changes(workdir, config):
+            logging.warning("Config changed since the last start: %s", change)
+    return state
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str
 ) -> tuple[TrainState, dict[str, float]]:
     """Trains for `config.num_epochs`, evaluating on the test set after every epoch.
 
-    Returns the final state and the final metrics (train/*, test/*), the last line of the log is the
+    Returns the final state and metrics (train/*, test/*); the last lines printed are the
     tutorial's `Test loss:` / `Test accuracy:`.
     """
     dataset = input_pipeline.load_dataset(config)
     logging.info("Data: %s", dataset.describe())
-    config_checks.check_fits_data(config, len(dataset.train_labels))
-    with contextlib.ExitStack() as hold:  # Releases the workdir lock that _train takes.
-        return _train(config, workdir, dataset, hold)
-
-
-def _train(config: ml_collections.ConfigDict, workdir: str, dataset: input_pipeline.Dataset,
-           hold: contextlib.ExitStack) -> tuple[TrainState, dict[str, float]]:
-    """The body of `train_and_evaluate`; locks the workdir into `hold` before writing to it."""
-    mesh = make_mesh()
     num_train = len(dataset.train_labels)
-    batch_size = config.batch_size
-    steps_per_epoch = num_train // batch_size  # The partial last batch is dropped; each epoch
-    # draws a new order, so every image is still seen.
+    config_checks.check_fits_data(config, num_train)
+    mesh = sharding.make_mesh()
+    steps_per_epoch = num_train // config.batch_size
     num_steps = steps_per_epoch * config.num_epochs
-
-    state = replicate(mesh, create_train_state(config, jax.random.key(config.seed),
-                                               steps_per_epoch))
-    # Resume from the newest checkpoint, if any: shapes and data order are checked first, and a
-    # mismatch raises before anything in the workdir is written.
     position = functools.partial(checkpoints.data_position, steps_per_epoch=steps_per_epoch,
                                  config=config, num_train=num_train)
-    state = checkpoints.restore(workdir, state, position(0))
+    state = sharding.replicate(mesh, create_train_state(config, jax.random.key(config.seed),
+                                                        steps_per_epoch))
+    # Shapes and data order are checked before anything in the workdir is written.
+    state = _restore(workdir, state, position(0), config)
     start_step = int(state.step)
-    if start_step:
-        logging.info("Resuming from the checkpoint at step %d (epoch %d, step %d of it)",
-                     start_step, start_step // steps_per_epoch + 1, start_step % steps_per_epoch)
-        for change in checkpoints.config_changes(workdir, config):
-            logging.warning("Config changed since the last start: %s", change)
-    # Nothing above wrote to the workdir: bad input and a checkpoint that does not fit have failed
-    # by now. From here on it is this run's alone; a second run stops with a one-line error.
-    hold.enter_context(checkpoints.workdir_lock(workdir))
-    checkpoints.write_config(workdir, config)
-    manager = checkpoints.create_manager(workdir, config.checkpoint_keep)
-    # TensorBoard drops what an interrupted run logged after its checkpoint, but keeps the
-    # checkpoint's own step (its epoch-end metrics were logged before it was saved).
-    writer = summaries.create_writer(workdir, purge_step=start_step + 1 if start_step else None)
-    summaries.write_run_info(writer, config, dataset, state.params)
-    summaries.write_model_summary(writer, create_model(config))
     schedule = learning_rate_schedule(config, steps_per_epoch)
-
+    progress = _Progress(config, num_steps)
     metrics: dict[str, float] = {}
-    pending: list[dict[str, jax.Array]] = []  # Train metrics stay on device until logged.
-    epoch_train: list[dict[str, float]] = []
-    last_log_time, last_log_step = time.perf_counter(), start_step
-    epoch_start_time, epoch_start_step = time.perf_counter(), start_step
-    images_per_second = 0.0
-
+    # From here on the workdir is this run's alone: a second run stops with a one-line error.
     # SIGTERM (a preemption) only sets a flag; the step in flight finishes, then we save and stop.
-    with checkpoints.SigtermFlag() as sigterm, contextlib.closing(manager):
+    with (workdir_lib.lock(workdir), workdir_lib.SigtermFlag() as sigterm,
+          contextlib.closing(checkpoints.create_manager(workdir,
+                                                        config.checkpoint_keep)) as manager,
+          summaries.open_writer(workdir, start_step) as writer):
+        workdir_lib.write_config(workdir, config)
+        summaries.write_run_info(writer, config, dataset, state.params)
+        summaries.write_model_summary(writer, models.create_model(config))
         for step in range(start_step, num_steps):
             epoch, index = divmod(step, steps_per_epoch)
             if index == 0 or step == start_step:  # A resumed run may start mid-epoch.
-                order = epoch_permutation(config.seed, epoch, num_train)
-                epoch_start_time, epoch_start_step = time.perf_counter(), step
-                epoch_train = []
-            batch = shard_batch(mesh, host_batch(dataset, order, index, batch_size))
+                progress.start_epoch(step)
+            batch = input_pipeline.batch_at(dataset, config.seed, step, config.batch_size)
             if step + 1 == config.debug_nan_at_step:  # Tests only: this step's loss becomes NaN.
                 state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
-            state, step_metrics = augment_and_train_step(state, batch)
-            pending.append(step_metrics)
-
-            done = step + 1
-            end_of_epoch = done % steps_per_epoch == 0
-            if done % config.log_every_steps == 0 or end_of_epoch:
-                host = jax.device_get(pending)
-                pending = []
-                mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                epoch_train.append({**mean, "n": len(host)})
-                _check_finite([float(m["loss"]) for m in host], done)
-                now = time.perf_counter()
-                images_per_second = (done - last_log_step) * batch_size / (now - last_log_time)
-                last_log_time, last_log_step = now, done
-                eta = (num_steps - done) * batch_size / images_per_second
-                logging.info(
-                    "epoch %d/%d step %d/%d: loss %.4f accuracy %.4f | %.0f images/s | ETA %s",
-                    epoch + 1, config.num_epochs, done, num_steps, mean["loss"], mean["accuracy"],
-                    images_per_second, _format_duration(eta),
-                )
+            state, step_metrics = augment_and_train_step(state, sharding.shard_batch(mesh, batch))
+            done, end_of_epoch = step + 1, index + 1 == steps_per_epoch
+            progress.add(step_metrics, done, epoch, end_of_epoch)
             if end_of_epoch:
-                total = sum(m["n"] for m in epoch_train)
-                train = {k: sum(m[k] * m["n"] for m in epoch_train) / total
-                         for k in ("loss", "accuracy")}
-                epoch_seconds = time.perf_counter() - epoch_start_time  # Training only.
-                test = evaluate(state, dataset.test_images, dataset.test_labels,
-                                config.eval_batch_size, mesh)
-                metrics = {
-                    "train/loss": train["loss"], "train/accuracy": train["accuracy"],
-                    "test/loss": test["loss"], "test/accuracy": test["accuracy"],
-                    "train/learning_rate": float(schedule(done)),
-                    "train/images_per_second": (done - epoch_start_step) * batch_size
-                    / epoch_seconds,
-                    "epoch": epoch + 1,
-                }
-                summaries.write_scalars(writer, done, metrics)
-                logging.info(
-                    "epoch %d/%d done: train loss %.4f accuracy %.4f | test loss %.4f accuracy %.4f"
-                    " | %.1f s, %.0f images/s",
-                    epoch + 1, config.num_epochs, train["loss"], train["accuracy"], test["loss"],
-                    test["accuracy"], epoch_seconds, metrics["train/images_per_second"],
-                )
+                metrics = _end_of_epoch(state, progress, done, epoch, dataset, mesh, schedule,
+                                        writer)
             every = config.checkpoint_every_steps
             if end_of_epoch or (every and done % every == 0) or sigterm.is_set():
-                check_savable(state, pending, done)
+                check_savable(state, progress.pending, done)
                 checkpoints.save(manager, state, position(done))
             if sigterm.is_set():
-                checkpoints.log_preempted(done)
-                summaries.close(writer)
-                raise checkpoints.Preempted(done)
+                workdir_lib.log_preempted(done)
+                raise workdir_lib.Preempted(done)
         checkpoints.save(manager, state, position(int(state.step)))  # No-op when already saved.
-
-    if not metrics:  # Nothing left to train (a finished run restarted): evaluate what we have.
-        test = evaluate(state, dataset.test_images, dataset.test_labels, config.eval_batch_size,
-                        mesh)
-        metrics = {"test/loss": test["loss"], "test/accuracy": test["accuracy"]}
-    summaries.write_final(writer, state, dataset, config, metrics)
-    summaries.close(writer)
+        if not metrics:  # Nothing left to train (a finished run restarted): evaluate what we have.
+            test = evaluate(state, dataset.test_images, dataset.test_labels,
+                            config.eval_batch_size, mesh)
+            metrics = {"test/loss": test["loss"], "test/accuracy": test["accuracy"]}
+        probabilities = predict_probabilities(state, dataset.test_images, config.eval_batch_size)
+        summaries.write_final(writer, int(state.step), dataset, probabilities, config.num_classes)
     print(f"Test loss: {metrics['test/loss']:.4f}")
     print(f"Test accuracy: {metrics['test/accuracy']:.4f}")
     return state, metrics

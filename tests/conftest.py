@@ -3,24 +3,67 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import os
 import pathlib
+import subprocess
+import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 
+from mnist_flax import configs
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
+# A model small enough that a test trains it in seconds; every other field is the tutorial's.
+TINY_MODEL = {"conv_features": (4, 8), "dense_features": 16}
 
 
-def load_config(name: str = "default", variant: str | None = None) -> ml_collections.ConfigDict:
-    """An experiments/ config, as `--config=experiments/<name>.py[:variant]` would load it."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
+def load_config(name: str = "default") -> ml_collections.ConfigDict:
+    """A config as `--config` loads it: the packaged default, or experiments/<name>.py."""
+    return configs.load() if name == "default" else configs.load(
+        str(REPO / "experiments" / f"{name}.py"))
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+    """The default config with TINY_MODEL and `overrides`."""
+    config = load_config()
+    config.update(TINY_MODEL)
+    config.update(overrides)
+    return config
+
+
+def assert_trees_identical(a, b) -> None:
+    """Same structure, dtypes, shapes and bits, leaf by leaf; the message names the leaf."""
+    flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten(b)[0]
+    assert len(flat_a) == len(flat_b)
+    for (path, x), y in zip(flat_a, flat_b, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+        assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs"
+
+
+def snapshot(directory) -> dict[str, tuple[int, int]]:
+    """Every file under `directory` with its size and mtime: what 'nothing was touched' means."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            files[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)
+    return files
+
+
+def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 300,
+               script: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m mnist_flax.<module> ARGS` (or `python -c script ARGS`) from the repository,
+    with $MNIST_DATA_DIR unset so a test never trains on the full data by accident."""
+    command = ["-c", script] if script else ["-m", f"mnist_flax.{module}"]
+    return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO,
+                          env={**os.environ, "MNIST_DATA_DIR": "", **(env or {})})
 
 
 def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:

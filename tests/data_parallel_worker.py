@@ -32,17 +32,17 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import load_config, synthetic_digits  # noqa: E402
 
-from mnist_flax import input_pipeline, train  # noqa: E402
+from mnist_flax import input_pipeline, sharding, train  # noqa: E402
 
 config = load_config()
 images, labels = synthetic_digits(1024)
 dataset = input_pipeline.Dataset(images, labels, images[:256], labels[:256], "synthetic")
-mesh = train.make_mesh()
-state = train.replicate(mesh, train.create_train_state(config, jax.random.key(0)))
-order = train.epoch_permutation(config.seed, 0, len(labels))
+mesh = sharding.make_mesh()
+state = sharding.replicate(mesh, train.create_train_state(config, jax.random.key(0)))
 losses = []
 for index in range(args.steps):
-    batch = train.shard_batch(mesh, train.host_batch(dataset, order, index, config.batch_size))
+    batch = sharding.shard_batch(mesh, input_pipeline.batch_at(dataset, config.seed, index,
+                                                               config.batch_size))
     assert batch["image"].sharding.spec == jax.sharding.PartitionSpec("batch")
     state, metrics = train.train_step(state, batch)
     losses.append(float(metrics["loss"]))

@@ -23,50 +23,28 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO, load_config, write_idx_dir
+from conftest import REPO, assert_trees_identical, snapshot, tiny_config, write_idx_dir
 
 from mnist_flax import checkpoints, train
+from mnist_flax import workdir as workdir_lib
 
 ROOT = str(REPO)
 
 
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-    config = load_config()
-    config.update(conv_features=(4, 8), dense_features=16, batch_size=16, num_epochs=2,
-                  log_every_steps=1, eval_batch_size=64)
-    config.update(overrides)
-    return config
+def small_config(**overrides) -> ml_collections.ConfigDict:
+    return tiny_config(**{"batch_size": 16, "num_epochs": 2, "log_every_steps": 1,
+                          "eval_batch_size": 64, **overrides})
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """One small state for the unit tests (building one compiles `init`: seconds)."""
-    config = tiny_config()
+    config = small_config()
     return config, train.create_train_state(config, jax.random.key(0), steps_per_epoch=20)
-
-
-def assert_trees_identical(a, b) -> None:
-    flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten(b)[0]
-    assert len(flat_a) == len(flat_b)
-    for (path, x), y in zip(flat_a, flat_b, strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
-        assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs"
 
 
 def position(config, step: int, num_train: int = 320) -> dict[str, int]:
     return checkpoints.data_position(step, num_train // config.batch_size, config, num_train)
-
-
-def snapshot(directory) -> dict[str, tuple[int, int]]:
-    """Every file under `directory` with its size and mtime: what 'nothing was touched' means."""
-    files = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            st = os.stat(path)
-            files[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)
-    return files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,14 +86,14 @@ def test_keeps_the_newest_k(tmp_path, tiny):
 
 def test_other_model_width_is_a_clear_error_and_the_workdir_is_untouched(tmp_path, tiny):
     _, saved = tiny
-    config = tiny_config(data_source="sample", num_epochs=1)
+    config = small_config(data_source="sample", num_epochs=1)
     with contextlib.closing(checkpoints.create_manager(str(tmp_path), keep=3)) as manager:
         checkpoints.save(manager, saved.replace(step=5),
                          checkpoints.data_position(5, 250, config, 4000))
-    checkpoints.write_config(str(tmp_path), config)
+    workdir_lib.write_config(str(tmp_path), config)
     before = snapshot(tmp_path)
 
-    wider = tiny_config(data_source="sample", num_epochs=1, conv_features=(4, 16))
+    wider = small_config(data_source="sample", num_epochs=1, conv_features=(4, 16))
     with pytest.raises(checkpoints.CheckpointError) as error:
         train.train_and_evaluate(wider, str(tmp_path))
     message = str(error.value)
@@ -137,14 +115,14 @@ def test_other_batch_size_is_an_error_because_it_changes_the_data_order(tmp_path
     config, state = tiny
     with contextlib.closing(checkpoints.create_manager(str(tmp_path), keep=3)) as manager:
         checkpoints.save(manager, state.replace(step=3), position(config, 3))
-    other = tiny_config(batch_size=32)
+    other = small_config(batch_size=32)
     with pytest.raises(checkpoints.CheckpointError, match="batch_size=16 but this run has 32"):
         checkpoints.restore(str(tmp_path), state, position(other, 0))
 
 
 def test_sigterm_sets_the_flag_and_the_old_handler_comes_back():
     previous = signal.getsignal(signal.SIGTERM)
-    with checkpoints.SigtermFlag() as flag:
+    with workdir_lib.SigtermFlag() as flag:
         assert not flag.is_set()
         os.kill(os.getpid(), signal.SIGTERM)
         for _ in range(100):  # The handler runs at the next bytecode boundary.
@@ -283,7 +261,7 @@ def test_sigterm_saves_exits_143_then_resume_is_bit_identical(resume_setup):
     base, expected = resume_setup
     command = main_command(base / "data", base / "terminated")
     rc, log = run_and_interrupt(command, base / "terminated.log", signal.SIGTERM, after_step=10)
-    assert rc == checkpoints.PREEMPTED_EXIT_CODE == 143, log[-3000:]
+    assert rc == workdir_lib.PREEMPTED_EXIT_CODE == 143, log[-3000:]
     stopped_at = int(re.search(r"SIGTERM: saved the checkpoint at step (\d+)", log).group(1))
     assert 10 <= stopped_at < NUM_STEPS
     assert checkpoints.latest_step(str(base / "terminated")) == stopped_at  # The last word.

@@ -4,23 +4,16 @@ and one-line errors (no traceback, nothing written) for bad flags and configs.""
 from __future__ import annotations
 
 import glob
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import run_module
 from tensorboard.backend.event_processing import event_accumulator
 
 from mnist_flax import summaries
 
 
 def run_main(*args: str, env: dict | None = None, timeout: int = 300):
-    return subprocess.run(
-        [sys.executable, "-m", "mnist_flax.main", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
-        env={**os.environ, "MNIST_DATA_DIR": "", **(env or {})},
-    )
+    return run_module("main", *args, env=env, timeout=timeout)
 
 
 def read_events(workdir) -> event_accumulator.EventAccumulator:

@@ -18,20 +18,15 @@ import types
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, load_config
+from conftest import REPO, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mnist_flax import checkpoints, input_pipeline, predict, train
+from mnist_flax import checkpoints, input_pipeline, models, predict
+from mnist_flax import workdir as workdir_lib
 
 ROOT = str(REPO)
-
-
-def tiny_config():
-    config = load_config()
-    config.update(conv_features=(4, 8), dense_features=16)
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +34,7 @@ def workdir(tmp_path_factory):
     """A workdir as training leaves it: config.json and a checkpoint (of random params)."""
     workdir = str(tmp_path_factory.mktemp("run"))
     config = tiny_config()
-    model = train.create_model(config)
+    model = models.create_model(config)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 28, 28, 1)),
                                                train=False))["params"]
     rng = np.random.default_rng(0)
@@ -48,7 +43,7 @@ def workdir(tmp_path_factory):
                                   step=np.int32(12), dropout_key=jax.random.key(0))
     with contextlib.closing(checkpoints.create_manager(workdir, keep=1)) as manager:
         checkpoints.save(manager, state, {"step": 12})
-    checkpoints.write_config(workdir, config)
+    workdir_lib.write_config(workdir, config)
     return workdir, model, params
 
 
@@ -151,10 +146,10 @@ def test_load_gives_the_models_probabilities_for_any_layout(workdir, digits):
 
 def test_load_refuses_a_checkpoint_of_another_model(workdir, tmp_path):
     path, _, _ = workdir
-    shutil.copytree(checkpoints.checkpoint_dir(path), tmp_path / checkpoints.CHECKPOINT_DIR)
+    shutil.copytree(str(checkpoints.checkpoint_dir(path)), tmp_path / checkpoints.CHECKPOINT_DIR)
     wider = tiny_config()
     wider.dense_features = 32
-    checkpoints.write_config(str(tmp_path), wider)
+    workdir_lib.write_config(str(tmp_path), wider)
     with pytest.raises(predict.PredictError, match=r"params/Dense_0/bias has shape \(16,\) in "
                                                    r"the checkpoint but \(32,\) in the config"):
         predict.load(str(tmp_path))

@@ -24,31 +24,38 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO, load_config, write_idx_dir
+from conftest import (
+    REPO,
+    TINY_MODEL,
+    assert_trees_identical,
+    load_config,
+    run_module,
+    snapshot,
+    tiny_config,
+    write_idx_dir,
+)
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.context import RequestContext
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from mnist_flax import checkpoints, config_checks, input_pipeline, train
+from mnist_flax import workdir as workdir_lib
 from mnist_flax.input_pipeline import DataError
 
 NUM_TRAIN, NUM_TEST = 160, 32
 NUM_STEPS = NUM_TRAIN // 16 * 2
-TINY = {"conv_features": (4, 8), "dense_features": 16, "batch_size": 16, "num_epochs": 2,
+TINY = {**TINY_MODEL, "batch_size": 16, "num_epochs": 2,
         "eval_batch_size": 32, "log_every_steps": 100, "checkpoint_every_steps": 3,
         "data_source": "idx", "verify_checksums": False}
 
 
-def tiny_config(data_dir, **overrides):
-    config = load_config()
-    config.update(TINY, data_dir=str(data_dir))
-    config.update(overrides)
-    return config
+def small_config(data_dir, **overrides):
+    return tiny_config(**{**TINY, "data_dir": str(data_dir), **overrides})
 
 
 def tiny_flags(data_dir, workdir, *extra: str) -> list[str]:
-    """The command line that gives `tiny_config(data_dir)`."""
+    """The command line that gives `small_config(data_dir)`."""
     flags = [f"--config.{k}={'(' + ','.join(map(str, v)) + ')' if isinstance(v, tuple) else v}"
              for k, v in TINY.items()]
     return [f"--workdir={workdir}", f"--config.data_dir={data_dir}", *flags, *extra]
@@ -56,24 +63,6 @@ def tiny_flags(data_dir, workdir, *extra: str) -> list[str]:
 
 def host_tree(state) -> dict:
     return jax.tree.map(np.asarray, checkpoints.state_tree(state))
-
-
-def assert_trees_identical(a, b) -> None:
-    flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten(b)[0]
-    assert len(flat_a) == len(flat_b)
-    for (path, x), y in zip(flat_a, flat_b, strict=True):
-        assert x.dtype == y.dtype and np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs"
-
-
-def snapshot(directory) -> dict[str, tuple[int, int]]:
-    """Every file under `directory` with its size and mtime: what 'nothing was touched' means."""
-    files = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            st = os.stat(os.path.join(root, name))
-            files[os.path.relpath(os.path.join(root, name), directory)] = (st.st_size,
-                                                                           st.st_mtime_ns)
-    return files
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -93,19 +82,16 @@ def base(tmp_path_factory):
 
 def run_main(base, *args: str, script: str | None = None) -> subprocess.CompletedProcess:
     """`python -m mnist_flax.main` (or `script` standing in for it); one compilation cache."""
-    command = ["-c", script] if script else ["-m", "mnist_flax.main"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "MNIST_DATA_DIR": "",
-           "JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache"),
+    env = {"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO, env=env)
+    return run_module("main", *args, env=env, script=script)
 
 
 @pytest.fixture(scope="module")
 def reference(base):
     """An uninterrupted in-process run (seed 0): its final state and metrics."""
-    state, metrics = train.train_and_evaluate(tiny_config(base / "data"),
+    state, metrics = train.train_and_evaluate(small_config(base / "data"),
                                               str(base / "reference"))
     return host_tree(state), metrics
 
@@ -127,7 +113,7 @@ def deterministic(metrics: dict[str, float]) -> dict[str, float]:
 
 def test_same_seed_and_config_give_bit_identical_params_and_metrics(base, reference):
     expected, expected_metrics = reference
-    state, metrics = train.train_and_evaluate(tiny_config(base / "data"), str(base / "again"))
+    state, metrics = train.train_and_evaluate(small_config(base / "data"), str(base / "again"))
     assert_trees_identical(host_tree(state), expected)
     assert deterministic(metrics) == deterministic(expected_metrics)  # Exact floats.
 
@@ -203,7 +189,7 @@ def test_a_nan_parameter_with_a_finite_loss_is_not_saved_either():
 
 
 def test_debug_nan_at_step_is_validated():
-    config = tiny_config(".", debug_nan_at_step=-1)
+    config = small_config(".", debug_nan_at_step=-1)
     with pytest.raises(config_checks.ConfigError, match="debug_nan_at_step=-1: must be an int"):
         config_checks.validate(config)
 
@@ -218,7 +204,7 @@ _MAIN_WITH_FULL_DISK = textwrap.dedent("""
     import errno, sys
     from absl import app
     from etils import epath
-    from mnist_flax import checkpoints, config_checks, main
+    from mnist_flax import checkpoints, cli, main
 
     real_save, real_write_text = checkpoints.save, epath.gpath._GPath.write_text
     full = []
@@ -234,7 +220,8 @@ _MAIN_WITH_FULL_DISK = textwrap.dedent("""
         return real_write_text(self, *args, **kwargs)
 
     checkpoints.save, epath.gpath._GPath.write_text = save, write_text
-    app.run(main.main, flags_parser=config_checks.parse_flags)
+    main.define_flags()
+    app.run(main.main, flags_parser=cli.parse_flags)
 """)
 
 
@@ -257,7 +244,7 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint_and_the_run_resumes(
 
     # Space is back: the same run resumes from step 3 and ends exactly where an uninterrupted
     # one does, so the checkpoint it resumed from was intact.
-    state, metrics = train.train_and_evaluate(tiny_config(base / "data"), str(workdir))
+    state, metrics = train.train_and_evaluate(small_config(base / "data"), str(workdir))
     expected, expected_metrics = reference
     assert_trees_identical(host_tree(state), expected)
     assert metrics["test/accuracy"] == expected_metrics["test/accuracy"]
@@ -287,20 +274,20 @@ def test_a_failed_save_of_any_kind_is_one_line(tmp_path, monkeypatch):
 
 
 def test_a_second_lock_on_a_workdir_is_refused_until_the_first_is_released(tmp_path):
-    with checkpoints.workdir_lock(str(tmp_path)):
-        with pytest.raises(checkpoints.CheckpointError) as error:
-            with checkpoints.workdir_lock(str(tmp_path)):
+    with workdir_lib.lock(str(tmp_path)):
+        with pytest.raises(workdir_lib.WorkdirError) as error:
+            with workdir_lib.lock(str(tmp_path)):
                 pass
         assert str(error.value) == (f"another run (pid {os.getpid()}) is using --workdir="
                                     f"{tmp_path}; wait for it or use another workdir")
-    with checkpoints.workdir_lock(str(tmp_path)):  # Released: free again.
+    with workdir_lib.lock(str(tmp_path)):  # Released: free again.
         pass
 
 
 _HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from mnist_flax import checkpoints
-    with checkpoints.workdir_lock(sys.argv[1]):
+    from mnist_flax import workdir
+    with workdir.lock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(300)
 """)
@@ -322,7 +309,7 @@ def test_a_run_on_a_busy_workdir_stops_and_a_killed_run_frees_it(base, reference
         holder.kill()
         holder.wait()
     assert holder.returncode == -signal.SIGKILL
-    with checkpoints.workdir_lock(str(workdir)):  # The kernel dropped the dead run's lock.
+    with workdir_lib.lock(str(workdir)):  # The kernel dropped the dead run's lock.
         pass
 
 

@@ -6,9 +6,7 @@ the model summary uses a real Linen module.
 
 from __future__ import annotations
 
-import types
-
-import jax.numpy as jnp
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -32,16 +30,12 @@ def fake_dataset(n: int = 60) -> input_pipeline.Dataset:
     return input_pipeline.Dataset(images, labels, images, labels, source="fake")
 
 
-def fake_state(step: int = 7):
+def fake_probabilities(n: int) -> np.ndarray:
     """Predicts the true label for labels 0-7, and 9 for the 8s and 9s, with known confidence."""
-    def apply_fn(variables, images, train):
-        del variables, train
-        n = images.shape[0]
-        labels = jnp.arange(n) % 10
-        predicted = jnp.where(labels >= 8, 9, labels)
-        return 4.0 * jnp.eye(10)[predicted] + 0.01 * jnp.arange(n)[:, None] / n
-
-    return types.SimpleNamespace(apply_fn=apply_fn, params={}, step=step)
+    labels = np.arange(n) % 10
+    predicted = np.where(labels >= 8, 9, labels)
+    logits = 4.0 * np.eye(10)[predicted] + 0.01 * np.arange(n)[:, None] / n
+    return np.asarray(jax.nn.softmax(logits))
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +43,12 @@ def logdir(tmp_path_factory):
     logdir = str(tmp_path_factory.mktemp("tb"))
     config = default_config()
     dataset = fake_dataset()
-    writer = summaries.create_writer(logdir)
-    summaries.write_run_info(writer, config, dataset, {"w": np.zeros((3, 4))})
-    summaries.write_model_summary(writer, models.CNN())
-    summaries.write_scalars(writer, 7, {tag: 0.5 for tag in summaries.SCALAR_TAGS})
-    summaries.write_final(writer, fake_state(step=7), dataset, config, {})
-    summaries.close(writer)
+    with summaries.open_writer(logdir) as writer:
+        summaries.write_run_info(writer, config, dataset, {"w": np.zeros((3, 4))})
+        summaries.write_model_summary(writer, models.CNN())
+        summaries.write_scalars(writer, 7, {tag: 0.5 for tag in summaries.SCALAR_TAGS})
+        summaries.write_final(writer, 7, dataset, fake_probabilities(len(dataset.test_labels)),
+                              config.num_classes)
     return logdir
 
 
@@ -143,11 +137,10 @@ def test_hparams_reach_tensorboards_hparams_plugin(logdir):
 
 
 def test_nothing_is_written_off_process_zero():
-    assert summaries.close(None) is None
     for write in (lambda: summaries.write_scalars(None, 1, {"a": 1.0}),
                   lambda: summaries.write_hparams(None, default_config()),
                   lambda: summaries.write_model_summary(None, models.CNN())):
-        write()  # Accepts None (what create_writer returns on other processes).
+        write()  # Accepts None (what open_writer gives on other processes).
 
 
 def test_a_resumed_run_keeps_the_metrics_of_its_checkpoint_step(idx_dir, tmp_path):

@@ -69,7 +69,7 @@ def test_summary_is_mean_and_sample_std():
 def test_cli_sweeps_into_separate_tensorboard_runs(tmp_path):
     workdir, results = tmp_path / "sweep", tmp_path / "results.json"
     cmd = [sys.executable, "-m", "mnist_flax.sweep", f"--workdir={workdir}",
-           f"--config={REPO / 'experiments' / 'default.py'}", "--sweep=learning_rate=1e-3,3e-3",
+           "--sweep=learning_rate=1e-3,3e-3",
            "--config.data_source=sample", "--config.num_epochs=1", "--config.batch_size=500",
            f"--results={results}"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
@@ -88,7 +88,7 @@ def test_cli_sweeps_into_separate_tensorboard_runs(tmp_path):
 
 def test_cli_bad_spec_is_one_line_error(tmp_path):
     cmd = [sys.executable, "-m", "mnist_flax.sweep", f"--workdir={tmp_path}",
-           f"--config={REPO / 'experiments' / 'default.py'}", "--sweep=nope=1,2"]
+           "--sweep=nope=1,2"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1] == (
@@ -102,7 +102,7 @@ def test_cli_mistyped_config_key_is_one_line_error(tmp_path):
 
     result = subprocess.run(
         [sys.executable, "-m", "mnist_flax.sweep", f"--workdir={tmp_path}/sweep",
-         "--config=experiments/default.py", "--config.learning_rat=1", "--sweep=seed=0"],
+         "--config.learning_rat=1", "--sweep=seed=0"],
         capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
@@ -113,7 +113,7 @@ def test_cli_workdir_trained_with_another_model_is_one_line_error(tmp_path):
     """Re-running a sweep after changing the model stops in one line and keeps the old runs."""
     def run(conv_features: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "mnist_flax.sweep", f"--workdir={tmp_path}",
-               "--config=experiments/default.py", "--config.data_source=sample",
+               "--config.data_source=sample",
                "--config.num_epochs=1", "--config.batch_size=500", "--config.dense_features=16",
                f"--config.conv_features={conv_features}", "--sweep=seed=0"]
         return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)

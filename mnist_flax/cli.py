@@ -1,0 +1,80 @@
+"""Command-line plumbing shared by main and sweep: the --config flag, process setup, and
+one-line errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+from collections.abc import Iterator
+
+from absl import flags
+from ml_collections import config_flags
+
+from mnist_flax import checkpoints, config_checks, configs, input_pipeline, ops, train, workdir
+
+DEFAULT_CONFIG = configs.DEFAULT
+_CONFIG_ERRORS = (AttributeError, KeyError, OSError, ImportError, SyntaxError, TypeError)
+# Bad input, or a run that cannot go on: printed as one line, no traceback.
+USER_ERRORS = (config_checks.ConfigError, input_pipeline.DataError, checkpoints.CheckpointError,
+               workdir.WorkdirError, train.TrainingDivergedError)
+
+
+def setup_process() -> None:
+    """What a training process needs before JAX runs anything: called first thing by main/sweep."""
+    ops.tune_host_allocator()
+    ops.log_compiler_options()
+    checkpoints.quiet_orbax_logging()
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """USER_ERRORS become `error: ...` and exit 1; a SIGTERM stop exits 143 (checkpoint saved)."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        sys.exit(f"error: {e}")
+    except workdir.Preempted:  # The checkpoint is saved; the same command resumes.
+        sys.exit(workdir.PREEMPTED_EXIT_CODE)
+
+
+def _exit_bad_config(e: Exception) -> None:
+    """One line for whatever loading the config file or a --config.x=y override raised."""
+    message = str(e)
+    if isinstance(e, (AttributeError, KeyError)) and "get_config" not in message:
+        field = re.search(r"'([\w.]+)", message)
+        suggestion = re.search(r'Did you mean "([\w.]+)"', message)
+        hint = (f'did you mean "{suggestion.group(1)}"?' if suggestion
+                else f"the fields are listed in {DEFAULT_CONFIG}")
+        sys.exit(f"error: --config.{field.group(1) if field else message}: no such field in the "
+                 f"config; {hint}")
+    reason = [line.strip() for line in message.splitlines() if line.strip()][-1:]
+    sys.exit(f"error: --config: cannot load the config file ({' '.join(reason)}); pass a Python "
+             "file that defines get_config(), e.g. --config=experiments/best.py")
+
+
+def define_config_flag(default: str | None) -> None:
+    """`--config` as a locked ml_collections config file, so a mistyped `--config.x` fails."""
+    try:  # ml_collections already reads the --config.x=y overrides here, at definition time.
+        config_flags.DEFINE_config_file(
+            "config", default, "Config file (a Python file with get_config()); default: the "
+            "tutorial recipe. Override any field with --config.NAME=VALUE.",
+                                        lock_config=True)
+    except _CONFIG_ERRORS as e:
+        _exit_bad_config(e)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, plus loading the config file, with every failure as a one-line error.
+
+    config_flags loads the file (and applies `--config.x=y`) lazily on first access, where a typo
+    would otherwise surface as a traceback from inside ml_collections.
+    """
+    try:
+        rest = flags.FLAGS(argv)
+        flags.FLAGS.config.keys()  # Loads the file and applies the overrides now.
+    except flags.Error as e:
+        sys.exit(f"error: {e}")
+    except _CONFIG_ERRORS as e:
+        _exit_bad_config(e)
+    return rest
