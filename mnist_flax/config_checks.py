@@ -8,6 +8,7 @@ import ml_collections
 
 from mnist_flax import input_pipeline, models
 
+ADAM_EPS_PLACEMENTS = ("optax", "keras")  # Where Adam's epsilon goes: train.create_optimizer.
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine", "one_cycle")
 
@@ -48,6 +49,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
         value = config[name]
         _require(math.isfinite(value) and value >= 0 and (value > 0 or name == "adam_eps"),
                  f"--config.{name}={value!r}: must be a finite number > 0")
+    _require(config.adam_eps_placement in ADAM_EPS_PLACEMENTS,
+             f"--config.adam_eps_placement={config.adam_eps_placement!r}: must be one of "
+             f"{', '.join(ADAM_EPS_PLACEMENTS)}")
     features = tuple(config.conv_features)
     _require(1 <= len(features) <= 6 and all(isinstance(f, int) and f > 0 for f in features),
              f"--config.conv_features={features!r}: must be 1 to 6 positive integers (one 3x3 "

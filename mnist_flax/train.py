@@ -72,9 +72,36 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
                                           pct_start=warmup_steps / total_steps)
 
 
+def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999,
+                        eps: float = 1e-7) -> optax.GradientTransformation:
+    """Keras 3's Adam direction: sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps).
+
+    Keras adds eps to the square root of the raw second moment v, optax.scale_by_adam to that of
+    the bias-corrected v / (1 - b2^t), and optax has no option for Keras's form (eps_root goes
+    inside the root). So only that last division is written here: the moments, the step count
+    and the state are optax.scale_by_adam's own (the same tree as optax.adam's).
+    """
+    moments = optax.scale_by_adam(b1, b2, eps=0.0)
+
+    def update_fn(updates, state, params=None):
+        _, state = moments.update(updates, state, params)  # jit drops the unused direction.
+        t = state.count.astype(jnp.float32)
+        alpha = jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        updates = jax.tree.map(lambda m, v: alpha.astype(m.dtype) * m / (jnp.sqrt(v) + eps),
+                               state.mu, state.nu)
+        return updates, state
+
+    return optax.GradientTransformation(moments.init, update_fn)
+
+
 def create_optimizer(config: ml_collections.ConfigDict,
                      steps_per_epoch: int | None = None) -> optax.GradientTransformation:
-    return optax.adam(learning_rate_schedule(config, steps_per_epoch), eps=config.adam_eps)
+    """Adam with the config's step size; `adam_eps_placement` says where its epsilon goes."""
+    learning_rate = learning_rate_schedule(config, steps_per_epoch)
+    if config.adam_eps_placement == "keras":
+        return optax.chain(scale_by_keras_adam(eps=config.adam_eps),
+                           optax.scale_by_learning_rate(learning_rate))
+    return optax.adam(learning_rate, eps=config.adam_eps)
 
 
 def create_train_state(config: ml_collections.ConfigDict, key: jax.Array,

@@ -103,6 +103,7 @@ def test_label_smoothing_zero_is_the_tutorial_loss_and_alpha_mixes_in_uniform():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"lr_schedule": "linear"}, "lr_schedule='linear': must be one of constant, cosine"),
+    ({"adam_eps_placement": "torch"}, "adam_eps_placement='torch': must be one of optax, keras"),
     ({"lr_schedule": "cosine", "warmup_epochs": 12.0}, "warmup_epochs=12.0: must be in"),
     ({"lr_schedule": "one_cycle"}, "and > 0 for one_cycle"),
     ({"label_smoothing": 1.0}, "label_smoothing=1.0: must be in"),

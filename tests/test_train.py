@@ -54,15 +54,72 @@ def test_train_step_is_deterministic_and_dropout_changes_with_step(config):
     assert float(metrics_next["loss"]) != float(metrics_a["loss"])
 
 
-def test_adam_uses_keras_epsilon(config):
+def test_default_adam_is_optax_adam_with_keras_values(config):
+    """The default is optax.adam with Keras's lr and eps values, and optax's eps placement."""
     state = train.create_train_state(config, jax.random.key(0))
     assert config.adam_eps == 1e-7 and config.learning_rate == 1e-3
-    # Adam's first update is -lr * g / (|g| + eps): with g = eps = 1e-7 it is exactly -lr / 2
-    # (optax's default eps of 1e-8 would give -lr * 0.91).
+    assert config.adam_eps_placement == "optax"
+    # optax's first update is -lr * g / (|g| + eps): with g = eps = 1e-7 it is exactly -lr / 2
+    # (optax's default eps of 1e-8 would give -lr * 0.91; Keras's rule gives -lr * 0.031, below).
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-7), state.params)
     updates, _ = state.tx.update(grads, state.opt_state, state.params)
     first = jax.tree.leaves(updates)[0].ravel()[0]
     np.testing.assert_allclose(first, -1e-3 / 2, rtol=1e-4)
+
+
+def _keras_adam_reference(grads, lr=1e-3, b1=0.9, b2=0.999, eps=1e-7):
+    """Keras 3's Adam.update_step in float64 numpy: the updates p_t - p_{t-1}, one per gradient."""
+    m = v = 0.0
+    updates = []
+    for t, g in enumerate(grads, start=1):
+        m = m + (g - m) * (1 - b1)
+        v = v + (g * g - v) * (1 - b2)
+        alpha = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+        updates.append(-alpha * m / (np.sqrt(v) + eps))
+    return updates
+
+
+def _run_optimizer(placement, grads):
+    config = load_config()
+    config.adam_eps_placement = placement
+    tx = train.create_optimizer(config)
+    params = {"w": jnp.zeros(grads[0].shape, jnp.float32)}
+    state, updates = tx.init(params), []
+    for g in grads:
+        u, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+        updates.append(np.asarray(u["w"]))
+    return updates
+
+
+def test_keras_placement_follows_keras_update_rule():
+    # Gradients from 1e-9 to 1, either sign, changing each step: where eps matters and where not.
+    rng = np.random.default_rng(0)
+    grads = [rng.choice([-1, 1], 64) * 10.0 ** rng.uniform(-9, 0, 64) for _ in range(6)]
+    grads = [np.float64(np.float32(g)) for g in grads]
+    expected = _keras_adam_reference(grads)
+    for got, want in zip(_run_optimizer("keras", grads), expected, strict=True):
+        # float32's rounding, not the rule: 1 - b2^t cancels (0.999 in float32 is 1.3e-5 off in
+        # 1 - b2, which Keras and optax both round, in different places); measured 1e-5.
+        np.testing.assert_allclose(got, want, rtol=3e-5, atol=1e-12)
+    # Pinned by hand at step 1 with g = eps: -lr * s / (s + 1), s = sqrt(1 - b2) (optax: -lr / 2).
+    first = _run_optimizer("keras", [np.full(4, 1e-7)])[0]
+    s = np.sqrt(1 - 0.999)
+    np.testing.assert_allclose(first, -1e-3 * s / (s + 1), rtol=1e-5)
+    np.testing.assert_allclose(first, -3.0653e-5, rtol=1e-4)
+    # optax's placement is another rule (at step 1 with g = eps, -lr / 2: 16x Keras's update).
+    optax_updates = _run_optimizer("optax", grads)
+    assert max(np.abs(o - w).max() for o, w in zip(optax_updates, expected, strict=True)) > 1e-4
+
+
+def test_keras_placement_keeps_the_optimizer_state_tree(config):
+    """Checkpoints store opt_state: both placements have optax.adam's tree, shapes and dtypes."""
+    keras_config = config.copy_and_resolve_references()
+    keras_config.adam_eps_placement = "keras"
+    states = [train.create_train_state(c, jax.random.key(0)).opt_state
+              for c in (config, keras_config)]
+    assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(states[0])] == [
+        (x.shape, x.dtype) for x in jax.tree.leaves(states[1])]
 
 
 def test_evaluate_counts_every_image(config):
