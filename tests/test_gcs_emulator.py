@@ -1,0 +1,75 @@
+"""The GCS stand-in works with every client the workdir goes through: epath, orbax, tensorboardX
+(written) and TensorBoard's reader (read back)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gcs_emulator import gcs_bucket_path, gcs_emulator  # noqa: F401 (fixtures)
+
+pytest.importorskip("gcsfs")
+pytest.importorskip("google.cloud.storage")
+
+
+def test_epath_round_trip(gcs_bucket_path):  # noqa: F811
+    from etils import epath
+
+    root = epath.Path(gcs_bucket_path)
+    (root / "d").mkdir(parents=True, exist_ok=True)
+    (root / "d" / "config.json").write_text('{"seed": 0}')
+    (root / "d" / "b.bin").write_bytes(b"\x00\x01")
+    assert (root / "d" / "config.json").read_text() == '{"seed": 0}'
+    assert (root / "d").is_dir() and not (root / "missing").exists()
+    assert sorted(p.name for p in (root / "d").iterdir()) == ["b.bin", "config.json"]
+    assert [p.name for p in root.glob("d/*.json")] == ["config.json"]
+    root.rmtree()
+    assert not (root / "d" / "config.json").exists()
+
+
+def test_orbax_save_keep_restore(gcs_bucket_path):  # noqa: F811
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(2), enable_async_checkpointing=False)
+    registry = ocp.handlers.create_default_handler_registry(
+        state=ocp.StandardCheckpointHandler(), position=ocp.JsonCheckpointHandler())
+    directory = f"{gcs_bucket_path}/checkpoints"
+    state = {"w": jnp.arange(12.0).reshape(3, 4), "step": jnp.asarray(0)}
+    with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as manager:
+        for step in (1, 2, 3):
+            assert manager.save(step, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave({**state, "step": jnp.asarray(step)}),
+                position=ocp.args.JsonSave({"step": step})))
+    with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as manager:
+        assert manager.all_steps() == [2, 3]
+        restored = manager.restore(3, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(state), position=ocp.args.JsonRestore()))
+    np.testing.assert_array_equal(restored.state["w"], state["w"])
+    assert int(restored.state["step"]) == 3 and restored.position == {"step": 3}
+
+
+def test_tensorboardx_events_read_by_tensorboard(gcs_emulator, gcs_bucket_path):  # noqa: F811
+    # In a process of its own: tensorboardX keeps every writer alive (atexit) and its GCS writer
+    # uploads the file again when finally collected; in this process that would be after the
+    # emulator stops, where the upload retries for 120 s.
+    script = textwrap.dedent(f"""
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter({gcs_bucket_path + "/train"!r})
+        for step in range(3):
+            writer.add_scalar("loss", 1.0 / (step + 1), step)
+        writer.close()
+        """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120,
+                   env={**os.environ, **gcs_emulator.env})
+    from tensorboard.backend.event_processing import event_accumulator
+
+    accumulator = event_accumulator.EventAccumulator(f"{gcs_bucket_path}/train")
+    accumulator.Reload()
+    assert [(e.step, round(e.value, 3)) for e in accumulator.Scalars("loss")] == [
+        (0, 1.0), (1, 0.5), (2, 0.333)]
