@@ -1,0 +1,109 @@
+"""The workdir lease on object storage, against the GCS emulator: one run at a time, a killed
+run's lease runs out, renewal keeps a live one, and a run that loses its lease learns it.
+
+The emulator ignores generation preconditions, so the race between two runs writing at the same
+moment (settled by a 412 on real GCS) is not exercised here; the rest of the protocol is."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import REPO
+from gcs_emulator import gcs_bucket_path, gcs_emulator, separate_emulator  # noqa: F401
+
+pytest.importorskip("google.cloud.storage")
+
+from mnist_flax import lease  # noqa: E402
+
+
+def _lock_blob(workdir: str):
+    from google.cloud import storage
+
+    bucket, _, prefix = workdir[len("gs://"):].partition("/")
+    return storage.Client().bucket(bucket).blob(f"{prefix}/{lease.LEASE_FILE}")
+
+
+def test_second_acquire_fails_with_one_line_naming_the_owner(gcs_bucket_path):  # noqa: F811
+    with lease.acquire(gcs_bucket_path, ttl_s=30) as held:
+        with pytest.raises(lease.LeaseError) as e:
+            lease.acquire(gcs_bucket_path, ttl_s=30)
+        message = str(e.value)
+        assert "\n" not in message
+        assert f"pid {os.getpid()}" in message and f"--workdir={gcs_bucket_path}" in message
+        assert "until" in message and "UTC" in message
+        assert not held.lost.is_set()
+        held.check()
+
+
+def test_release_frees_the_workdir(gcs_bucket_path):  # noqa: F811
+    held = lease.acquire(gcs_bucket_path, ttl_s=30)
+    assert _lock_blob(gcs_bucket_path).exists()
+    held.release()
+    held.release()  # Idempotent.
+    assert not _lock_blob(gcs_bucket_path).exists()
+    lease.acquire(gcs_bucket_path, ttl_s=30).release()
+
+
+def test_renewal_keeps_the_lease_past_its_ttl(gcs_bucket_path):  # noqa: F811
+    with lease.acquire(gcs_bucket_path, ttl_s=2.0) as held:
+        first_expiry = held.expires
+        time.sleep(4.5)
+        with pytest.raises(lease.LeaseError):
+            lease.acquire(gcs_bucket_path, ttl_s=2.0)
+        assert held.expires > first_expiry + 2.0
+        assert not held.lost.is_set()
+
+
+def test_a_killed_runs_lease_runs_out_and_is_taken_over(gcs_emulator, gcs_bucket_path):  # noqa: F811
+    script = textwrap.dedent(f"""
+        import time
+        from mnist_flax import lease
+        lease.acquire({gcs_bucket_path!r}, ttl_s=2.0)
+        print("acquired", flush=True)
+        time.sleep(60)
+        """)
+    env = {**os.environ, **gcs_emulator.env,
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "acquired"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    with pytest.raises(lease.LeaseError, match=f"pid {child.pid}"):
+        lease.acquire(gcs_bucket_path, ttl_s=2.0)
+    time.sleep(2.5)
+    with lease.acquire(gcs_bucket_path, ttl_s=2.0) as held:
+        assert json.loads(_lock_blob(gcs_bucket_path).download_as_text())["pid"] == os.getpid()
+        assert not held.lost.is_set()
+
+
+def test_a_lease_taken_over_by_another_run_is_lost(gcs_bucket_path):  # noqa: F811
+    with lease.acquire(gcs_bucket_path, ttl_s=1.5) as held:
+        # What another run does when it judges the lease expired (e.g. its clock runs ahead).
+        _lock_blob(gcs_bucket_path).upload_from_string(json.dumps(
+            {"host": "elsewhere", "pid": 1, "token": "other", "expires": time.time() + 60}))
+        assert held.lost.wait(timeout=5)
+        with pytest.raises(lease.LeaseError, match="lost its lease"):
+            held.check()
+    # Releasing a lost lease leaves the other run's object alone.
+    assert json.loads(_lock_blob(gcs_bucket_path).download_as_text())["host"] == "elsewhere"
+
+
+def test_storage_going_away_loses_the_lease_before_it_runs_out(tmp_path, monkeypatch):
+    with separate_emulator(tmp_path) as emulator:
+        for name, value in emulator.env.items():
+            monkeypatch.setenv(name, value)
+        held = lease.acquire(f"gs://{emulator.bucket}/run", ttl_s=2.0)
+        emulator.stop()
+        assert held.lost.wait(timeout=5)
+        assert time.time() < held.expires  # Given up before another run could take over.
+        held.release()  # Nothing to delete, and no error.
