@@ -26,7 +26,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from mnist_flax import cli, config_checks, train, workdir
+from mnist_flax import cli, config_checks, summaries, train, workdir
 
 FLAGS = flags.FLAGS
 
@@ -214,9 +214,8 @@ def run_sweep(config: ml_collections.ConfigDict, parent: str, specs: list[str],
             "test_loss": metrics["test/loss"],
             "epochs": cfg.num_epochs,
             "run_seconds": time.perf_counter() - start,  # Data loading and compilation included.
-            "test_accuracy_per_epoch": [v for _, v in read_scalars(logdir, "test/accuracy")],
-            "train_images": next((int(v) for _, v in read_scalars(logdir, "data/train_images")),
-                                 None),
+            "test_accuracy_per_epoch": [v for _, v in read_scalars(f"{logdir}/test", "accuracy")],
+            "train_images": (summaries.read_data_sizes(logdir) or (None,))[0],
             "logdir": logdir,
         })
         if on_result:

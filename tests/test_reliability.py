@@ -164,7 +164,7 @@ def test_the_seed_is_logged_and_written_to_tensorboard(nan_run):
                                  plugin_name=hparams_metadata.PLUGIN_NAME)["."]
     start = hparams_metadata.parse_session_start_info_plugin_data(
         tags[hparams_metadata.SESSION_START_INFO_TAG].plugin_content)
-    assert start.hparams["seed"].number_value == 7
+    assert start.hparams["seed"].string_value == "7"  # Integers as text (summaries).
 
 
 def test_bad_input_on_an_existing_workdir_changes_nothing_in_it(base, nan_run):

@@ -6,6 +6,16 @@ the model summary uses a real Linen module.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
 import jax
 import ml_collections
 import numpy as np
@@ -16,7 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.context import RequestContext
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from mnist_flax import input_pipeline, models, summaries
+from mnist_flax import drawing, input_pipeline, models, summaries
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -46,7 +56,7 @@ def logdir(tmp_path_factory):
     with summaries.open_writer(logdir) as writer:
         summaries.write_run_info(writer, config, dataset, {"w": np.zeros((3, 4))})
         summaries.write_model_summary(writer, models.CNN())
-        summaries.write_scalars(writer, 7, {tag: 0.5 for tag in summaries.SCALAR_TAGS})
+        summaries.write_scalars(writer, 7, dict.fromkeys(summaries.SCALAR_TAGS, 0.5))
         summaries.write_final(writer, 7, dataset, fake_probabilities(len(dataset.test_labels)),
                               config.num_classes)
     return logdir
@@ -59,10 +69,15 @@ def accumulator(logdir: str) -> EventAccumulator:
 
 
 def test_tags_are_the_pinned_names(logdir):
+    """Keras's layout: train/ and test/ sub-runs with the same curve tags; text in the run."""
+    assert {tag for run, tag in summaries.SCALAR_TAGS.values() if run == "test"} == {
+        "loss", "accuracy"}
+    for run in summaries.RUNS:
+        expected = {tag for r, tag in summaries.SCALAR_TAGS.values() if r == run}
+        assert set(accumulator(f"{logdir}/{run}").Tags()["scalars"]) == expected
+    assert set(accumulator(f"{logdir}/test").Tags()["images"]) == set(summaries.IMAGE_TAGS)
     tags = accumulator(logdir).Tags()
-    assert set(summaries.SCALAR_TAGS) | set(summaries.CLASS_ACCURACY_TAGS) <= set(tags["scalars"])
-    assert set(summaries.CLASS_ACCURACY_TAGS) == {f"test/accuracy_class_{d}" for d in range(10)}
-    assert set(tags["images"]) == {"test/digits", "test/confusion_matrix", "test/worst_errors"}
+    assert tags["scalars"] == [] and tags["images"] == []  # No single dots in the workdir's run.
     # tensorboardX names a text summary '<tag>/text_summary'; TensorBoard shows that name.
     assert {f"{t}/text_summary" for t in summaries.TEXT_TAGS} == {
         "config/text_summary", "data/text_summary", "model/num_params/text_summary",
@@ -70,23 +85,42 @@ def test_tags_are_the_pinned_names(logdir):
     assert {f"{t}/text_summary" for t in summaries.TEXT_TAGS} <= set(tags["tensors"])
 
 
-def test_per_class_accuracy_and_confusion_matrix_values(logdir):
-    acc = accumulator(logdir)
-    values = {d: acc.Scalars(f"test/accuracy_class_{d}")[-1] for d in range(10)}
-    assert all(v.step == 7 for v in values.values())
-    assert [v.value for v in values.values()] == [1.0] * 8 + [0.0, 1.0]  # 8s called 9.
+def test_the_curves_sort_first_so_they_are_the_first_screen():
+    """Time Series groups tags by their first '/' part, sorts the groups, opens the first two."""
+    tags = [tag for _, tag in summaries.SCALAR_TAGS.values()] + list(summaries.IMAGE_TAGS)
+    groups = sorted({tag.split("/", 1)[0] for tag in tags})
+    assert groups[:2] == ["accuracy", "loss"]
 
+
+def test_config_text_is_plain_key_value_lines(logdir):
+    text = summaries.read_text(logdir, "config")
+    assert "    conv_features: (32, 64)" in text.splitlines()
+    assert "    batch_size: 128" in text.splitlines()
+    assert "!!" not in text and "python/tuple" not in text
+    assert summaries.read_data_sizes(logdir) == (60, 60)
+
+
+def test_per_class_accuracy_and_confusion_matrix_values():
     counts = summaries.confusion_matrix(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), 3)
     assert counts.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
     assert summaries.per_class_accuracy(counts).tolist() == [1.0, 0.5, 1.0]
 
 
+def test_shown_digits_are_the_first_of_each_class():
+    labels = np.array([0, 0, 0, 0, 1, 1, 2])  # Sorted by class, as the packaged sample's test.
+    grid = summaries.first_of_each_class(labels, per_class=2, num_classes=3).reshape(2, 3)
+    assert grid.tolist() == [[0, 4, 6], [1, 5, -1]]  # Columns are classes; -1: no second 2.
+
+
 def test_images_are_real_pictures(logdir):
-    acc = accumulator(logdir)
-    matrix = acc.Images("test/confusion_matrix")[-1]
+    acc = accumulator(f"{logdir}/test")
+    matrix = acc.Images("predictions/confusion_matrix")[-1]
     assert matrix.step == 7 and matrix.width >= 10 * 36 and matrix.height >= 10 * 36
-    gallery = acc.Images("test/worst_errors")[-1]
-    assert gallery.width == 8 * 28 * 3  # Six misclassified 8s fill one row of 8 columns.
+    gallery = acc.Images("predictions/worst_errors")[-1]
+    digits = acc.Images("predictions/digits")[-1]
+    # TensorBoard shows an image ~350 px wide: captions in FONT_SIZE stay >= 10 px on screen.
+    for image in (matrix, gallery, digits):
+        assert drawing.FONT_SIZE * 350 / image.width >= 10, image.width
 
 
 def test_worst_errors_are_the_most_confident_mistakes():
@@ -120,7 +154,7 @@ def test_hparams_reach_tensorboards_hparams_plugin(logdir):
     provider = data_provider.MultiplexerDataProvider(multiplexer, logdir)
     series = provider.list_tensors(RequestContext(), experiment_id="",
                                    plugin_name=hparams_metadata.PLUGIN_NAME)
-    assert list(series) == ["."]  # The run itself (not a sub-run as add_hparams would make).
+    assert list(series) == ["."]  # The workdir's own run: train/ and test/ hold its metrics.
     tags = series["."]
     assert {hparams_metadata.EXPERIMENT_TAG, hparams_metadata.SESSION_START_INFO_TAG,
             hparams_metadata.SESSION_END_INFO_TAG} <= set(tags)
@@ -128,12 +162,17 @@ def test_hparams_reach_tensorboards_hparams_plugin(logdir):
     start = hparams_metadata.parse_session_start_info_plugin_data(
         tags[hparams_metadata.SESSION_START_INFO_TAG].plugin_content)
     assert start.hparams["learning_rate"].number_value == pytest.approx(1e-3)
-    assert start.hparams["batch_size"].number_value == 128
+    assert start.hparams["batch_size"].string_value == "128"  # Not "128.00".
     assert start.hparams["conv_features"].string_value == "(32, 64)"
     experiment = hparams_metadata.parse_experiment_plugin_data(
         tags[hparams_metadata.EXPERIMENT_TAG].plugin_content)
-    assert [m.name.tag for m in experiment.metric_infos] == list(summaries.HPARAM_METRICS)
+    assert [(m.name.group, m.name.tag) for m in experiment.metric_infos] == list(
+        summaries.HPARAM_METRICS)
     assert {h.name for h in experiment.hparam_infos} == set(default_config().keys())
+    # The dashboard shows the first five columns, `differs` ones first: the key hyperparameters.
+    shown = [h.name for h in sorted(experiment.hparam_infos, key=lambda h: not h.differs)][:5]
+    assert set(shown) == set(summaries.KEY_HPARAMS) >= {"learning_rate", "num_epochs",
+                                                         "batch_size", "seed"}
 
 
 def test_nothing_is_written_off_process_zero():
@@ -143,8 +182,9 @@ def test_nothing_is_written_off_process_zero():
         write()  # Accepts None (what open_writer gives on other processes).
 
 
-def test_a_resumed_run_keeps_the_metrics_of_its_checkpoint_step(idx_dir, tmp_path):
-    """Resuming at an epoch end must not purge that epoch's test metrics from TensorBoard."""
+def test_a_resumed_run_keeps_the_metrics_of_its_checkpoint_step(idx_dir, tmp_path, caplog):
+    """Resuming at an epoch end must not purge that epoch's test metrics from TensorBoard; and
+    restarting a finished run writes no second copy of its final summaries."""
     from conftest import load_config
     from tensorboard.backend.event_processing import event_accumulator
 
@@ -156,7 +196,99 @@ def test_a_resumed_run_keeps_the_metrics_of_its_checkpoint_step(idx_dir, tmp_pat
     train.train_and_evaluate(config, workdir)  # Ends with a checkpoint at step 8.
     config.num_epochs = 2
     train.train_and_evaluate(config, workdir)  # Resumes at step 8.
+    for run in summaries.RUNS:
+        events = event_accumulator.EventAccumulator(
+            f"{workdir}/{run}", size_guidance={event_accumulator.SCALARS: 0})
+        events.Reload()
+        assert [e.step for e in events.Scalars("accuracy")] == [8, 16], run
+
+    caplog.set_level(logging.INFO)
+    train.train_and_evaluate(config, workdir)  # Finished: evaluates, trains nothing.
+    assert "finished all 2 epochs" in caplog.text and "epoch 3" not in caplog.text
     events = event_accumulator.EventAccumulator(
-        workdir, size_guidance={event_accumulator.SCALARS: 0})
+        f"{workdir}/test", size_guidance={event_accumulator.IMAGES: 0})
     events.Reload()
-    assert [e.step for e in events.Scalars("test/accuracy")] == [8, 16]
+    assert [e.step for e in events.Images("predictions/digits")] == [8, 16]  # None added.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def tensorboard_server(logdir: str, timeout_s: float = 60.0) -> Iterator[str]:
+    """A real `tensorboard` on loopback, serving `logdir`; yields its URL once it has loaded."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}", "--host=127.0.0.1",
+         f"--port={port}", "--load_fast=false", "--reload_interval=1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if {"train", "test"} <= set(get_json(f"{url}/data/runs")):
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"tensorboard did not serve {logdir}: {server.stderr.read()[-2000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def get_json(url: str, body: dict | None = None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_tensorboard_serves_train_and_test_curves_and_the_key_hparams(tmp_path):
+    """What a user's browser gets from `tensorboard --logdir=WORKDIR`, over HTTP."""
+    workdir = str(tmp_path / "run")
+    dataset = fake_dataset()
+    config = default_config()
+    with summaries.open_writer(workdir) as writer:
+        summaries.write_run_info(writer, config, dataset, {"w": np.zeros((3, 4))})
+        summaries.write_model_summary(writer, models.CNN())
+        for epoch, step in enumerate((8, 16), start=1):
+            summaries.write_scalars(writer, step, {**dict.fromkeys(summaries.SCALAR_TAGS, 0.5),
+                                                   "epoch": epoch})
+        summaries.write_final(writer, 16, dataset, fake_probabilities(len(dataset.test_labels)),
+                              config.num_classes)
+
+    with tensorboard_server(workdir) as url:
+        assert set(get_json(f"{url}/data/runs")) == {".", "train", "test"}
+        scalars = get_json(f"{url}/data/plugin/scalars/tags")
+        # The same two tags in both runs: one chart each, train and test overlaid.
+        assert set(scalars["test"]) == {"loss", "accuracy"}
+        assert {"loss", "accuracy"} <= set(scalars["train"])
+        assert "." not in scalars  # Nothing written once shows as a single dot.
+        for run in ("train", "test"):
+            for tag in ("loss", "accuracy"):
+                points = get_json(f"{url}/data/plugin/scalars/scalars?run={run}&tag={tag}")
+                assert [step for _, step, _ in points] == [8, 16], (run, tag)
+        images = get_json(f"{url}/data/plugin/images/tags")
+        assert set(images["test"]) == set(summaries.IMAGE_TAGS)
+        text = get_json(f"{url}/data/plugin/text/tags")
+        assert set(text["."]) == {f"{t}/text_summary" for t in summaries.TEXT_TAGS}
+        plugins = get_json(f"{url}/data/plugins_listing")
+        assert all(plugins[p]["enabled"] for p in ("scalars", "images", "text", "hparams"))
+        # The HParams dashboard asks for this and shows the first five columns.
+        experiment = get_json(f"{url}/data/plugin/hparams/experiment", {"experimentName": ""})
+        first_five = [h["name"] for h in experiment["hparamInfos"]][:5]
+        assert set(first_five) == set(summaries.KEY_HPARAMS)
+        assert [(m["name"]["group"], m["name"]["tag"]) for m in experiment["metricInfos"]] == list(
+            summaries.HPARAM_METRICS)
