@@ -4,6 +4,7 @@ one-line errors instead of tracebacks."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import sys
 from collections.abc import Iterator
@@ -20,8 +21,19 @@ USER_ERRORS = (config_checks.ConfigError, input_pipeline.DataError, checkpoints.
                workdir.WorkdirError, train.TrainingDivergedError)
 
 
+class _DropBackendProbeFailures(logging.Filter):
+    """JAX tries every platform plugin it finds and logs, at INFO, each that is absent ("Unable to
+    initialize backend 'tpu': ... libtpu.so" on every CPU run). A platform that is there but
+    fails still raises or warns: only these INFO records go."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO
+                    and str(record.msg).startswith("Unable to initialize backend"))
+
+
 def setup_process() -> None:
     """What a training process needs before JAX runs anything: called first thing by main/sweep."""
+    logging.getLogger("jax._src.xla_bridge").addFilter(_DropBackendProbeFailures())
     ops.tune_host_allocator()
     ops.log_compiler_options()
     checkpoints.quiet_orbax_logging()

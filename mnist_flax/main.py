@@ -6,11 +6,14 @@ modules, so this file only parses, checks and reports.
 
 from __future__ import annotations
 
+import shlex
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mnist_flax import cli, config_checks, train, workdir
+from mnist_flax import cli, config_checks, summaries, train, workdir
 
 FLAGS = flags.FLAGS
 
@@ -40,8 +43,20 @@ def main(argv: list[str]) -> None:
                      jax.default_backend(), jax.process_count(), jax.device_count(),
                      jax.devices())
         logging.info("Config (%s):\n%s", config_flags.get_config_filename(FLAGS["config"]),
-                     config)
+                     summaries.config_text(config))
         train.train_and_evaluate(config, FLAGS.workdir)
+    if jax.process_index() == 0:
+        print(next_steps(FLAGS.workdir), file=sys.stderr)
+
+
+def next_steps(workdir: str) -> str:
+    """Where the results are and what to run next; on stderr, so the tutorial's `Test accuracy:`
+    stays the last line of stdout."""
+    quoted = shlex.quote(workdir)
+    return (f"\nResults in {workdir}: TensorBoard events (train/, test/), checkpoints, "
+            f"config.json. Next:\n"
+            f"  tensorboard --logdir={quoted}\n"
+            f"  python -m mnist_flax.predict --workdir={quoted} my_digit.png")
 
 
 if __name__ == "__main__":

@@ -316,11 +316,14 @@ def _restore(workdir: str, state: TrainState, position: dict[str, int],
              config: ml_collections.ConfigDict) -> TrainState:
     """The newest checkpoint's state (or `state`); reads only, and logs what it resumes."""
     state = checkpoints.restore(workdir, state, position)
-    if int(state.step):
-        steps_per_epoch = position["steps_per_epoch"]
+    step, steps_per_epoch = int(state.step), position["steps_per_epoch"]
+    if step >= steps_per_epoch * config.num_epochs:
+        logging.info("The checkpoint at step %d has finished all %d epochs: nothing to train",
+                     step, config.num_epochs)
+    elif step:
         logging.info("Resuming from the checkpoint at step %d (epoch %d, step %d of it)",
-                     int(state.step), int(state.step) // steps_per_epoch + 1,
-                     int(state.step) % steps_per_epoch)
+                     step, step // steps_per_epoch + 1, step % steps_per_epoch)
+    if step:
         for change in workdir_lib.config_changes(workdir, config):
             logging.warning("Config changed since the last start: %s", change)
     return state
@@ -385,8 +388,11 @@ def train_and_evaluate(
             test = evaluate(state, dataset.test_images, dataset.test_labels,
                             config.eval_batch_size, mesh)
             metrics = {"test/loss": test["loss"], "test/accuracy": test["accuracy"]}
-        probabilities = predict_probabilities(state, dataset.test_images, config.eval_batch_size)
-        summaries.write_final(writer, int(state.step), dataset, probabilities, config.num_classes)
+        if start_step < num_steps:  # A finished run restarted already has its final summaries.
+            probabilities = predict_probabilities(state, dataset.test_images,
+                                                  config.eval_batch_size)
+            summaries.write_final(writer, int(state.step), dataset, probabilities,
+                                  config.num_classes)
     print(f"Test loss: {metrics['test/loss']:.4f}")
     print(f"Test accuracy: {metrics['test/accuracy']:.4f}")
     return state, metrics

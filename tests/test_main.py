@@ -32,18 +32,31 @@ def test_tiny_run_writes_events_tensorboard_can_read(tmp_path, idx_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[-2].startswith("Test loss:") and lines[-1].startswith("Test accuracy:")
+    # The end of the log says where the results are and what to run next.
+    assert f"Results in {workdir}" in result.stderr
+    assert f"tensorboard --logdir={workdir}" in result.stderr
+    assert f"python -m mnist_flax.predict --workdir={workdir}" in result.stderr
+    assert "Unable to initialize backend" not in result.stderr  # JAX's probe of absent TPUs.
+    assert "Variant folder" not in result.stderr  # TFDS's probe of a folder that is not there.
     assert "idx (" in result.stderr and "256 train / 64 test" in result.stderr  # Source logged.
     assert "images/s" in result.stderr and "ETA" in result.stderr  # Progress lines.
     assert glob.glob(str(workdir / "events.out.tfevents.*"))
 
-    events = read_events(workdir)
-    tags = events.Tags()
-    assert set(summaries.SCALAR_TAGS) <= set(tags["scalars"])
-    assert [e.step for e in events.Scalars("test/accuracy")] == [8, 16]  # Every epoch.
-    assert events.Scalars("epoch")[-1].value == 2
-    final_accuracy = events.Scalars("test/accuracy")[-1].value
+    train, test = read_events(workdir / "train"), read_events(workdir / "test")
+    for run, events in (("train", train), ("test", test)):
+        assert {tag for r, tag in summaries.SCALAR_TAGS.values() if r == run} == set(
+            events.Tags()["scalars"])
+        assert [e.step for e in events.Scalars("accuracy")] == [8, 16]  # Every epoch.
+    assert train.Scalars("progress/epoch")[-1].value == 2
+    final_accuracy = test.Scalars("accuracy")[-1].value
     assert float(lines[-1].split()[-1]) == pytest.approx(final_accuracy, abs=1e-4)
-    assert "test/digits" in tags["images"]
+    assert set(summaries.IMAGE_TAGS) == set(test.Tags()["images"])
+
+
+def test_help_lists_the_config_flag():
+    result = run_main("--help")  # absl prints the help and exits 1, as every absl program.
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "--config" in result.stdout and "--workdir" in result.stdout
 
 
 def test_default_command_offline_uses_the_packaged_sample_and_says_so(tmp_path):
@@ -54,6 +67,8 @@ def test_default_command_offline_uses_the_packaged_sample_and_says_so(tmp_path):
                            "MNIST_FLAX_TFDS_URL": "http://127.0.0.1:9/"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "PACKAGED SAMPLE" in result.stderr and "4,000 train / 1,000 test" in result.stderr
+    assert "PACKAGED SAMPLE, sample" not in result.stderr  # Said once, not twice.
+    assert "Variant folder" not in result.stderr  # TFDS probed no missing folder.
     accuracy = float(result.stdout.strip().splitlines()[-1].split()[-1])
     assert accuracy > 0.85
 
