@@ -31,6 +31,7 @@ SIZE = 28  # ... and centres it by mass in 28x28.
 MIN_CONTRAST = 32  # Ink must differ from the background by this much (of 255), else "blank".
 INK_FLOOR = 0.1  # After stretching to [0, 1], values below this are background (paper, noise).
 TOP_K = 3  # Probabilities printed per image.
+DECIMALS = 4  # Places every probability in --json output is rounded to.
 
 
 class PredictError(ValueError):
@@ -171,18 +172,20 @@ def _flags() -> flags.FlagValues:
     values = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and "
                         "checkpoints/), local or gs://.", flag_values=values)
-    flags.DEFINE_bool("json", False, "Print one JSON document instead of one line per image.",
+    flags.DEFINE_bool("json", False, "Print one JSON object per image (JSON Lines): image, digit, "
+                      "top, probabilities (rounded to 4 places), step; or image and error.",
                       flag_values=values)
     flags.DEFINE_bool("help", False, "Show this help.", flag_values=values, short_name="h")
     return values
 
 
 def describe(path: str, probabilities: np.ndarray) -> dict:
+    """One image's result; every probability rounded to DECIMALS places, as printed."""
     top = np.argsort(-probabilities, kind="stable")[:TOP_K]
     return {"image": path, "digit": int(top[0]),
-            "top": [{"digit": int(d), "probability": round(float(probabilities[d]), 4)}
+            "top": [{"digit": int(d), "probability": round(float(probabilities[d]), DECIMALS)}
                     for d in top],
-            "probabilities": [round(float(p), 6) for p in probabilities]}
+            "probabilities": [round(float(p), DECIMALS) for p in probabilities]}
 
 
 def run(argv: list[str]) -> int:
@@ -222,9 +225,9 @@ def run(argv: list[str]) -> int:
         probabilities = iter(predict(np.stack(images)[..., None]))
         results = [r if "error" in r else describe(r["image"], next(probabilities))
                    for r in results]
-    if FLAGS.json:
-        print(json.dumps({"workdir": FLAGS.workdir, "step": predict.step, "results": results},
-                         indent=2))
+    if FLAGS.json:  # JSON Lines: one object per image, in the order given.
+        for r in results:
+            print(json.dumps({**r, "step": predict.step}))
     else:
         for r in results:
             if "error" not in r:
