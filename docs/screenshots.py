@@ -1,10 +1,13 @@
 """Screenshots of TensorBoard as a user sees a run, for the README: docs/tensorboard_*.png.
 
     apt-get install -y chromium      # Debian's package; any Chromium or Chrome works (--chromium)
-    python docs/screenshots.py [--workdir=runs/sample12] [--epochs=12]
+    python docs/screenshots.py [--workdir=runs/screenshots/sample12] [--epochs=12]
 
 Trains on the packaged sample first unless `--workdir` already holds a run (12 epochs, a few
-minutes on a laptop CPU), serves it with `tensorboard` on loopback, and saves headless-Chromium
+minutes on a laptop CPU), serves its parent directory with `tensorboard` on loopback, as the
+README's `tensorboard --logdir=runs/` (TensorBoard's HParams finds a run's metrics in its train/
+and test/ only under a parent: served as the logdir itself, the run is "." and the lookup of
+"./test" fails), and saves headless-Chromium
 screenshots of the first screen (Time Series), the end-of-run pictures, and the HParams table.
 `?forceSVG=true` makes TensorBoard draw charts as SVG, which headless Chromium renders without a
 GPU. Not run in CI: tests/test_summaries.py checks what the same server serves over HTTP.
@@ -28,11 +31,11 @@ from PIL import Image
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(DOCS)
-PAGES = {  # file name -> what TensorBoard shows at that address.
-    "tensorboard_first_screen.png": "?forceSVG=true#timeseries",
+PAGES = {  # file name -> (what TensorBoard shows at that address, window width,height).
+    "tensorboard_first_screen.png": ("?forceSVG=true#timeseries", "1400,900"),
     # The Images dashboard: headless Chromium does not wait for Time Series' lazy image cards.
-    "tensorboard_pictures.png": "?forceSVG=true#images",
-    "tensorboard_hparams.png": "?forceSVG=true#hparams",
+    "tensorboard_pictures.png": ("?forceSVG=true#images", "1400,900"),
+    "tensorboard_hparams.png": ("?forceSVG=true#hparams", "1900,500"),  # Wide: metric columns.
 }
 
 
@@ -81,20 +84,19 @@ def screenshot(chromium: str, url: str, path: str, size: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "sample12"))
+    parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "screenshots", "sample12"))
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--chromium", default=shutil.which("chromium")
                         or shutil.which("chromium-browser") or shutil.which("google-chrome"))
-    parser.add_argument("--size", default="1400,900", help="Window width,height in pixels.")
     args = parser.parse_args()
     if not args.chromium:
         sys.exit("error: no chromium found; apt-get install -y chromium, or pass --chromium")
     if not os.path.isdir(os.path.join(args.workdir, "test")):
         train(args.workdir, args.epochs)
-    with tensorboard(args.workdir) as url:
-        for name, page in PAGES.items():
+    with tensorboard(os.path.dirname(os.path.abspath(args.workdir))) as url:
+        for name, (page, size) in PAGES.items():
             path = os.path.join(DOCS, name)
-            screenshot(args.chromium, f"{url}/{page}", path, args.size)
+            screenshot(args.chromium, f"{url}/{page}", path, size)
             print(f"{path}: {os.path.getsize(path) // 1024} KB  ({url}/{page})")
 
 

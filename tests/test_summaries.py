@@ -218,8 +218,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def tensorboard_server(logdir: str, timeout_s: float = 60.0) -> Iterator[str]:
-    """A real `tensorboard` on loopback, serving `logdir`; yields its URL once it has loaded."""
+def tensorboard_server(logdir: str, runs: set[str],
+                       timeout_s: float = 60.0) -> Iterator[str]:
+    """A real `tensorboard` on loopback, serving `logdir`; yields its URL once `runs` loaded."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}", "--host=127.0.0.1",
@@ -230,7 +231,7 @@ def tensorboard_server(logdir: str, timeout_s: float = 60.0) -> Iterator[str]:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                if {"train", "test"} <= set(get_json(f"{url}/data/runs")):
+                if runs <= set(get_json(f"{url}/data/runs")):
                     break
             except OSError:
                 pass
@@ -256,7 +257,7 @@ def get_json(url: str, body: dict | None = None):
 
 
 def test_tensorboard_serves_train_and_test_curves_and_the_key_hparams(tmp_path):
-    """What a user's browser gets from `tensorboard --logdir=WORKDIR`, over HTTP."""
+    """What a user's browser gets from `tensorboard --logdir=runs/` (README), over HTTP."""
     workdir = str(tmp_path / "run")
     dataset = fake_dataset()
     config = default_config()
@@ -269,26 +270,35 @@ def test_tensorboard_serves_train_and_test_curves_and_the_key_hparams(tmp_path):
         summaries.write_final(writer, 16, dataset, fake_probabilities(len(dataset.test_labels)),
                               config.num_classes)
 
-    with tensorboard_server(workdir) as url:
-        assert set(get_json(f"{url}/data/runs")) == {".", "train", "test"}
+    with tensorboard_server(str(tmp_path), {"run", "run/train", "run/test"}) as url:
+        assert set(get_json(f"{url}/data/runs")) == {"run", "run/train", "run/test"}
         scalars = get_json(f"{url}/data/plugin/scalars/tags")
         # The same two tags in both runs: one chart each, train and test overlaid.
-        assert set(scalars["test"]) == {"loss", "accuracy"}
-        assert {"loss", "accuracy"} <= set(scalars["train"])
-        assert "." not in scalars  # Nothing written once shows as a single dot.
-        for run in ("train", "test"):
+        assert set(scalars["run/test"]) == {"loss", "accuracy"}
+        assert {"loss", "accuracy"} <= set(scalars["run/train"])
+        assert "run" not in scalars  # Nothing written once shows as a single dot.
+        for run in ("run/train", "run/test"):
             for tag in ("loss", "accuracy"):
                 points = get_json(f"{url}/data/plugin/scalars/scalars?run={run}&tag={tag}")
                 assert [step for _, step, _ in points] == [8, 16], (run, tag)
         images = get_json(f"{url}/data/plugin/images/tags")
-        assert set(images["test"]) == set(summaries.IMAGE_TAGS)
+        assert set(images["run/test"]) == set(summaries.IMAGE_TAGS)
         text = get_json(f"{url}/data/plugin/text/tags")
-        assert set(text["."]) == {f"{t}/text_summary" for t in summaries.TEXT_TAGS}
+        assert set(text["run"]) == {f"{t}/text_summary" for t in summaries.TEXT_TAGS}
         plugins = get_json(f"{url}/data/plugins_listing")
         assert all(plugins[p]["enabled"] for p in ("scalars", "images", "text", "hparams"))
-        # The HParams dashboard asks for this and shows the first five columns.
+        # The HParams dashboard asks for these, shows the first five hyperparameters, and reads
+        # each metric column from the run's train/ or test/ curve.
         experiment = get_json(f"{url}/data/plugin/hparams/experiment", {"experimentName": ""})
         first_five = [h["name"] for h in experiment["hparamInfos"]][:5]
         assert set(first_five) == set(summaries.KEY_HPARAMS)
         assert [(m["name"]["group"], m["name"]["tag"]) for m in experiment["metricInfos"]] == list(
             summaries.HPARAM_METRICS)
+        groups = get_json(f"{url}/data/plugin/hparams/session_groups", {
+            "experimentName": "", "allowedStatuses": ["STATUS_SUCCESS"], "colParams": [],
+            "startIndex": 0, "sliceSize": 10})
+        [group] = groups["sessionGroups"]
+        assert group["hparams"]["batch_size"] == "128"  # Shown as 128, not 128.00.
+        assert {(m["name"]["group"], m["name"]["tag"]): (m["trainingStep"], m["value"])
+                for m in group["metricValues"]} == dict.fromkeys(summaries.HPARAM_METRICS,
+                                                                 (16, 0.5))
