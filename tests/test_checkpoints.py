@@ -120,17 +120,32 @@ def test_other_batch_size_is_an_error_because_it_changes_the_data_order(tmp_path
         checkpoints.restore(str(tmp_path), state, position(other, 0))
 
 
-def test_sigterm_sets_the_flag_and_the_old_handler_comes_back():
-    previous = signal.getsignal(signal.SIGTERM)
-    with workdir_lib.SigtermFlag() as flag:
+def _wait_for(flag) -> None:
+    for _ in range(100):  # The handler runs at the next bytecode boundary.
+        if flag.is_set():
+            break
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_sets_the_flag_and_the_old_handlers_come_back(signum):
+    previous = {s: signal.getsignal(s) for s in workdir_lib.STOP_SIGNALS}
+    with workdir_lib.StopFlag() as flag:
         assert not flag.is_set()
-        os.kill(os.getpid(), signal.SIGTERM)
-        for _ in range(100):  # The handler runs at the next bytecode boundary.
-            if flag.is_set():
-                break
-            time.sleep(0.01)
-        assert flag.is_set()
-    assert signal.getsignal(signal.SIGTERM) is previous
+        os.kill(os.getpid(), signum)
+        _wait_for(flag)
+        assert flag.is_set() and flag.signum == signum
+    assert {s: signal.getsignal(s) for s in workdir_lib.STOP_SIGNALS} == previous
+
+
+def test_a_second_ctrl_c_raises_keyboard_interrupt_at_once():
+    with workdir_lib.StopFlag() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        _wait_for(flag)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # Interrupted long before this ends.
+    assert flag.signum == signal.SIGINT
 
 
 # ---------------------------------------------------------------------------------------------
