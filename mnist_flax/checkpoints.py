@@ -21,6 +21,7 @@ import logging as std_logging
 import os
 import re
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -176,7 +177,7 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 
 
 def create_manager(workdir: str, keep: int, read_only: bool = False,
-                   set_aside: tuple[tuple[int, str], ...] = ()) -> ocp.CheckpointManager:
+                   set_aside: Sequence[tuple[int, str]] = ()) -> ocp.CheckpointManager:
     """Keeps the newest `keep` checkpoints; saves only when told (the loop decides when).
 
     `set_aside` lists (step, reason) of damaged checkpoints that `restore_intact` skipped: a
@@ -208,10 +209,10 @@ def latest_step(workdir: str) -> int | None:
 
 
 def move_aside(workdir: str, step: int, reason: str) -> epath.Path:
-    """Renames a damaged checkpoint out of orbax's sight, to damaged-<step>-<reason>[-n]."""
+    """Renames a damaged checkpoint out of orbax's sight, to damaged-<step>-<reason>[~n]."""
     source = checkpoint_dir(workdir) / str(step)
-    slug = "".join(c if c.isalnum() else "-" for c in reason.split(":")[0].lower())[:40]
-    target = checkpoint_dir(workdir) / f"{DAMAGED_PREFIX}{step}-{slug.strip('-') or 'damaged'}"
+    slug = re.sub(r"[^a-z0-9]+", "-", reason.split(":")[0].lower()).strip("-")[:40]
+    target = checkpoint_dir(workdir) / f"{DAMAGED_PREFIX}{step}-{slug or 'damaged'}"
     n = 1
     while target.exists():
         n += 1

@@ -131,7 +131,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.loads(source.read_text()))
     except FileNotFoundError:
         raise WorkdirError(f"{source}: not found; is {workdir} a training workdir?") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not even UTF-8 (damaged).
         raise WorkdirError(f"{source}: unreadable ({e})") from None
 
 
