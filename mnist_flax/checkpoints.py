@@ -184,7 +184,7 @@ def create_manager(workdir: str, keep: int, read_only: bool = False,
     writing manager first moves them to checkpoints/damaged-<step>-<reason> (never deleting
     them), or orbax would count them among the newest `keep` and delete intact ones for them.
     """
-    if not read_only:
+    if not read_only and jax.process_index() == 0:  # The one process that writes the workdir.
         for step, reason in set_aside:
             move_aside(workdir, step, reason)
     options = ocp.CheckpointManagerOptions(
