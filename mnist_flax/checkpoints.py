@@ -129,13 +129,16 @@ def check_shapes(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[in
 
 def _drop_orbax_info(record: std_logging.LogRecord) -> bool:
     """Orbax logs ~30 INFO lines per save through absl, and warns that a read-only manager (ours,
-    for restoring) is read-only; keep its other warnings and errors."""
+    for restoring) is read-only; keep its other warnings and errors, except the one its metadata
+    thread logs when a second Ctrl-C stopped a save and the process is exiting (cli says so)."""
     if f"{os.sep}orbax{os.sep}" not in record.pathname:
         return True
     if record.exc_info:  # A failed save (e.g. a full disk): `save` reports it in one line.
         record.exc_info, record.exc_text = None, None
-    return record.levelno >= std_logging.WARNING and "read only" not in record.getMessage() and (
-        "read_only=True" not in record.getMessage())
+    message = record.getMessage()
+    return record.levelno >= std_logging.WARNING and "read only" not in message and (
+        "read_only=True" not in message) and "cannot schedule new futures after shutdown" not in (
+        message)
 
 
 def _orbax_aftermath(unraisable: Any) -> bool:
