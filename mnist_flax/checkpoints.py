@@ -160,8 +160,23 @@ def quiet_orbax_logging() -> None:
     logger = logging.get_absl_logger()
     if _drop_orbax_info not in logger.filters:
         logger.addFilter(_drop_orbax_info)
+    asyncio_logger = std_logging.getLogger("asyncio")
+    if _drop_orbax_task_errors not in asyncio_logger.filters:
+        asyncio_logger.addFilter(_drop_orbax_task_errors)
     if not isinstance(sys.unraisablehook, _UnraisableFilter):
         sys.unraisablehook = _UnraisableFilter(sys.unraisablehook)
+
+
+def _drop_orbax_task_errors(record: std_logging.LogRecord) -> bool:
+    """The same aftermath through asyncio's logger: 'Task exception was never retrieved' for an
+    orbax read task that was abandoned when another read failed first (timing decides which)."""
+    error = record.exc_info[1] if record.exc_info else None
+    tb = error.__traceback__ if error is not None else None
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return False
+        tb = tb.tb_next
+    return True
 
 
 class _UnraisableFilter:
