@@ -1,9 +1,10 @@
-"""Checkpoints: round trip, keep-last-K, mismatch errors, SIGTERM, atomic saves, exact resume.
+"""Checkpoints: round trip, keep-last-K, mismatch errors, SIGTERM and Ctrl-C, atomic saves, exact
+resume. (Damaged checkpoints: test_damage.py.)
 
-The resume tests run `python -m mnist_flax.main` in a subprocess on 320 synthetic digits, kill it
-(SIGKILL, or SIGTERM as a preemption does) at whatever step it has reached after its first
-checkpoints, run the same command again, and require the final state to equal an uninterrupted
-run's bit for bit.
+The resume tests run `python -m mnist_flax.main` in a subprocess on 320 synthetic digits, stop it
+(SIGKILL; SIGTERM as a preemption does; SIGINT as Ctrl-C in a terminal does) at whatever step it
+has reached after its first checkpoints, run the same command again, and require the final state
+to equal an uninterrupted run's bit for bit.
 """
 
 from __future__ import annotations
