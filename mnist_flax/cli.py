@@ -41,13 +41,18 @@ def setup_process() -> None:
 
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
-    """USER_ERRORS become `error: ...` and exit 1; a SIGTERM stop exits 143 (checkpoint saved)."""
+    """USER_ERRORS become `error: ...` and exit 1; a SIGTERM or Ctrl-C stop exits 143 or 130
+    (checkpoint saved); a Ctrl-C that could not wait (a second one) is one line and exits 130."""
     try:
         yield
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")
-    except workdir.Preempted:  # The checkpoint is saved; the same command resumes.
-        sys.exit(workdir.PREEMPTED_EXIT_CODE)
+    except workdir.Preempted as e:  # The checkpoint is saved and logged; the same command resumes.
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Orbax commits a checkpoint by renaming it: none is half-written.
+        print("Interrupted (Ctrl-C): stopped at once without saving; the checkpoints already in "
+              "the workdir are intact. Run the same command to resume.", file=sys.stderr)
+        sys.exit(workdir.INTERRUPTED_EXIT_CODE)
 
 
 def _exit_bad_config(e: Exception) -> None:

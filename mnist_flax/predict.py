@@ -194,6 +194,7 @@ def run(argv: list[str]) -> int:
     0 when every image was predicted, 1 when some image could not be read (the others are still
     predicted and printed), 2 for bad usage or an unusable workdir.
     """
+    checkpoints.quiet_orbax_logging()  # A damaged checkpoint is one warning line, as in main.
     FLAGS = _flags()  # noqa: N806 (absl's name for it)
     try:
         paths = FLAGS(argv)[1:]

@@ -313,9 +313,10 @@ def _end_of_epoch(state: TrainState, progress: _Progress, done: int, epoch: int,
 
 
 def _restore(workdir: str, state: TrainState, position: dict[str, int],
-             config: ml_collections.ConfigDict) -> TrainState:
-    """The newest checkpoint's state (or `state`); reads only, and logs what it resumes."""
-    state = checkpoints.restore(workdir, state, position)
+             config: ml_collections.ConfigDict) -> tuple[TrainState, list[tuple[int, str]]]:
+    """The newest intact checkpoint's state (or `state`) and the damaged (step, reason) pairs
+    skipped on the way; reads only, and logs what it resumes."""
+    state, damaged = checkpoints.restore_intact(workdir, state, position)
     step, steps_per_epoch = int(state.step), position["steps_per_epoch"]
     if step >= steps_per_epoch * config.num_epochs:
         logging.info("The checkpoint at step %d has finished all %d epochs: nothing to train",
@@ -324,9 +325,13 @@ def _restore(workdir: str, state: TrainState, position: dict[str, int],
         logging.info("Resuming from the checkpoint at step %d (epoch %d, step %d of it)",
                      step, step // steps_per_epoch + 1, step % steps_per_epoch)
     if step:
-        for change in workdir_lib.config_changes(workdir, config):
+        try:
+            changes = workdir_lib.config_changes(workdir, config)
+        except workdir_lib.WorkdirError as e:  # Damaged: only this log line needs it.
+            changes = [f"unknown ({e}); it is rewritten now"]
+        for change in changes:
             logging.warning("Config changed since the last start: %s", change)
-    return state
+    return state, damaged
 
 
 def train_and_evaluate(
@@ -349,16 +354,17 @@ def train_and_evaluate(
     state = sharding.replicate(mesh, create_train_state(config, jax.random.key(config.seed),
                                                         steps_per_epoch))
     # Shapes and data order are checked before anything in the workdir is written.
-    state = _restore(workdir, state, position(0), config)
+    state, damaged = _restore(workdir, state, position(0), config)
     start_step = int(state.step)
     schedule = learning_rate_schedule(config, steps_per_epoch)
     progress = _Progress(config, num_steps)
     metrics: dict[str, float] = {}
     # From here on the workdir is this run's alone: a second run stops with a one-line error.
-    # SIGTERM (a preemption) only sets a flag; the step in flight finishes, then we save and stop.
-    with (workdir_lib.lock(workdir), workdir_lib.SigtermFlag() as sigterm,
-          contextlib.closing(checkpoints.create_manager(workdir,
-                                                        config.checkpoint_keep)) as manager,
+    # SIGTERM (a preemption) and Ctrl-C only set a flag; the step in flight finishes, then we
+    # save and stop. Damaged checkpoints that the restore skipped are moved aside, not deleted.
+    with (workdir_lib.lock(workdir), workdir_lib.StopFlag() as stop,
+          contextlib.closing(checkpoints.create_manager(
+              workdir, config.checkpoint_keep, set_aside=damaged)) as manager,
           summaries.open_writer(workdir, start_step) as writer):
         workdir_lib.write_config(workdir, config)
         summaries.write_run_info(writer, config, dataset, state.params)
@@ -377,12 +383,12 @@ def train_and_evaluate(
                 metrics = _end_of_epoch(state, progress, done, epoch, dataset, mesh, schedule,
                                         writer)
             every = config.checkpoint_every_steps
-            if end_of_epoch or (every and done % every == 0) or sigterm.is_set():
+            if end_of_epoch or (every and done % every == 0) or stop.is_set():
                 check_savable(state, progress.pending, done)
                 checkpoints.save(manager, state, position(done))
-            if sigterm.is_set():
-                workdir_lib.log_preempted(done)
-                raise workdir_lib.Preempted(done)
+            if stop.is_set():
+                workdir_lib.log_preempted(done, stop.signum)
+                raise workdir_lib.Preempted(done, stop.signum)
         checkpoints.save(manager, state, position(int(state.step)))  # No-op when already saved.
         if not metrics:  # Nothing left to train (a finished run restarted): evaluate what we have.
             test = evaluate(state, dataset.test_images, dataset.test_labels,

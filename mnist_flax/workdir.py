@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -26,6 +26,9 @@ LOCK_FILE = ".lock"  # Held by the run using the workdir; holds that run's pid.
 # Exit status of a run stopped by SIGTERM after saving its checkpoint: 128 + SIGTERM, what a
 # shell reports for a process SIGTERM ended, so job systems see "terminated" and can restart it.
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+# Exit status of a run stopped by Ctrl-C (SIGINT), with or without saving: what a shell reports.
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class WorkdirError(ValueError):
@@ -33,11 +36,13 @@ class WorkdirError(ValueError):
 
 
 class Preempted(Exception):  # noqa: N818 (a signal, not an error)
-    """SIGTERM arrived; the checkpoint at `step` was saved and the run should exit."""
+    """SIGTERM or SIGINT arrived; the checkpoint at `step` was saved and the run should exit with
+    `exit_code` (143 or 130)."""
 
-    def __init__(self, step: int):
-        super().__init__(f"stopped by SIGTERM at step {step}; checkpoint saved")
-        self.step = step
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        super().__init__(stop_message(step, signum))
+        self.step, self.signum = step, signum
+        self.exit_code = 128 + signum
 
 
 def path(workdir: str | os.PathLike) -> epath.Path:
@@ -126,7 +131,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.loads(source.read_text()))
     except FileNotFoundError:
         raise WorkdirError(f"{source}: not found; is {workdir} a training workdir?") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not even UTF-8 (damaged).
         raise WorkdirError(f"{source}: unreadable ({e})") from None
 
 
@@ -141,38 +146,55 @@ def config_changes(workdir: str, config: ml_collections.ConfigDict) -> list[str]
 
 
 # ---------------------------------------------------------------------------------------------
-# SIGTERM.
+# SIGTERM (a preemption) and SIGINT (Ctrl-C).
 
 
 @dataclasses.dataclass
-class SigtermFlag:
-    """While installed, SIGTERM only sets `requested`; the loop saves and exits at the next step.
+class StopFlag:
+    """While installed, SIGTERM and SIGINT only set `requested` and remember the first `signum`;
+    the loop finishes its step, saves and stops. A second Ctrl-C raises KeyboardInterrupt at once
+    (the first puts Python's default handler back), for a user who will not wait for the save.
 
-    A context manager: leaving it puts the previous handler back. Outside the main thread (where
-    Python cannot install handlers) it does nothing and SIGTERM keeps its usual meaning.
+    A context manager: leaving it puts the previous handlers back. A signal the process ignores
+    (SIGINT in a background job, nohup) stays ignored. Outside the main thread (where Python
+    cannot install handlers) it does nothing and both signals keep their usual meaning.
     """
 
     requested: threading.Event = dataclasses.field(default_factory=threading.Event)
-    _previous: Callable | int | None = None
+    signum: int | None = None
+    _previous: dict[int, Any] = dataclasses.field(default_factory=dict)
 
-    def __enter__(self) -> SigtermFlag:
+    def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in STOP_SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        del signum, frame
+        del frame
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.signum is None:
+            self.signum = signum
         self.requested.set()
 
     def __exit__(self, *exc_info: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
 
     def is_set(self) -> bool:
         return self.requested.is_set()
 
 
-def log_preempted(step: int) -> None:
-    logging.warning("SIGTERM: saved the checkpoint at step %d; exiting with status %d. Run the "
-                    "same command again to resume.", step, PREEMPTED_EXIT_CODE)
+def stop_message(step: int, signum: int) -> str:
+    if signum == signal.SIGINT:
+        return (f"Interrupted (Ctrl-C) at step {step}; checkpoint saved; exiting with status "
+                f"{INTERRUPTED_EXIT_CODE}. Run the same command to resume.")
+    return (f"SIGTERM: saved the checkpoint at step {step}; exiting with status "
+            f"{128 + signum}. Run the same command again to resume.")
+
+
+def log_preempted(step: int, signum: int = signal.SIGTERM) -> None:
+    logging.warning("%s", stop_message(step, signum))

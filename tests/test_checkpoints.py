@@ -1,9 +1,10 @@
-"""Checkpoints: round trip, keep-last-K, mismatch errors, SIGTERM, atomic saves, exact resume.
+"""Checkpoints: round trip, keep-last-K, mismatch errors, SIGTERM and Ctrl-C, atomic saves, exact
+resume. (Damaged checkpoints: test_damage.py.)
 
-The resume tests run `python -m mnist_flax.main` in a subprocess on 320 synthetic digits, kill it
-(SIGKILL, or SIGTERM as a preemption does) at whatever step it has reached after its first
-checkpoints, run the same command again, and require the final state to equal an uninterrupted
-run's bit for bit.
+The resume tests run `python -m mnist_flax.main` in a subprocess on 320 synthetic digits, stop it
+(SIGKILL; SIGTERM as a preemption does; SIGINT as Ctrl-C in a terminal does) at whatever step it
+has reached after its first checkpoints, run the same command again, and require the final state
+to equal an uninterrupted run's bit for bit.
 """
 
 from __future__ import annotations
@@ -120,17 +121,32 @@ def test_other_batch_size_is_an_error_because_it_changes_the_data_order(tmp_path
         checkpoints.restore(str(tmp_path), state, position(other, 0))
 
 
-def test_sigterm_sets_the_flag_and_the_old_handler_comes_back():
-    previous = signal.getsignal(signal.SIGTERM)
-    with workdir_lib.SigtermFlag() as flag:
+def _wait_for(flag) -> None:
+    for _ in range(100):  # The handler runs at the next bytecode boundary.
+        if flag.is_set():
+            break
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_sets_the_flag_and_the_old_handlers_come_back(signum):
+    previous = {s: signal.getsignal(s) for s in workdir_lib.STOP_SIGNALS}
+    with workdir_lib.StopFlag() as flag:
         assert not flag.is_set()
-        os.kill(os.getpid(), signal.SIGTERM)
-        for _ in range(100):  # The handler runs at the next bytecode boundary.
-            if flag.is_set():
-                break
-            time.sleep(0.01)
-        assert flag.is_set()
-    assert signal.getsignal(signal.SIGTERM) is previous
+        os.kill(os.getpid(), signum)
+        _wait_for(flag)
+        assert flag.is_set() and flag.signum == signum
+    assert {s: signal.getsignal(s) for s in workdir_lib.STOP_SIGNALS} == previous
+
+
+def test_a_second_ctrl_c_raises_keyboard_interrupt_at_once():
+    with workdir_lib.StopFlag() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        _wait_for(flag)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # Interrupted long before this ends.
+    assert flag.signum == signal.SIGINT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,11 +224,20 @@ def run_to_end(command, log_path) -> str:
     return output
 
 
-def run_and_interrupt(command, log_path, sig: int, after_step: int) -> tuple[int, str]:
-    """Starts `command`, sends `sig` once its log reports `after_step` steps; returns rc, log."""
+def _sigint_as_in_a_terminal() -> None:
+    """In the child before exec: a shell starts background jobs (and so maybe this test) with
+    SIGINT ignored, and a child inherits that; a terminal's foreground job has the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_and_interrupt(command, log_path, sig: int, after_step: int,
+                      again_after: float | None = None) -> tuple[int, str]:
+    """Starts `command`, sends `sig` once its log reports `after_step` steps (and again
+    `again_after` seconds later, if given); returns rc, log."""
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   env=run_env(log_path.parent / "jax_cache"), cwd=ROOT)
+                                   env=run_env(log_path.parent / "jax_cache"), cwd=ROOT,
+                                   preexec_fn=_sigint_as_in_a_terminal)
         try:
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline and process.poll() is None:
@@ -220,6 +245,9 @@ def run_and_interrupt(command, log_path, sig: int, after_step: int) -> tuple[int
                                                     open(log_path).read())]
                 if steps and max(steps) >= after_step:
                     process.send_signal(sig)
+                    if again_after is not None:
+                        time.sleep(again_after)
+                        process.send_signal(sig)
                     break
                 time.sleep(0.005)
             process.wait(timeout=120)
@@ -269,3 +297,40 @@ def test_sigterm_saves_exits_143_then_resume_is_bit_identical(resume_setup):
     log = run_to_end(command, base / "terminated_resumed.log")
     assert f"Resuming from the checkpoint at step {stopped_at} " in log
     assert_trees_identical(final_state(base / "terminated"), expected)
+
+
+def test_ctrl_c_finishes_the_step_saves_exits_130_then_resume_is_bit_identical(resume_setup):
+    base, expected = resume_setup
+    command = main_command(base / "data", base / "ctrl_c")
+    rc, log = run_and_interrupt(command, base / "ctrl_c.log", signal.SIGINT, after_step=10)
+    assert rc == workdir_lib.INTERRUPTED_EXIT_CODE == 130, log[-3000:]
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    stopped_at = int(re.search(r"Interrupted \(Ctrl-C\) at step (\d+); checkpoint saved; "
+                               r"exiting with status 130\. Run the same command to resume\.",
+                               log).group(1))
+    assert 10 <= stopped_at < NUM_STEPS
+    assert checkpoints.latest_step(str(base / "ctrl_c")) == stopped_at  # The steps are kept.
+
+    log = run_to_end(command, base / "ctrl_c_resumed.log")
+    assert f"Resuming from the checkpoint at step {stopped_at} " in log
+    assert "damaged" not in log
+    assert_trees_identical(final_state(base / "ctrl_c"), expected)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_stays_intact(resume_setup):
+    """The second Ctrl-C comes 30 ms after the first: while the step finishes or the checkpoint
+    is being written. Either way the run exits 130 with one line and no traceback, and the newest
+    checkpoint it leaves restores intact (no damaged one is skipped) and resumes bit-identical."""
+    base, expected = resume_setup
+    command = main_command(base / "data", base / "ctrl_c_twice")
+    rc, log = run_and_interrupt(command, base / "ctrl_c_twice.log", signal.SIGINT,
+                                after_step=10, again_after=0.03)
+    assert rc == 130, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("Interrupted (Ctrl-C): stopped at once without saving") or (
+        "checkpoint saved; exiting with status 130" in last), log[-3000:]
+
+    log = run_to_end(command, base / "ctrl_c_twice_resumed.log")
+    assert "Resuming from the checkpoint at step " in log and "damaged" not in log, log[-3000:]
+    assert_trees_identical(final_state(base / "ctrl_c_twice"), expected)

@@ -2,7 +2,8 @@
 input not covered elsewhere. Each failure is one line (no traceback) and keeps the last good
 checkpoint; a run restarted after it finishes exactly as an uninterrupted one.
 
-Covered elsewhere: kill -9 / SIGTERM then resume, and a kill during a save (test_checkpoints.py);
+Covered elsewhere: kill -9 / SIGTERM / Ctrl-C then resume, and a kill during a save
+(test_checkpoints.py); damaged checkpoints, config.json and lock files (test_damage.py);
 bad flags and config values (test_main.py); IDX errors and fuzzing (test_input_pipeline.py);
 images that are not images (test_predict.py).
 
