@@ -15,7 +15,7 @@ step's math replaced by one that only moves the step counter. Loops, interleaved
            `sharding.shard_batch` (two host-to-device transfers) + the jitted step.
   after    `train.train_and_evaluate`'s loop: the data on the devices once
            (`train.device_dataset`), the epoch order once per epoch (`train.device_epoch_order`),
-           dispatches of up to k steps (`train.chunk_steps`, `train.train_steps`) that gather
+           dispatches of up to k steps (`train.chunk_steps`, `train.dispatch_steps`) that gather
            their batches on the device. k=1 is the CPU default, 16 the GPU/TPU one.
 
 Both loops keep metrics on device and log every 100 steps through `train._Progress`, as
@@ -126,9 +126,13 @@ class AfterLoop:
                                                       self.num_train)
                 self.order_epoch = epoch
             n = train.chunk_steps(step, self.k, self.steps_per_epoch, stop, self.config)
-            state, metrics = train.train_steps(
-                state, self.data, self.order, num_steps=n, batch_size=BATCH,
-                steps_per_epoch=self.steps_per_epoch, mesh=self.mesh, step_fn=self.step_fn)
+            kwargs = dict(num_steps=n, batch_size=BATCH, steps_per_epoch=self.steps_per_epoch,
+                          mesh=self.mesh)
+            if self.step_fn is None:  # The real step, exactly as train_and_evaluate runs it.
+                state, metrics = train.dispatch_steps(state, self.data, self.order, **kwargs)
+            else:
+                state, metrics = train.train_steps(state, self.data, self.order,
+                                                   step_fn=self.step_fn, **kwargs)
             step += n
             progress.add(metrics, step, epoch, index + n == self.steps_per_epoch)
         self.state = jax.block_until_ready(state)

@@ -189,6 +189,39 @@ def device_epoch_order(mesh: jax.sharding.Mesh, seed: int, epoch: int, n: int) -
     return sharding.put_replicated(mesh, order)
 
 
+def _device_batch(state: TrainState, data: Batch, order: jax.Array, batch_size: int,
+                  steps_per_epoch: int, mesh: jax.sharding.Mesh | None) -> Batch:
+    """The batch of step `state.step`, gathered on the device; warped when the config augments."""
+    batch_sharding = NamedSharding(mesh, P("batch")) if mesh is not None else None
+    index = state.step % steps_per_epoch
+    batch = input_pipeline.gather_batch(data, order, index, batch_size, batch_sharding)
+    if state.augmentation.enabled:
+        batch = augment_batch.__wrapped__(state, batch)
+    return batch
+
+
+@functools.partial(ops.jit, static_argnames=("batch_size", "steps_per_epoch", "mesh"))
+def device_batch(state: TrainState, data: Batch, order: jax.Array, *, batch_size: int,
+                 steps_per_epoch: int, mesh: jax.sharding.Mesh | None = None) -> Batch:
+    """`_device_batch` in a jit of its own: how the CPU loop warps (see `dispatch_steps`)."""
+    return _device_batch(state, data, order, batch_size, steps_per_epoch, mesh)
+
+
+def dispatch_steps(state: TrainState, data: Batch, order: jax.Array, *, num_steps: int,
+                   batch_size: int, steps_per_epoch: int,
+                   mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, dict[str, Any]]:
+    """What the loop runs for `num_steps` steps: `train_steps`, except for one augmented step on
+    CPU, where the warp keeps a jit of its own (`device_batch`, then `train_step`): in the step's
+    jit XLA:CPU still fuses the resampling into the first convolution, 1.5x slower (README,
+    Speed). Metrics are (num_steps,) arrays, or scalars from one step."""
+    if num_steps == 1 and state.augmentation.enabled and jax.default_backend() == "cpu":
+        batch = device_batch(state, data, order, batch_size=batch_size,
+                             steps_per_epoch=steps_per_epoch, mesh=mesh)
+        return train_step(state, batch)
+    return train_steps(state, data, order, num_steps=num_steps, batch_size=batch_size,
+                       steps_per_epoch=steps_per_epoch, mesh=mesh)
+
+
 @functools.partial(ops.jit, donate_argnames="state",
                    static_argnames=("num_steps", "batch_size", "steps_per_epoch", "mesh",
                                     "step_fn"))
@@ -206,13 +239,9 @@ def train_steps(state: TrainState, data: Batch, order: jax.Array, *, num_steps: 
     """
     step_fn = step_fn or train_step.__wrapped__  # The plain functions: a nested jit may not
     # carry compiler options.
-    batch_sharding = NamedSharding(mesh, P("batch")) if mesh is not None else None
 
     def one(state: TrainState, _) -> tuple[TrainState, dict[str, jax.Array]]:
-        index = state.step % steps_per_epoch
-        batch = input_pipeline.gather_batch(data, order, index, batch_size, batch_sharding)
-        if state.augmentation.enabled:
-            batch = augment_batch.__wrapped__(state, batch)
+        batch = _device_batch(state, data, order, batch_size, steps_per_epoch, mesh)
         # As augment_batch's own jit did: XLA would otherwise fuse the gather (and the warp) into
         # the first convolution's loops and recompute it there (README, Speed).
         return step_fn(state, lax.optimization_barrier(batch))
@@ -501,7 +530,7 @@ def train_and_evaluate(
                 state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
             n = chunk_steps(step, k, steps_per_epoch, num_steps, config)
             with _compile_cache_log(step == start_step):
-                state, step_metrics = train_steps(
+                state, step_metrics = dispatch_steps(
                     state, data, order, num_steps=n, batch_size=config.batch_size,
                     steps_per_epoch=steps_per_epoch, mesh=mesh)
             done, end_of_epoch = step + n, index + n == steps_per_epoch
