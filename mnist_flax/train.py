@@ -1,10 +1,12 @@
 """Training: TrainState, the optimizer, the jitted steps, and the loop `train_and_evaluate`.
 
 One step, from `main` to the optimizer: `train_and_evaluate` builds `TrainState` (params + optax
-state + dropout key), feeds `train_step` the batch of each step (`input_pipeline.batch_at`, warped
-first by `augment_batch` when the config augments), and `train_step` computes the loss and
-gradients in one pass and applies optax.adam. Everything the step needs is in the state and the
-batch, so a run resumes exactly from a checkpoint of the state.
+state + dropout key), puts the training data on the devices once and each epoch's order
+(`input_pipeline.epoch_permutation`) once per epoch, and `train_steps` runs k steps per dispatch,
+each gathering its batch on the device (`input_pipeline.batch_at`'s batch, warped by
+`augment_batch` when the config augments) and calling `train_step`, which computes the loss and
+gradients in one pass and applies optax.adam. Everything the step needs is in the state, so a run
+resumes exactly from a checkpoint of the state.
 """
 
 from __future__ import annotations
