@@ -72,6 +72,8 @@ def test_default_command_offline_uses_the_packaged_sample_and_says_so(tmp_path):
          "larger than the 4,000 training images"),
         (["--config.compute_dtype=float16"], "--config.compute_dtype='float16': must be one of"),
         (["--config.kernel_init=glorot"], "--config.kernel_init='glorot': must be one of"),
+        (["--config.steps_per_dispatch=-1"],
+         "--config.steps_per_dispatch=-1: must be an integer >= 0"),
         (["--config.data_source=idx", "--config.data_dir=/nonexistent"],
          "/nonexistent: not a directory"),
     ],
