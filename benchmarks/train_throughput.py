@@ -1,6 +1,7 @@
 """Training throughput of mnist_flax against PyTorch eager and the Keras tutorial (Keras 3, JAX).
 
     python benchmarks/train_throughput.py [--repeats=3] [--steps=100] [--warmup=20] [--peers=...]
+        [--e2e_epochs=12]
 
 Same model (the tutorial CNN), batch 128, Adam, float32, on whatever this machine is. Every
 measurement runs in its own subprocess with the same environment (threads, allocator, variables),
@@ -8,11 +9,13 @@ and the three are interleaved repeat by repeat, so a slow minute of the machine 
 the table shows medians. The last line printed is one JSON object:
 {"mnist_flax": images/s, "pytorch": ..., "keras_jax": ..., "ratio_vs_pytorch": ...}.
 
-mnist_flax is timed through exactly `main`'s path: `train.create_train_state`, then per step
-`input_pipeline.batch_at` (shuffled indices -> numpy batch) + `sharding.shard_batch` +
-`train.augment_and_train_step`.
-Two figures: "step" feeds one resident batch (the step alone), "epoch" runs a whole epoch through
-the data path; the data path must cost under 5% (`epoch/step` is printed).
+mnist_flax's figures: "step" feeds `train.augment_and_train_step` one resident batch (the step
+alone); "epoch" runs a whole epoch through `train_and_evaluate`'s data path (`train.train_steps` on
+the device-resident data, `train.steps_per_dispatch` steps per dispatch); the data path must cost
+under 5% (`epoch/step` is printed). "end-to-end" (once, after the repeats; --e2e_epochs=0 skips it)
+runs `python -m mnist_flax.main` itself on full MNIST ($MNIST_DATA_DIR) for --e2e_epochs epochs
+(12, the tutorial's, for the README's figure): wall seconds including start-up, compilation, the
+evaluation after every epoch and the checkpoints, and images/s over that whole wall time.
 
 Images are random uint8 in MNIST's shapes: speed does not depend on pixel values, and the
 benchmark then needs no data set. Peers need the `bench` extra: pip install -e '.[bench]'.
@@ -88,16 +91,49 @@ def worker_mnist_flax(steps: int, warmup: int, epoch: bool, **overrides) -> dict
     step_s = (time.perf_counter() - start) / steps
     result = {"images_per_s": BATCH / step_s, "ms_per_step": 1000 * step_s,
               "compile_s": compile_s}
-    if epoch:  # The data path: a new shuffled numpy batch every step, as train_and_evaluate does.
+    if epoch:  # The data path of train_and_evaluate: device data, k steps per dispatch.
         steps_per_epoch = NUM_TRAIN // BATCH
-        start = time.perf_counter()
-        for index in range(steps_per_epoch):
-            batch = sharding.shard_batch(mesh, input_pipeline.batch_at(dataset, 0, index, BATCH))
-            state, metrics = step(state, batch)
+        data, k = train.device_dataset(mesh, dataset), train.steps_per_dispatch(config)
+        state = sharding.replicate(mesh, train.create_train_state(config, jax.random.key(0)))
+        kwargs = dict(batch_size=BATCH, steps_per_epoch=steps_per_epoch, mesh=mesh)
+        order = train.device_epoch_order(mesh, 0, 0, NUM_TRAIN)
+        for n in sorted({train.chunk_steps(s, k, steps_per_epoch, steps_per_epoch, config)
+                         for s in range(0, steps_per_epoch, k)}):  # Compile every chunk size.
+            state, _ = train.train_steps(state, data, order, num_steps=n, **kwargs)
+        start, step = time.perf_counter(), 0
+        order = train.device_epoch_order(mesh, 0, 0, NUM_TRAIN)  # Once per epoch, as the loop.
+        while step < steps_per_epoch:
+            n = train.chunk_steps(step, k, steps_per_epoch, steps_per_epoch, config)
+            state, metrics = train.train_steps(state, data, order, num_steps=n, **kwargs)
+            step += n
         jax.block_until_ready(metrics)
         result["epoch_images_per_s"] = steps_per_epoch * BATCH / (time.perf_counter() - start)
     result["peak_rss_mb"] = _peak_rss_mb()
     return result
+
+
+def end_to_end(epochs: int) -> dict | None:
+    """`python -m mnist_flax.main` on full MNIST for `epochs` epochs: wall time and images/s."""
+    import tempfile
+
+    data_dir = os.environ.get("MNIST_DATA_DIR", "")
+    if not data_dir:
+        print("  end-to-end: skipped (set $MNIST_DATA_DIR to the full MNIST IDX files)",
+              file=sys.stderr)
+        return None
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [sys.executable, "-m", "mnist_flax.main", f"--workdir={workdir}",
+                   f"--config.data_dir={data_dir}", f"--config.num_epochs={epochs}"]
+        start = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"  end-to-end: failed ({last})", file=sys.stderr)
+        return None
+    images = epochs * (NUM_TRAIN // BATCH) * BATCH
+    return {"epochs": epochs, "wall_s": seconds, "images_per_s": images / seconds,
+            "test_accuracy": float(result.stdout.strip().splitlines()[-1].split()[-1])}
 
 
 def worker_mnist_flax_bf16(steps: int, warmup: int, epoch: bool) -> dict:
@@ -223,6 +259,9 @@ def main() -> None:
     parser.add_argument("--peers", default="mnist_flax,mnist_flax_bf16,pytorch,keras_jax")
     parser.add_argument("--no-epoch", dest="epoch", action="store_false",
                         help="skip the whole-epoch timing of mnist_flax's data path")
+    parser.add_argument("--e2e_epochs", type=int, default=12,
+                        help="epochs of the end-to-end run of main on full MNIST (0 = skip); "
+                        "the README's figure uses 12, the tutorial's")
     parser.add_argument("--worker", choices=sorted([*WORKERS, "matmul"]), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -272,6 +311,15 @@ def main() -> None:
         summary["mnist_flax_epoch"] = round(epoch, 1)
         print(f"mnist_flax whole epoch through main's data path: {epoch:.0f} images/s "
               f"(epoch/step = {epoch / summary['mnist_flax']:.3f})")
+    e2e = end_to_end(args.e2e_epochs) if args.e2e_epochs and "mnist_flax" in names else None
+    if e2e:
+        summary["mnist_flax_end_to_end"] = round(e2e["images_per_s"], 1)
+        summary["end_to_end_wall_s"] = round(e2e["wall_s"], 1)
+        print(f"mnist_flax end to end (python -m mnist_flax.main, {e2e['epochs']} epochs + "
+              f"{e2e['epochs']} evaluations, full MNIST): {e2e['wall_s']:.1f} s wall, "
+              f"{e2e['images_per_s']:.0f} images/s over the whole run (end-to-end/step = "
+              f"{e2e['images_per_s'] / summary['mnist_flax']:.3f}), test accuracy "
+              f"{e2e['test_accuracy']:.4f}")
     if "mnist_flax" in names and "pytorch" in names:
         summary["ratio_vs_pytorch"] = round(summary["mnist_flax"] / summary["pytorch"], 3)
     print(json.dumps(summary))

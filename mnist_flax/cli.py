@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
 
+import jax
 from absl import flags
 from ml_collections import config_flags
 
@@ -37,6 +39,22 @@ def setup_process() -> None:
     ops.tune_host_allocator()
     ops.log_compiler_options()
     checkpoints.quiet_orbax_logging()
+
+
+def enable_compilation_cache(cache_dir: str) -> str:
+    """Turns on JAX's persistent compilation cache in `cache_dir` (config.compilation_cache_dir):
+    'auto' is $JAX_COMPILATION_CACHE_DIR, else ~/.cache/mnist_flax/jax; '' turns it off. Returns
+    the directory ('' when off). Every jit is cached, however fast it compiled, so a second run of
+    a config recompiles nothing (`train` logs the step's hit)."""
+    if cache_dir == "auto":
+        cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR") or "~/.cache/mnist_flax/jax"
+    if cache_dir and not cache_dir.startswith("gs://"):
+        cache_dir = os.path.expanduser(cache_dir)
+    jax.config.update("jax_compilation_cache_dir", cache_dir or None)
+    jax.config.update("jax_enable_compilation_cache", bool(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return cache_dir
 
 
 @contextlib.contextmanager

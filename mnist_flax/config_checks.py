@@ -40,6 +40,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     _require(isinstance(every, int) and not isinstance(every, bool) and every >= 0,
              f"--config.checkpoint_every_steps={every!r}: must be an integer >= 0 (0 = only at "
              "the end of each epoch)")
+    k = config.steps_per_dispatch
+    _require(isinstance(k, int) and not isinstance(k, bool) and k >= 0,
+             f"--config.steps_per_dispatch={k!r}: must be an integer >= 0 (0 = 1 on CPU, 16 on "
+             "GPU/TPU)")
+    _require(isinstance(config.compilation_cache_dir, str),
+             f"--config.compilation_cache_dir={config.compilation_cache_dir!r}: must be a "
+             "directory, a gs:// URL, 'auto' or '' (off)")
     nan_at = config.debug_nan_at_step
     _require(isinstance(nan_at, int) and not isinstance(nan_at, bool) and nan_at >= 0,
              f"--config.debug_nan_at_step={nan_at!r}: must be an integer >= 0 (0 = off; for tests)")

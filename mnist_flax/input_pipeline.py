@@ -386,3 +386,18 @@ def batch_at(dataset: Dataset, seed: int, step: int, batch_size: int) -> dict[st
     order = epoch_permutation(seed, epoch, len(dataset.train_labels))
     idx = order[index * batch_size:(index + 1) * batch_size]
     return {"image": dataset.train_images[idx], "label": dataset.train_labels[idx]}
+
+
+def gather_batch(data: dict, order, index, batch_size: int, sharding=None) -> dict:
+    """`batch_at` on the device: batch `index` of the epoch whose order is `order`.
+
+    `data` is the training split as (replicated) jax arrays and `order` that epoch's
+    `epoch_permutation`; called inside a jit, with `index` traced. With `sharding` (the batch
+    axis) each device gathers only its own rows from its own copy of the data: no host work.
+    """
+    import jax  # Here, not at the top: the rest of this module is numpy only.
+
+    idx = jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size)
+    if sharding is not None:
+        idx = jax.lax.with_sharding_constraint(idx, sharding)
+    return {k: jax.numpy.take(v, idx, axis=0, mode="clip") for k, v in data.items()}

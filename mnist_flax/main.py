@@ -38,6 +38,7 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     with cli.one_line_errors():
         config_checks.validate(config, jax.device_count())
+        cli.enable_compilation_cache(config.compilation_cache_dir)
         workdir.prepare(FLAGS.workdir)
         logging.info("JAX %s, backend %s: %d process(es), %d device(s): %s", jax.__version__,
                      jax.default_backend(), jax.process_count(), jax.device_count(),

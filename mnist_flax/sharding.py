@@ -34,6 +34,15 @@ def shard_batch(mesh: jax.sharding.Mesh,
     }
 
 
+def put_replicated(mesh: jax.sharding.Mesh, array: np.ndarray) -> jax.Array:
+    """The same numpy array on every host -> one global array with a full copy on every device.
+
+    For data every device reads whole (the training set, an epoch's order): each host passes its
+    own copy, so nothing crosses hosts.
+    """
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P()), array, array.shape)
+
+
 def replicate(mesh: jax.sharding.Mesh, tree: Any) -> Any:
     """A full copy of `tree` on every device of every host (the parameters, the optimizer state).
 

@@ -200,6 +200,7 @@ def run_sweep(config: ml_collections.ConfigDict, parent: str, specs: list[str],
     configs = [run_config(config, a) for a in grid]
     for cfg in configs:
         config_checks.validate(cfg, jax.device_count())
+    cli.enable_compilation_cache(config.compilation_cache_dir)  # One cache for the whole sweep.
     results = []
     for assignment, cfg in zip(grid, configs, strict=True):
         logdir = str(workdir.path(parent) / run_name(assignment))

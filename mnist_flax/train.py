@@ -1,10 +1,12 @@
 """Training: TrainState, the optimizer, the jitted steps, and the loop `train_and_evaluate`.
 
 One step, from `main` to the optimizer: `train_and_evaluate` builds `TrainState` (params + optax
-state + dropout key), feeds `train_step` the batch of each step (`input_pipeline.batch_at`, warped
-first by `augment_batch` when the config augments), and `train_step` computes the loss and
-gradients in one pass and applies optax.adam. Everything the step needs is in the state and the
-batch, so a run resumes exactly from a checkpoint of the state.
+state + dropout key), puts the training data on the devices once and each epoch's order
+(`input_pipeline.epoch_permutation`) once per epoch, and `train_steps` runs k steps per dispatch,
+each gathering its batch on the device (`input_pipeline.batch_at`'s batch, warped by
+`augment_batch` when the config augments) and calling `train_step`, which computes the loss and
+gradients in one pass and applies optax.adam. Everything the step needs is in the state, so a run
+resumes exactly from a checkpoint of the state.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import optax
 from absl import logging
 from flax import struct
 from flax.training import train_state
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mnist_flax import (
     augment,
@@ -164,10 +169,110 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
 
 def augment_and_train_step(state: TrainState,
                            batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One step as the training loop (and the benchmarks) run it: the warp first, if any."""
+    """One step on a host-fed batch: the warp first, if any (`train_steps` is the loop's)."""
     if state.augmentation.enabled:  # Static: the tutorial's run never calls augment_batch.
         batch = augment_batch(state, batch)
     return train_step(state, batch)
+
+
+def device_dataset(mesh: jax.sharding.Mesh, dataset: input_pipeline.Dataset) -> Batch:
+    """The training split on every device, once (uint8: 47 MB for MNIST); batches come from it."""
+    return {"image": sharding.put_replicated(mesh, dataset.train_images),
+            "label": sharding.put_replicated(mesh, dataset.train_labels)}
+
+
+def device_epoch_order(mesh: jax.sharding.Mesh, seed: int, epoch: int, n: int) -> jax.Array:
+    """`input_pipeline.epoch_permutation` on every device: 240 kB once per epoch, no per-step work.
+
+    Drawn with numpy as before (1 ms; jax.random.permutation takes 27 ms on CPU), so the data
+    order, and with it every existing checkpoint's resume position, is unchanged.
+    """
+    order = input_pipeline.epoch_permutation(seed, epoch, n).astype(np.int32)
+    return sharding.put_replicated(mesh, order)
+
+
+def _device_batch(state: TrainState, data: Batch, order: jax.Array, batch_size: int,
+                  steps_per_epoch: int, mesh: jax.sharding.Mesh | None) -> Batch:
+    """The batch of step `state.step`, gathered on the device; warped when the config augments."""
+    batch_sharding = NamedSharding(mesh, P("batch")) if mesh is not None else None
+    index = state.step % steps_per_epoch
+    batch = input_pipeline.gather_batch(data, order, index, batch_size, batch_sharding)
+    if state.augmentation.enabled:
+        batch = augment_batch.__wrapped__(state, batch)
+    return batch
+
+
+@functools.partial(ops.jit, static_argnames=("batch_size", "steps_per_epoch", "mesh"))
+def device_batch(state: TrainState, data: Batch, order: jax.Array, *, batch_size: int,
+                 steps_per_epoch: int, mesh: jax.sharding.Mesh | None = None) -> Batch:
+    """`_device_batch` in a jit of its own: how the CPU loop warps (see `dispatch_steps`)."""
+    return _device_batch(state, data, order, batch_size, steps_per_epoch, mesh)
+
+
+def dispatch_steps(state: TrainState, data: Batch, order: jax.Array, *, num_steps: int,
+                   batch_size: int, steps_per_epoch: int,
+                   mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, dict[str, Any]]:
+    """What the loop runs for `num_steps` steps: `train_steps`, except for one augmented step on
+    CPU, where the warp keeps a jit of its own (`device_batch`, then `train_step`): in the step's
+    jit XLA:CPU still fuses the resampling into the first convolution, 1.5x slower (README,
+    Speed). Metrics are (num_steps,) arrays, or scalars from one step."""
+    if num_steps == 1 and state.augmentation.enabled and jax.default_backend() == "cpu":
+        batch = device_batch(state, data, order, batch_size=batch_size,
+                             steps_per_epoch=steps_per_epoch, mesh=mesh)
+        return train_step(state, batch)
+    return train_steps(state, data, order, num_steps=num_steps, batch_size=batch_size,
+                       steps_per_epoch=steps_per_epoch, mesh=mesh)
+
+
+@functools.partial(ops.jit, donate_argnames="state",
+                   static_argnames=("num_steps", "batch_size", "steps_per_epoch", "mesh",
+                                    "step_fn"))
+def train_steps(state: TrainState, data: Batch, order: jax.Array, *, num_steps: int,
+                batch_size: int, steps_per_epoch: int, mesh: jax.sharding.Mesh | None = None,
+                step_fn: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`num_steps` training steps in one dispatch, each on a batch gathered on the device.
+
+    The batch of a step is `input_pipeline.batch_at`'s, taken from `data` (`device_dataset`) in
+    the epoch order `order` (`device_epoch_order`) at index `state.step % steps_per_epoch`: the
+    position in the data comes from the state alone, so a resumed run replays it. The caller keeps
+    the steps inside one epoch. Metrics come back stacked, (num_steps,) each. `num_steps` > 1 runs
+    a `lax.scan`; 1 runs the step's own HLO. `step_fn` (default: `train_step`'s function) is
+    replaceable, for benchmarks/loop_overhead.py's null step.
+    """
+    step_fn = step_fn or train_step.__wrapped__  # The plain functions: a nested jit may not
+    # carry compiler options.
+
+    def one(state: TrainState, _) -> tuple[TrainState, dict[str, jax.Array]]:
+        batch = _device_batch(state, data, order, batch_size, steps_per_epoch, mesh)
+        # As augment_batch's own jit did: XLA would otherwise fuse the gather (and the warp) into
+        # the first convolution's loops and recompute it there (README, Speed).
+        return step_fn(state, lax.optimization_barrier(batch))
+
+    if num_steps == 1:
+        state, metrics = one(state, None)
+        return state, jax.tree.map(lambda m: m[None], metrics)
+    return lax.scan(one, state, length=num_steps)
+
+
+def steps_per_dispatch(config: ml_collections.ConfigDict) -> int:
+    """The config's steps per dispatch; 0 picks per backend: 1 on CPU (XLA:CPU runs the step
+    inside a loop ~100x slower, README Speed), 16 on GPU/TPU (host overhead / 16)."""
+    if config.steps_per_dispatch:
+        return config.steps_per_dispatch
+    return 1 if jax.default_backend() == "cpu" else 16
+
+
+def chunk_steps(step: int, k: int, steps_per_epoch: int, num_steps: int,
+                config: ml_collections.ConfigDict) -> int:
+    """How many steps the dispatch starting at `step` runs: up to `k`, never past the end of the
+    epoch, a log line, a checkpoint, the run, or (tests) the step `debug_nan_at_step` poisons."""
+    stops = [num_steps, (step // steps_per_epoch + 1) * steps_per_epoch]
+    for every in (config.log_every_steps, config.checkpoint_every_steps):
+        if every:
+            stops.append((step // every + 1) * every)
+    if config.debug_nan_at_step - 1 > step:
+        stops.append(config.debug_nan_at_step - 1)
+    return min(k, min(stops) - step)
 
 
 @ops.jit
@@ -182,21 +287,38 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     }
 
 
+@functools.partial(ops.jit, static_argnames="mesh")
+def eval_batches(state: TrainState, batches: Batch,
+                 mesh: jax.sharding.Mesh | None = None) -> dict[str, jax.Array]:
+    """`eval_step` over (num_batches, batch_size, ...) arrays in one dispatch: per-batch sums.
+
+    `lax.map` runs the batches one after another, so memory is one batch's (223 MiB for 1,000
+    images of the tutorial CNN, 2.2 GiB for 10,000 at once); each batch's rows are split over the
+    devices.
+    """
+    def one(batch: Batch) -> dict[str, jax.Array]:
+        if mesh is not None:
+            batch = lax.with_sharding_constraint(batch, NamedSharding(mesh, P("batch")))
+        return eval_step.__wrapped__(state, batch)
+
+    return lax.map(one, batches)
+
+
 def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, batch_size: int,
              mesh: jax.sharding.Mesh) -> dict[str, float]:
-    """Loss and accuracy over every image: the last batch is padded and masked, never dropped."""
+    """Loss and accuracy over every image, in one dispatch of `batch_size`-image batches: the
+    last batch is padded and masked, never dropped."""
     n = len(labels)
-    totals = []
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        pad = batch_size - (stop - start)
-        batch = {
-            "image": np.pad(images[start:stop], ((0, pad), (0, 0), (0, 0), (0, 0))),
-            "label": np.pad(labels[start:stop], (0, pad)),
-            "mask": np.pad(np.ones(stop - start, np.float32), (0, pad)),
-        }
-        totals.append(eval_step(state, sharding.shard_batch(mesh, batch)))
-    totals = jax.tree.map(lambda *x: float(np.sum(x)), *jax.device_get(totals))
+    pad = -n % batch_size
+    batches = {
+        "image": np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
+        "label": np.pad(labels, (0, pad)),
+        "mask": np.pad(np.ones(n, np.float32), (0, pad)),
+    }
+    batches = {k: sharding.put_replicated(mesh, v.reshape(-1, batch_size, *v.shape[1:]))
+               for k, v in batches.items()}
+    totals = jax.device_get(eval_batches(state, batches, mesh))
+    totals = {k: float(np.sum(list(v))) for k, v in totals.items()}
     count = totals["count"]
     return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count}
 
@@ -241,7 +363,8 @@ def check_savable(state: TrainState, pending: list[dict[str, jax.Array]], step: 
     Progress lines check the loss only every `log_every_steps`; this checks the steps since the
     last one and every parameter (a finite loss can still give NaN gradients), for a few ms a save.
     """
-    _check_finite([float(loss) for loss in jax.device_get([m["loss"] for m in pending])], step)
+    losses = jax.device_get([m["loss"] for m in pending])  # Scalars, or (k,) per dispatch.
+    _check_finite([float(loss) for chunk in losses for loss in np.ravel(chunk)], step)
     if not bool(all_finite(state.params)):
         raise TrainingDivergedError(
             f"the parameters became NaN or Inf at step {step}; stopped without saving them (the "
@@ -270,14 +393,16 @@ class _Progress:
 
     def add(self, step_metrics: dict[str, jax.Array], done: int, epoch: int,
             end_of_epoch: bool) -> None:
-        """Keeps one step's metrics; every log_every_steps (and at epoch end) logs a line."""
+        """Keeps one dispatch's metrics ((k,) each); every log_every_steps (and at epoch end)
+        logs a line."""
         self.pending.append(step_metrics)
         if done % self.config.log_every_steps and not end_of_epoch:
             return
         host, self.pending = jax.device_get(self.pending), []
-        _check_finite([float(m["loss"]) for m in host], done)
-        mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        self.logged.append({**mean, "n": len(host)})
+        per_step = {k: np.concatenate([np.ravel(m[k]) for m in host]) for k in host[0]}
+        _check_finite([float(loss) for loss in per_step["loss"]], done)
+        mean = {k: float(np.mean(v)) for k, v in per_step.items()}
+        self.logged.append({**mean, "n": len(per_step["loss"])})
         now, (then, last_step) = time.perf_counter(), self.last_log
         images_per_second = (done - last_step) * self.config.batch_size / (now - then)
         self.last_log = (now, done)
@@ -310,6 +435,40 @@ def _end_of_epoch(state: TrainState, progress: _Progress, done: int, epoch: int,
                  metrics["train/accuracy"], test["loss"], test["accuracy"],
                  metrics["train/images_per_second"])
     return metrics
+
+
+_CACHE_LISTENING: list[bool] = []  # Registered once, on the first run's first dispatch.
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": 0, "/jax/compilation_cache/cache_misses": 0}
+
+
+def _count_cache_event(event: str, **kwargs) -> None:
+    if event in _CACHE_EVENTS:
+        _CACHE_EVENTS[event] += 1
+
+
+@contextlib.contextmanager
+def _compile_cache_log(first_dispatch: bool):
+    """Around the first training dispatch: logs whether the step was compiled or loaded from JAX's
+    persistent compilation cache (`cli.enable_compilation_cache`)."""
+    if not first_dispatch:
+        yield
+        return
+    if not _CACHE_LISTENING:
+        jax.monitoring.register_event_listener(_count_cache_event)
+        _CACHE_LISTENING.append(True)
+    before, start = dict(_CACHE_EVENTS), time.perf_counter()
+    yield
+    hits, misses = (_CACHE_EVENTS[e] - before[e] for e in _CACHE_EVENTS)
+    cache_dir = jax.config.jax_compilation_cache_dir
+    if not hits and not misses and cache_dir:
+        logging.info("Training step: already compiled in this process")
+    elif hits and not misses:
+        logging.info("Training step: compile-cache hit, loaded from %s in %.2f s (not "
+                     "recompiled)", cache_dir, time.perf_counter() - start)
+    else:
+        logging.info("Training step: compiled in %.2f s (persistent compilation cache: %s)",
+                     time.perf_counter() - start, f"miss, saved to {cache_dir}" if cache_dir
+                     else "off")
 
 
 def _restore(workdir: str, state: TrainState, position: dict[str, int],
@@ -369,15 +528,24 @@ def train_and_evaluate(
         workdir_lib.write_config(workdir, config)
         summaries.write_run_info(writer, config, dataset, state.params)
         summaries.write_model_summary(writer, models.create_model(config))
-        for step in range(start_step, num_steps):
+        # The data lives on the devices; per dispatch the host sends only the state's handles.
+        data, order, order_epoch = device_dataset(mesh, dataset), None, None
+        k, step = steps_per_dispatch(config), start_step
+        while step < num_steps:
             epoch, index = divmod(step, steps_per_epoch)
             if index == 0 or step == start_step:  # A resumed run may start mid-epoch.
                 progress.start_epoch(step)
-            batch = input_pipeline.batch_at(dataset, config.seed, step, config.batch_size)
+            if order_epoch != epoch:
+                order, order_epoch = device_epoch_order(mesh, config.seed, epoch, num_train), epoch
             if step + 1 == config.debug_nan_at_step:  # Tests only: this step's loss becomes NaN.
                 state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
-            state, step_metrics = augment_and_train_step(state, sharding.shard_batch(mesh, batch))
-            done, end_of_epoch = step + 1, index + 1 == steps_per_epoch
+            n = chunk_steps(step, k, steps_per_epoch, num_steps, config)
+            with _compile_cache_log(step == start_step):
+                state, step_metrics = dispatch_steps(
+                    state, data, order, num_steps=n, batch_size=config.batch_size,
+                    steps_per_epoch=steps_per_epoch, mesh=mesh)
+            done, end_of_epoch = step + n, index + n == steps_per_epoch
+            step = done
             progress.add(step_metrics, done, epoch, end_of_epoch)
             if end_of_epoch:
                 metrics = _end_of_epoch(state, progress, done, epoch, dataset, mesh, schedule,

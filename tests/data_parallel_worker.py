@@ -1,4 +1,5 @@
-"""Runs a few training steps through main's data path on N devices (one or several processes).
+"""Runs a few training steps on host-fed batches and through main's device-resident data path
+on N devices (one or several processes).
 
 Used by test_data_parallel.py in subprocesses, because the device count is fixed at JAX start-up:
     python tests/data_parallel_worker.py --devices=8 --steps=4
@@ -46,9 +47,23 @@ for index in range(args.steps):
     assert batch["image"].sharding.spec == jax.sharding.PartitionSpec("batch")
     state, metrics = train.train_step(state, batch)
     losses.append(float(metrics["loss"]))
+# train_and_evaluate's path: the data on the devices, each device gathering its rows of the batch.
+data = train.device_dataset(mesh, dataset)
+order = train.device_epoch_order(mesh, config.seed, 0, len(labels))
+loop_state = sharding.replicate(mesh, train.create_train_state(config, jax.random.key(0)))
+loop_losses = []
+for _ in range(args.steps):
+    loop_state, metrics = train.train_steps(loop_state, data, order, num_steps=1,
+                                            batch_size=config.batch_size,
+                                            steps_per_epoch=len(labels) // config.batch_size,
+                                            mesh=mesh)
+    loop_losses += [float(x) for x in np.asarray(jax.device_get(metrics["loss"]))]
+loop_checksums = [float(np.abs(np.asarray(jax.device_get(p))).sum())
+                  for p in jax.tree.leaves(loop_state.params)]
 test = train.evaluate(state, dataset.test_images, dataset.test_labels, 128, mesh)
 checksums = [float(np.abs(np.asarray(jax.device_get(p))).sum())
              for p in jax.tree.leaves(state.params)]
 print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                   "devices": jax.device_count(), "losses": losses, "checksums": checksums,
-                  "test_loss": test["loss"]}))
+                  "test_loss": test["loss"], "loop_losses": loop_losses,
+                  "loop_checksums": loop_checksums}))

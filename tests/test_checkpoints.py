@@ -334,3 +334,19 @@ def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_stays_intact(resu
     log = run_to_end(command, base / "ctrl_c_twice_resumed.log")
     assert "Resuming from the checkpoint at step " in log and "damaged" not in log, log[-3000:]
     assert_trees_identical(final_state(base / "ctrl_c_twice"), expected)
+
+
+def test_sigterm_with_4_steps_per_dispatch_then_resume_equals_single_steps(resume_setup):
+    """k steps per dispatch: the SIGTERM stop lands on a dispatch's end, and the resumed run ends
+    bit-identical to the uninterrupted one-step-per-dispatch run."""
+    base, expected = resume_setup
+    command = [*main_command(base / "data", base / "k4"), "--config.steps_per_dispatch=4",
+               "--config.log_every_steps=4"]
+    rc, log = run_and_interrupt(command, base / "k4.log", signal.SIGTERM, after_step=8)
+    assert rc == workdir_lib.PREEMPTED_EXIT_CODE, log[-3000:]
+    stopped_at = int(re.search(r"SIGTERM: saved the checkpoint at step (\d+)", log).group(1))
+    assert 8 <= stopped_at < NUM_STEPS
+
+    log = run_to_end(command, base / "k4_resumed.log")
+    assert f"Resuming from the checkpoint at step {stopped_at} " in log
+    assert_trees_identical(final_state(base / "k4"), expected)

@@ -35,6 +35,11 @@ def _assert_same_run(a: dict, b: dict) -> None:
     np.testing.assert_allclose(a["losses"], b["losses"], rtol=2e-5)
     np.testing.assert_allclose(a["checksums"], b["checksums"], rtol=1e-4)
     np.testing.assert_allclose(a["test_loss"], b["test_loss"], rtol=1e-4)
+    np.testing.assert_allclose(a["loop_losses"], b["loop_losses"], rtol=2e-5)
+    np.testing.assert_allclose(a["loop_checksums"], b["loop_checksums"], rtol=1e-4)
+    # Within a run, the device-resident loop trains on the same batches as the host-fed steps.
+    np.testing.assert_allclose(b["loop_losses"], b["losses"], rtol=2e-5)
+    np.testing.assert_allclose(b["loop_checksums"], b["checksums"], rtol=1e-5)
 
 
 def test_eight_devices_match_one(one_device):

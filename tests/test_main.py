@@ -87,6 +87,8 @@ def test_default_command_offline_uses_the_packaged_sample_and_says_so(tmp_path):
          "larger than the 4,000 training images"),
         (["--config.compute_dtype=float16"], "--config.compute_dtype='float16': must be one of"),
         (["--config.kernel_init=glorot"], "--config.kernel_init='glorot': must be one of"),
+        (["--config.steps_per_dispatch=-1"],
+         "--config.steps_per_dispatch=-1: must be an integer >= 0"),
         (["--config.data_source=idx", "--config.data_dir=/nonexistent"],
          "/nonexistent: not a directory"),
     ],
@@ -111,3 +113,20 @@ def test_missing_or_unusable_workdir(tmp_path):
     assert a_file.read_text() == "keep me"
     result = run_main(f"--workdir={a_file}/sub")
     assert "cannot write there" in result.stderr.strip().splitlines()[-1]
+
+
+def test_second_run_of_a_config_loads_the_step_from_the_compilation_cache(tmp_path, idx_dir):
+    """config.compilation_cache_dir: the first run compiles the step and saves it, the second
+    (a fresh process, another workdir) logs a compile-cache hit instead of compiling."""
+    args = [f"--config.data_dir={idx_dir}", "--config.num_epochs=1", "--config.batch_size=32",
+            "--config.verify_checksums=False", "--config.conv_features=(4,8)",
+            "--config.dense_features=16", f"--config.compilation_cache_dir={tmp_path / 'cache'}"]
+    first = run_main(f"--workdir={tmp_path / 'a'}", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Training step: compiled" in first.stderr and "miss, saved to" in first.stderr
+    assert "compile-cache hit" not in first.stderr
+    second = run_main(f"--workdir={tmp_path / 'b'}", *args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"Training step: compile-cache hit, loaded from {tmp_path / 'cache'}" in second.stderr
+    assert "Training step: compiled" not in second.stderr
+    assert first.stdout.splitlines()[-2:] == second.stdout.splitlines()[-2:]  # Same result.
