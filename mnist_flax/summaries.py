@@ -17,6 +17,7 @@ from tensorboardX import SummaryWriter
 from tensorboardX import summary as tbx_summary
 
 from mnist_flax import drawing, input_pipeline
+from mnist_flax import workdir as workdir_lib
 
 # Metric names are an API: TensorBoard dashboards, the benchmark and the tests read these tags.
 SCALAR_TAGS = (
@@ -42,6 +43,7 @@ def open_writer(workdir: str, start_step: int = 0) -> Iterator[SummaryWriter | N
     if jax.process_index() != 0:
         yield None
         return
+    workdir_lib.check_client(workdir)  # Else a gs:// logdir is an ImportError plus a traceback.
     writer = SummaryWriter(logdir=workdir, flush_secs=10,
                            purge_step=start_step + 1 if start_step else None)
     try:
