@@ -53,9 +53,9 @@ def test_train_keep_resume_predict_and_tensorboard_on_gs(gcs_emulator, gcs_bucke
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming from the checkpoint at step 16" in result.stderr
 
-    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.backend.event_processing import event_multiplexer
 
-    events = event_accumulator.EventMultiplexer()
+    events = event_multiplexer.EventMultiplexer()
     events.AddRunsFromDirectory(workdir)  # As `tensorboard --logdir=gs://...` finds the run.
     events.Reload()
     (run,) = events.Runs()
@@ -64,7 +64,9 @@ def test_train_keep_resume_predict_and_tensorboard_on_gs(gcs_emulator, gcs_bucke
     image = tmp_path / "digit.png"
     from PIL import Image
 
-    Image.fromarray(np.zeros((28, 28), np.uint8)).save(image)
+    one = np.zeros((28, 28), np.uint8)
+    one[4:24, 13:16] = 255  # A "1".
+    Image.fromarray(one).save(image)
     result = run_module("predict", f"--workdir={workdir}", str(image), "--json",
                         env=gcs_emulator.env)
     assert result.returncode == 0, result.stderr[-3000:]
