@@ -202,10 +202,15 @@ def restore_params(workdir: str, expected_params: Any) -> tuple[Any, int]:
                               f"python -m mnist_flax.main --workdir={workdir}")
     where = checkpoint_dir(workdir) / str(step)
     with contextlib.closing(create_manager(workdir, 1, read_only=True)) as manager:
-        saved = manager.item_metadata(step)["state"].tree["params"]
-        check_shapes(tree_shapes({"params": saved}), tree_shapes({"params": expected_params}),
-                     where)
+        saved_tree = manager.item_metadata(step)["state"].tree
+        check_shapes(tree_shapes({"params": saved_tree["params"]}),
+                     tree_shapes({"params": expected_params}), where)
+        # Onto this machine's first device: the saved shardings name the devices of the run that
+        # wrote it (a pod slice's, say), which orbax cannot map onto another topology.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              saved_tree)
         restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))
+            state=ocp.args.StandardRestore(target)))
     params = jax.tree.map(np.asarray, restored["state"]["params"])
     return params, step
