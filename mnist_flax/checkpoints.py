@@ -155,14 +155,19 @@ def _save_failed(manager: ocp.CheckpointManager, step: int, e: Exception) -> str
     """The one-line error for a failed save. The half-written save is a tmp directory that no
     restore reads (the next manager deletes it), so the newest complete checkpoint is intact."""
     message = str(e)
-    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in message:
+    full = getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in message
+    if full:
         reason = "no space left on device"
     else:
         reason = f"{type(e).__name__}: {(message.strip().splitlines() or [''])[0][:200]}"
-    last = manager.latest_step()
+    try:
+        last = manager.latest_step()
+    except Exception:  # noqa: BLE001 (storage unreachable: the listing fails too)
+        last = None
     kept = f"the checkpoint at step {last} is intact" if last is not None else "no checkpoint yet"
+    fix = "free space" if full else "fix that (is the storage reachable?)"
     return (f"{manager.directory}: saving the checkpoint at step {step} failed ({reason}); {kept}; "
-            "free space and run the same command to resume")
+            f"{fix} and run the same command to resume")
 
 
 def restore(workdir: str, state, position: dict[str, int]):

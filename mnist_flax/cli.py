@@ -36,6 +36,22 @@ def one_line_errors() -> Iterator[None]:
         sys.exit(f"error: {e}")
     except workdir.Preempted:  # The checkpoint is saved; the same command resumes.
         sys.exit(workdir.PREEMPTED_EXIT_CODE)
+    except Exception as e:
+        if not is_storage_error(e):
+            raise
+        sys.exit(f"error: the workdir's storage stopped answering ({type(e).__name__}: "
+                 f"{(str(e).strip().splitlines() or [''])[0][:200]}); the last committed checkpoint "
+                 "is intact; run the same command again when it answers")
+
+
+# Where the clients of a gs:// workdir (google-cloud-storage, gcsfs) raise from when the network
+# or the bucket goes away mid-run, after their own retries.
+_STORAGE_ERROR_MODULES = ("google.api_core.", "google.auth.", "aiohttp.", "requests.", "urllib3.")
+
+
+def is_storage_error(e: BaseException) -> bool:
+    return isinstance(e, ConnectionError | TimeoutError) or any(
+        type(e).__module__.startswith(m) for m in _STORAGE_ERROR_MODULES)
 
 
 def _exit_bad_config(e: Exception) -> None:

@@ -8,11 +8,13 @@ below list them and tests/test_summaries.py reads them back with TensorBoard's o
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from tensorboardX import SummaryWriter
 from tensorboardX import summary as tbx_summary
 
@@ -31,6 +33,7 @@ TEXT_TAGS = ("config", "data", "model/num_params", "model/summary")
 # The metric columns of TensorBoard's HParams table (the last value of each scalar in the run).
 HPARAM_METRICS = ("test/accuracy", "test/loss", "train/accuracy", "train/loss")
 WORST_ERRORS = 24  # Misclassified test digits shown, most confident first.
+CLOSE_TIMEOUT_S = 30.0  # For the last upload of a gs:// event file.
 
 
 @contextlib.contextmanager
@@ -49,7 +52,39 @@ def open_writer(workdir: str, start_step: int = 0) -> Iterator[SummaryWriter | N
     try:
         yield writer
     finally:
-        writer.close()
+        if workdir_lib.is_remote(workdir):
+            _close_remote(writer, workdir)
+        else:
+            writer.close()
+
+
+def _close_remote(writer: SummaryWriter, workdir: str) -> None:
+    """Closes a gs:// writer within CLOSE_TIMEOUT_S. tensorboardX uploads the whole event file on
+    close and retries for 120 s when the bucket is unreachable, then again at exit (atexit and a
+    destructor): a run stopping because storage went away would hang minutes and end in a
+    traceback. After a failed or slow close it is abandoned (the events of the last
+    `flush_secs` are lost; the checkpoints are not)."""
+    errors: list[Exception] = []
+
+    def close() -> None:
+        try:
+            writer.close()
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    thread = threading.Thread(target=close, daemon=True, name="close TensorBoard writer")
+    thread.start()
+    thread.join(CLOSE_TIMEOUT_S)
+    if not thread.is_alive() and not errors:
+        return
+    reason = f"{type(errors[0]).__name__}" if errors else f"no answer in {CLOSE_TIMEOUT_S:.0f} s"
+    logging.warning("could not upload the last TensorBoard events to %s (%s)", workdir, reason)
+    try:  # tensorboardX's private attributes: without them, exit retries the upload twice.
+        event_writer = writer.file_writer.event_writer
+        event_writer._ev_writer._py_recordio_writer._writer.flush = lambda: None
+        event_writer._closed = True
+    except AttributeError:
+        pass
 
 
 def count_params(params) -> int:
