@@ -39,9 +39,10 @@ def one_line_errors() -> Iterator[None]:
     except Exception as e:
         if not is_storage_error(e):
             raise
-        sys.exit(f"error: the workdir's storage stopped answering ({type(e).__name__}: "
-                 f"{(str(e).strip().splitlines() or [''])[0][:200]}); the last committed checkpoint "
-                 "is intact; run the same command again when it answers")
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        sys.exit(f"error: the workdir's storage stopped answering ({type(e).__name__}: {first}); "
+                 "the last committed checkpoint is intact; run the same command again when it "
+                 "answers")
 
 
 # Where the clients of a gs:// workdir (google-cloud-storage, gcsfs) raise from when the network
