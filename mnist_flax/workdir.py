@@ -104,7 +104,8 @@ def prepare(workdir: str) -> None:
             raise WorkdirError(f"--workdir={workdir}: exists and is not a directory; pick another "
                                "path")
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write_test.{os.getpid()}"
+        # Random: every host of a pod probes the same bucket, and their pids may coincide.
+        probe = root / f".write_test.{os.getpid()}.{secrets.token_hex(4)}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
