@@ -281,14 +281,19 @@ def _save_failed(manager: ocp.CheckpointManager, step: int, e: Exception) -> str
     """The one-line error for a failed save. The half-written save is a tmp directory that no
     restore reads (the next manager deletes it), so the newest complete checkpoint is intact."""
     message = str(e)
-    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in message:
+    full = getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in message
+    if full:
         reason = "no space left on device"
     else:
         reason = _first_line(e)
-    last = manager.latest_step()
+    try:
+        last = manager.latest_step()
+    except Exception:  # noqa: BLE001 (storage unreachable: the listing fails too)
+        last = None
     kept = f"the checkpoint at step {last} is intact" if last is not None else "no checkpoint yet"
+    fix = "free space" if full else "fix that (is the storage reachable?)"
     return (f"{manager.directory}: saving the checkpoint at step {step} failed ({reason}); {kept}; "
-            "free space and run the same command to resume")
+            f"{fix} and run the same command to resume")
 
 
 def _verified(step: int, tree: Any, position: dict[str, Any], where: epath.Path) -> None:
@@ -386,11 +391,16 @@ def restore_params(workdir: str, expected_params: Any) -> tuple[Any, int]:
                               f"python -m mnist_flax.main --workdir={workdir}")
 
     def read(manager, step, where):
-        saved = manager.item_metadata(step)["state"].tree["params"]
-        check_shapes(tree_shapes({"params": saved}), tree_shapes({"params": expected_params}),
-                     where)
+        saved_tree = manager.item_metadata(step)["state"].tree
+        check_shapes(tree_shapes({"params": saved_tree["params"]}),
+                     tree_shapes({"params": expected_params}), where)
+        # Onto this machine's first device: the saved shardings name the devices of the run that
+        # wrote it (a pod slice's, say), which orbax cannot map onto another topology.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              saved_tree)
         restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), position=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(target), position=ocp.args.JsonRestore()))
         _verified(step, restored["state"], restored["position"], where)
         return jax.tree.map(np.asarray, restored["state"]["params"])
 

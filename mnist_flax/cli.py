@@ -71,6 +71,23 @@ def one_line_errors() -> Iterator[None]:
         print("Interrupted (Ctrl-C): stopped at once without saving; the checkpoints already in "
               "the workdir are intact. Run the same command to resume.", file=sys.stderr)
         sys.exit(workdir.INTERRUPTED_EXIT_CODE)
+    except Exception as e:
+        if not is_storage_error(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        sys.exit(f"error: the workdir's storage stopped answering ({type(e).__name__}: {first}); "
+                 "the last committed checkpoint is intact; run the same command again when it "
+                 "answers")
+
+
+# Where the clients of a gs:// workdir (google-cloud-storage, gcsfs) raise from when the network
+# or the bucket goes away mid-run, after their own retries.
+_STORAGE_ERROR_MODULES = ("google.api_core.", "google.auth.", "aiohttp.", "requests.", "urllib3.")
+
+
+def is_storage_error(e: BaseException) -> bool:
+    return isinstance(e, ConnectionError | TimeoutError) or any(
+        type(e).__module__.startswith(m) for m in _STORAGE_ERROR_MODULES)
 
 
 def _exit_bad_config(e: Exception) -> None:

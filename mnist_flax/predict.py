@@ -131,7 +131,11 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
     ink on black, as MNIST (use `preprocess` for other pictures). `predict.step` is the
     checkpoint's step.
     """
-    if not workdir_lib.path(workdir).is_dir():
+    try:
+        root = workdir_lib.path(workdir)  # A gs:// workdir without the gcs extra: one line.
+    except workdir_lib.WorkdirError as e:
+        raise PredictError(str(e)) from None
+    if not root.is_dir():
         raise PredictError(f"--workdir={workdir}: no such directory")
     if checkpoints.latest_step(workdir) is None:
         raise PredictError(f"{checkpoints.checkpoint_dir(workdir)}: no checkpoint; train first "

@@ -14,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import threading
 from collections.abc import Iterator
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from tensorboard.plugins.hparams import api_pb2 as hparams_api
 from tensorboard.plugins.hparams import plugin_data_pb2 as hparams_data
 from tensorboardX import SummaryWriter
@@ -26,6 +28,7 @@ from tensorboardX import summary as tbx_summary
 from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 
 from mnist_flax import drawing, input_pipeline
+from mnist_flax import workdir as workdir_lib
 
 # Metric names are an API. Keys: the names `train_and_evaluate` returns and logs; values: the
 # (sub-run, tag) each is written under. TensorBoard's Time Series groups tags by the part before
@@ -66,6 +69,7 @@ class Writers:
     def flush(self) -> None:
         for writer in (self.run, self.train, self.test):
             writer.flush()
+CLOSE_TIMEOUT_S = 30.0  # For the last upload of a gs:// event file.
 
 
 @contextlib.contextmanager
@@ -79,15 +83,48 @@ def open_writer(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
     if jax.process_index() != 0:
         yield None
         return
+    workdir_lib.check_client(workdir)  # Else a gs:// logdir is an ImportError plus a traceback.
     purge_step = start_step + 1 if start_step else None
     with contextlib.ExitStack() as stack:
         def open_one(logdir: str) -> SummaryWriter:
             writer = SummaryWriter(logdir=logdir, flush_secs=10, purge_step=purge_step)
-            stack.callback(writer.close)
+            if workdir_lib.is_remote(logdir):
+                stack.callback(_close_remote, writer, logdir)
+            else:
+                stack.callback(writer.close)
             return writer
 
         yield Writers(open_one(workdir), *(open_one(f"{workdir.rstrip('/')}/{run}")
                                            for run in RUNS))
+
+
+def _close_remote(writer: SummaryWriter, workdir: str) -> None:
+    """Closes a gs:// writer within CLOSE_TIMEOUT_S. tensorboardX uploads the whole event file on
+    close and retries for 120 s when the bucket is unreachable, then again at exit (atexit and a
+    destructor): a run stopping because storage went away would hang minutes and end in a
+    traceback. After a failed or slow close it is abandoned (the events of the last
+    `flush_secs` are lost; the checkpoints are not)."""
+    errors: list[Exception] = []
+
+    def close() -> None:
+        try:
+            writer.close()
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    thread = threading.Thread(target=close, daemon=True, name="close TensorBoard writer")
+    thread.start()
+    thread.join(CLOSE_TIMEOUT_S)
+    if not thread.is_alive() and not errors:
+        return
+    reason = f"{type(errors[0]).__name__}" if errors else f"no answer in {CLOSE_TIMEOUT_S:.0f} s"
+    logging.warning("could not upload the last TensorBoard events to %s (%s)", workdir, reason)
+    try:  # tensorboardX's private attributes: without them, exit retries the upload twice.
+        event_writer = writer.file_writer.event_writer
+        event_writer._ev_writer._py_recordio_writer._writer.flush = lambda: None
+        event_writer._closed = True
+    except AttributeError:
+        pass
 
 
 def count_params(params) -> int:

@@ -512,6 +512,8 @@ def train_and_evaluate(
                                  config=config, num_train=num_train)
     state = sharding.replicate(mesh, create_train_state(config, jax.random.key(config.seed),
                                                         steps_per_epoch))
+    # Every process must see the workdir process 0 writes (a pod's hosts share no disk).
+    workdir_lib.check_shared(workdir)
     # Shapes and data order are checked before anything in the workdir is written.
     state, damaged = _restore(workdir, state, position(0), config)
     start_step = int(state.step)
@@ -521,7 +523,7 @@ def train_and_evaluate(
     # From here on the workdir is this run's alone: a second run stops with a one-line error.
     # SIGTERM (a preemption) and Ctrl-C only set a flag; the step in flight finishes, then we
     # save and stop. Damaged checkpoints that the restore skipped are moved aside, not deleted.
-    with (workdir_lib.lock(workdir), workdir_lib.StopFlag() as stop,
+    with (workdir_lib.lock(workdir) as held, workdir_lib.StopFlag() as stop,
           contextlib.closing(checkpoints.create_manager(
               workdir, config.checkpoint_keep, set_aside=damaged)) as manager,
           summaries.open_writer(workdir, start_step) as writer):
@@ -553,10 +555,12 @@ def train_and_evaluate(
             every = config.checkpoint_every_steps
             if end_of_epoch or (every and done % every == 0) or stop.is_set():
                 check_savable(state, progress.pending, done)
+                held.check()  # A run that lost its gs:// lease must not save over another's.
                 checkpoints.save(manager, state, position(done))
             if stop.is_set():
                 workdir_lib.log_preempted(done, stop.signum)
                 raise workdir_lib.Preempted(done, stop.signum)
+        held.check()
         checkpoints.save(manager, state, position(int(state.step)))  # No-op when already saved.
         if not metrics:  # Nothing left to train (a finished run restarted): evaluate what we have.
             test = evaluate(state, dataset.test_images, dataset.test_labels,

@@ -1,7 +1,10 @@
 """The workdir as a place: its path (local or gs://), the one-run lock, config.json, stop signals.
 
 Every path under a workdir goes through `etils.epath`, the path layer orbax uses, so a local
-directory and a `gs://` bucket behave the same. Only process 0 locks and writes config.json.
+directory and a `gs://` bucket behave the same (gcsfs underneath, from the `gcs` extra). Only
+process 0 locks and writes config.json. The lock is a kernel flock on a local disk and a lease
+(mnist_flax.lease) in a bucket, where no flock exists. With several processes (a pod slice),
+`check_shared` stops a run whose hosts do not all see the same workdir.
 """
 
 from __future__ import annotations
@@ -9,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import importlib.util
 import json
 import os
+import secrets
 import signal
 import threading
 from collections.abc import Iterator
@@ -18,11 +23,19 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from etils import epath
 
+from mnist_flax import lease as lease_lib
+
 CONFIG_FILE = "config.json"  # The config the run was started (or resumed) with.
-LOCK_FILE = ".lock"  # Held by the run using the workdir; holds that run's pid.
+LOCK_FILE = ".lock"  # Held by the run using the workdir; holds that run's pid (or its lease).
+SHARED_CHECK_FILE = ".shared_check"  # Written by process 0, read by all: do they share the dir?
+# How long a gs:// workdir stays locked after its run dies without releasing it (kill -9, a lost
+# VM); a live run renews its lease every third of it. README, "TPU VMs", says why a lease.
+LEASE_TTL_S = lease_lib.DEFAULT_TTL_S
+GCS_EXTRA = "pip install 'mnist_flax[gcs]'"
 # Exit status of a run stopped by SIGTERM after saving its checkpoint: 128 + SIGTERM, what a
 # shell reports for a process SIGTERM ended, so job systems see "terminated" and can restart it.
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
@@ -48,45 +61,176 @@ class Preempted(Exception):  # noqa: N818 (a signal, not an error)
 def path(workdir: str | os.PathLike) -> epath.Path:
     """The workdir as an epath: absolute when local, unchanged when a URL such as gs://."""
     text = os.fspath(workdir)
-    return epath.Path(text if is_remote(text) else os.path.abspath(text))
+    if is_remote(text):
+        check_client(text)
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(text))
 
 
 def is_remote(workdir: str | os.PathLike) -> bool:
     return "://" in os.fspath(workdir)
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # A parent package (google.cloud) is missing.
+        return False
+
+
+def check_client(workdir: str) -> None:
+    """One line if `workdir` is a URL we cannot write: not gs://, or the `gcs` extra is missing.
+
+    Without it epath, tensorboardX and orbax each fail differently (and tensorboardX prints a
+    traceback from a destructor), so every entry point asks here first.
+    """
+    if not is_remote(workdir):
+        return
+    if not workdir.startswith("gs://"):
+        raise WorkdirError(f"--workdir={workdir}: only local directories and gs:// URLs are "
+                           "supported")
+    missing = [m for m in ("gcsfs", "google.cloud.storage") if not _installed(m)]
+    if missing:
+        raise WorkdirError(f"--workdir={workdir}: a gs:// workdir needs {' and '.join(missing)}, "
+                           f"which the gcs extra installs: {GCS_EXTRA}")
+
+
 def prepare(workdir: str) -> None:
-    """Creates the workdir if needed; refuses a path that is a file or cannot be written."""
+    """Creates the workdir if needed; refuses a path that is a file or cannot be written.
+
+    In a bucket, mkdir succeeds even when the bucket does not exist: only the probe write shows
+    a missing bucket (FileNotFoundError) or missing permission.
+    """
     if not workdir:
         raise WorkdirError("--workdir is empty; pass a directory, e.g. --workdir=runs/")
     root = path(workdir)
-    if root.exists() and not root.is_dir():
-        raise WorkdirError(f"--workdir={workdir}: exists and is not a directory; pick another path")
     try:
+        if root.exists() and not root.is_dir():
+            raise WorkdirError(f"--workdir={workdir}: exists and is not a directory; pick another "
+                               "path")
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write_test.{os.getpid()}"
+        # Random: every host of a pod probes the same bucket, and their pids may coincide.
+        probe = root / f".write_test.{os.getpid()}.{secrets.token_hex(4)}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
+        if is_remote(workdir):
+            bucket = workdir[len("gs://"):].split("/")[0]
+            reason = (f"bucket {bucket} does not exist" if isinstance(e, FileNotFoundError)
+                      else _first_line(e))
+            raise WorkdirError(f"--workdir={workdir}: cannot write there ({reason}); create the "
+                               "bucket (gcloud storage buckets create gs://BUCKET) or pick one "
+                               "this machine's service account can write") from None
         raise WorkdirError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); "
                            "pick a writable directory") from None
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
+def _on_every_process(ok: bool) -> bool:
+    """True if `ok` holds on every process (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def check_shared(workdir: str) -> None:
+    """With several processes, stops unless all of them see the same workdir (a collective).
+
+    Process 0 writes a random token; after a barrier every process reads it back. Hosts of a pod
+    slice share no disk, so a local workdir would give each host its own checkpoints (and process
+    0's lock would guard only its own): the fix is a bucket. A gs:// workdir is shared already.
+    """
+    if jax.process_count() == 1 or is_remote(workdir):
+        return
+    from jax.experimental import multihost_utils
+
+    probe = path(workdir) / SHARED_CHECK_FILE
+    if jax.process_index() == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(str(secrets.randbits(31)))
+    multihost_utils.sync_global_devices("mnist_flax.workdir.check_shared: written")
+    try:
+        token = int(probe.read_text())
+    except (OSError, ValueError):
+        token = -1
+    tokens = np.asarray(multihost_utils.process_allgather(np.int32(token))).ravel()
+    blind = [i for i, t in enumerate(tokens) if t != tokens[0]]
+    if jax.process_index() == 0:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise WorkdirError(
+            f"--workdir={workdir} is not shared by the {len(tokens)} processes: process(es) "
+            f"{', '.join(map(str, blind))} cannot see what process 0 writes there, so they would "
+            "not see its checkpoints; use a bucket all hosts reach, e.g. "
+            "--workdir=gs://BUCKET/runs/NAME")
 
 
 # ---------------------------------------------------------------------------------------------
 # One run per workdir.
 
 
-@contextlib.contextmanager
-def lock(workdir: str) -> Iterator[None]:
-    """Holds an exclusive flock on workdir/.lock while the block runs, so a second run on the same
-    workdir stops at once instead of interleaving its checkpoints and events with ours.
+@dataclasses.dataclass
+class Held:
+    """The workdir, held by this run (`lock`'s value). `check()` before each save: it raises on
+    every process if process 0 lost its lease (storage unreachable, or taken over)."""
 
-    The kernel drops the lock when the process dies, so a SIGKILLed run never blocks the next one.
-    Only process 0 locks: it alone writes the config and events.
+    workdir: str
+    lease: lease_lib.Lease | None = None  # Process 0's, on a gs:// workdir.
+
+    def check(self) -> None:
+        lost = self.lease is not None and self.lease.lost.is_set()
+        if _on_every_process(not lost):
+            return
+        if lost:
+            try:
+                self.lease.check()
+            except lease_lib.LeaseError as e:
+                raise WorkdirError(str(e)) from None
+        raise WorkdirError(f"process 0 lost its lease on --workdir={self.workdir}; this run saves "
+                           "no more (see process 0's log)")
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[Held]:
+    """Holds the workdir while the block runs, so a second run on it stops at once instead of
+    interleaving its checkpoints and events with ours. A collective with several processes.
+
+    Locally: an exclusive flock on workdir/.lock, which the kernel drops when the process dies,
+    so a SIGKILLed run never blocks the next one. In a bucket: a lease on workdir/.lock that a
+    live run renews and a killed run's runs out after LEASE_TTL_S. Only process 0 locks (it alone
+    writes the config and events); all processes agree on whether it got the lock.
     """
-    if jax.process_index() != 0:
-        yield
-        return
+    held = Held(workdir)
+    with contextlib.ExitStack() as stack:
+        error = None
+        if jax.process_index() == 0:
+            try:
+                if is_remote(workdir):
+                    held.lease = stack.enter_context(_lease(workdir))
+                else:
+                    stack.enter_context(_flock(workdir))
+            except WorkdirError as e:
+                error = e
+        if not _on_every_process(error is None):
+            raise error or WorkdirError(f"process 0 could not lock --workdir={workdir} (see its "
+                                        "error)")
+        yield held
+
+
+def _lease(workdir: str) -> lease_lib.Lease:
+    try:
+        return lease_lib.acquire(workdir, ttl_s=LEASE_TTL_S)
+    except lease_lib.LeaseError as e:
+        raise WorkdirError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _flock(workdir: str) -> Iterator[None]:
     root = path(workdir)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / LOCK_FILE, "a+") as f:
@@ -120,9 +264,13 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         return
     target = config_path(workdir)
     target.parent.mkdir(parents=True, exist_ok=True)  # train_and_evaluate may run without main.
+    text = config.to_json(indent=2, sort_keys=True)
+    if is_remote(workdir):  # An object is written whole; gcsfs renames are copies (slow).
+        target.write_text(text)
+        return
     tmp = target.with_name(f"{CONFIG_FILE}.tmp.{os.getpid()}")
-    tmp.write_text(config.to_json(indent=2, sort_keys=True))
-    tmp.replace(target)  # Atomic locally; an object store writes whole objects anyway.
+    tmp.write_text(text)
+    tmp.replace(target)  # Atomic: a reader never sees half a file.
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

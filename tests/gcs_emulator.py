@@ -11,7 +11,8 @@ STORAGE_EMULATOR_HOST; tensorstore (orbax's arrays) reads TENSORSTORE_GCS_HTTP_U
 token from GOOGLE_AUTH_TOKEN_FOR_TESTING; GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false stops gcsfs
 from probing the bucket type over gRPC first. gcsfs reads that last one when it is first imported.
 
-The emulator does not check generation preconditions (`ifGenerationMatch` is ignored, never a
+The emulator (as gcs_emulator_server.py runs it: with generation headers on downloads, which
+tensorstore needs) does not check generation preconditions (`ifGenerationMatch` is ignored, never a
 412), answers `moveTo` with 501 (gcsfs then retries for ~35 s before copying: avoid renames), and
 serves one request at a time.
 """
@@ -37,6 +38,8 @@ BUCKET = "mnist-flax-test"
 # Read by gcsfs when it is imported, which may be before any fixture runs.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 START_TIMEOUT_S = 30.0
+# The emulator's command line, with the generation headers tensorstore needs (see that file).
+SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator_server.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +84,7 @@ def start(log_path: os.PathLike, bucket: str = BUCKET) -> GcsEmulator:
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+            [sys.executable, SERVER, "start", "--host=127.0.0.1",
              f"--port={port}", "--in-memory", f"--default-bucket={bucket}", "--quiet"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     emulator = GcsEmulator(url=url, bucket=bucket, process=process, env={

@@ -1,0 +1,130 @@
+"""A gs:// workdir end to end, against the GCS emulator: `mnist_flax.main` trains, keeps N
+checkpoints, writes config.json and events TensorBoard reads, resumes, and `mnist_flax.predict`
+and `mnist_flax.sweep` use it; the lock is a lease; every bad case is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import TINY_MODEL, run_module
+from gcs_emulator import gcs_bucket_path, gcs_emulator  # noqa: F401 (fixtures)
+
+pytest.importorskip("gcsfs")
+pytest.importorskip("google.cloud.storage")
+
+from etils import epath  # noqa: E402
+
+from mnist_flax import lease  # noqa: E402
+
+TINY = [f"--config.conv_features={TINY_MODEL['conv_features']}",
+        f"--config.dense_features={TINY_MODEL['dense_features']}",
+        "--config.batch_size=32", "--config.verify_checksums=False"]
+
+
+def _main(emulator, *args: str, timeout: int = 300):
+    return run_module("main", *args, *TINY, env=emulator.env, timeout=timeout)
+
+
+def _last_line(result) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_train_keep_resume_predict_and_tensorboard_on_gs(gcs_emulator, gcs_bucket_path,  # noqa: F811
+                                                         idx_dir, tmp_path):
+    workdir = gcs_bucket_path
+    result = _main(gcs_emulator, f"--workdir={workdir}", f"--config.data_dir={idx_dir}",
+                   "--config.num_epochs=2", "--config.checkpoint_keep=2",
+                   "--config.checkpoint_every_steps=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = epath.Path(workdir)
+    assert json.loads((root / "config.json").read_text())["num_epochs"] == 2
+    assert sorted(int(p.name) for p in (root / "checkpoints").iterdir() if p.name.isdigit()) == [
+        12, 16]  # Keep-2 of 4, 8, 12, 16.
+    assert not (root / ".lock").exists()  # The lease is released at the end.
+    assert list(root.glob("events.out.tfevents.*"))
+
+    # A second start with one more epoch resumes from step 16 (the same command + an override).
+    result = _main(gcs_emulator, f"--workdir={workdir}", f"--config.data_dir={idx_dir}",
+                   "--config.num_epochs=3", "--config.checkpoint_keep=2",
+                   "--config.checkpoint_every_steps=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming from the checkpoint at step 16" in result.stderr
+
+    from tensorboard.backend.event_processing import event_multiplexer
+
+    events = event_multiplexer.EventMultiplexer()
+    events.AddRunsFromDirectory(workdir)  # As `tensorboard --logdir=gs://...` finds the run.
+    events.Reload()
+    assert sorted(events.Runs()) == [".", "test", "train"]  # The run and its Keras-style halves.
+    assert [e.step for e in events.Scalars("test", "accuracy")] == [8, 16, 24]
+
+    image = tmp_path / "digit.png"
+    from PIL import Image
+
+    one = np.zeros((28, 28), np.uint8)
+    one[4:24, 13:16] = 255  # A "1".
+    Image.fromarray(one).save(image)
+    result = run_module("predict", f"--workdir={workdir}", str(image), "--json",
+                        env=gcs_emulator.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["step"] == 24
+
+
+def test_sweep_into_a_gs_parent(gcs_emulator, gcs_bucket_path, idx_dir):  # noqa: F811
+    result = run_module("sweep", f"--workdir={gcs_bucket_path}", "--sweep=seed=1,2",
+                        f"--config.data_dir={idx_dir}", "--config.num_epochs=1", *TINY,
+                        env=gcs_emulator.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = epath.Path(gcs_bucket_path)
+    for name in ("seed=1", "seed=2"):
+        assert (root / name / "config.json").exists()
+        assert list((root / name / "checkpoints").iterdir())
+
+
+def test_second_run_on_a_held_bucket_workdir_is_one_line(gcs_emulator, gcs_bucket_path,  # noqa: F811
+                                                         idx_dir):
+    with lease.acquire(gcs_bucket_path, ttl_s=60):
+        result = _main(gcs_emulator, f"--workdir={gcs_bucket_path}",
+                       f"--config.data_dir={idx_dir}", "--config.num_epochs=1")
+    assert result.returncode == 1
+    line = _last_line(result)
+    assert line.startswith(f"error: another run (host {os.uname().nodename}, pid {os.getpid()}) "
+                           f"holds the lease on --workdir={gcs_bucket_path} until ")
+    assert line.endswith("wait for it or use another workdir")
+    assert "Traceback" not in result.stderr
+    assert not epath.Path(gcs_bucket_path, "checkpoints").exists()
+
+
+def test_missing_bucket_is_one_line(gcs_emulator, idx_dir):  # noqa: F811
+    result = _main(gcs_emulator, "--workdir=gs://no-such-bucket-mnist/runs/a",
+                   f"--config.data_dir={idx_dir}", "--config.num_epochs=1", timeout=120)
+    assert result.returncode == 1
+    assert _last_line(result) == (
+        "error: --workdir=gs://no-such-bucket-mnist/runs/a: cannot write there (bucket "
+        "no-such-bucket-mnist does not exist); create the bucket (gcloud storage buckets create "
+        "gs://BUCKET) or pick one this machine's service account can write")
+
+
+# Runs main as if gcsfs and google-cloud-storage were not installed.
+WITHOUT_GCS = """
+import runpy, sys
+for name in ("gcsfs", "google.cloud.storage"):
+    sys.modules[name] = None  # find_spec says absent; import raises ImportError.
+sys.argv[0] = "mnist_flax.{module}"
+runpy.run_module("mnist_flax.{module}", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("module", ["main", "predict"])
+def test_gs_workdir_without_the_gcs_extra_is_one_line(module, tmp_path):
+    args = ["--workdir=gs://bucket/runs/a"] + (["image.png"] if module == "predict" else [])
+    result = run_module(module, *args, script=WITHOUT_GCS.format(module=module), timeout=120)
+    assert result.returncode in (1, 2)
+    assert _last_line(result) == (
+        "error: --workdir=gs://bucket/runs/a: a gs:// workdir needs gcsfs and "
+        "google.cloud.storage, which the gcs extra installs: pip install 'mnist_flax[gcs]'")
+    assert "Traceback" not in result.stderr
+

@@ -1,0 +1,156 @@
+"""A pod slice whose hosts share no disk: 2 processes x 2 CPU devices over loopback, each in its
+own mount namespace with a private tmpfs scratch directory, sharing only a gs:// workdir on the
+GCS emulator. Killed with SIGKILL mid-epoch and rerun, they end with the parameters of an
+uninterrupted single-process run; with a local workdir they stop at once with one line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO, TINY_MODEL
+from gcs_emulator import gcs_bucket_path, gcs_emulator  # noqa: F401 (fixtures)
+
+pytest.importorskip("gcsfs")
+pytest.importorskip("google.cloud.storage")
+
+WORKER = os.path.join(os.path.dirname(__file__), "pod_worker.py")
+LEASE_TTL_S = 4.0  # So that the rerun after SIGKILL waits seconds, not a minute.
+
+
+def _unshare_works() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not _unshare_works(), reason="needs `unshare -m` (root or user namespaces) for private mounts")]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(idx_dir, epochs: int) -> list[str]:
+    return [f"--config.data_dir={idx_dir}", f"--config.num_epochs={epochs}",
+            "--config.batch_size=32", "--config.verify_checksums=False",
+            f"--config.conv_features={TINY_MODEL['conv_features']}",
+            f"--config.dense_features={TINY_MODEL['dense_features']}",
+            "--config.checkpoint_every_steps=1", "--config.checkpoint_keep=2"]
+
+
+def _start_pod(scratch, env: dict, workdir: str, config: list[str]) -> list[subprocess.Popen]:
+    """Two hosts: each mounts a fresh tmpfs on `scratch` (its own; the other cannot see it)."""
+    port = _port()
+    procs = []
+    for process_id in range(2):
+        command = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                   'mount -t tmpfs scratch "$0" && exec "$@"', str(scratch),
+                   sys.executable, WORKER, "--devices=2", "--num_processes=2",
+                   f"--process_id={process_id}", f"--port={port}",
+                   f"--lease_ttl_s={LEASE_TTL_S}", "--", f"--workdir={workdir}", *config]
+        procs.append(subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            env={**os.environ, **env, "TMPDIR": str(scratch), "MNIST_DATA_DIR": ""}))
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, *output) for p, output in zip(procs, outputs, strict=True)]
+
+
+def _steps(workdir: str) -> list[int]:
+    """The committed checkpoints' steps, listed afresh (gcsfs would serve a cached listing)."""
+    from google.cloud import storage
+
+    bucket, _, prefix = workdir[len("gs://"):].partition("/")
+    names = [b.name for b in storage.Client().list_blobs(bucket, prefix=f"{prefix}/checkpoints/")]
+    return sorted(int(n.split("/")[-2]) for n in names
+                  if n.endswith("/commit_success.txt") and n.split("/")[-2].isdigit())
+
+
+def _params(workdir: str):
+    import jax
+
+    from mnist_flax import checkpoints, models
+    from mnist_flax import workdir as workdir_lib
+
+    model = models.create_model(workdir_lib.read_config(workdir))
+    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 28, 28, 1)),
+                                                 train=False))
+    return checkpoints.restore_params(workdir, expected["params"])
+
+
+def _checksums(params) -> list[float]:
+    import jax
+
+    return [float(np.abs(np.asarray(p)).sum()) for p in jax.tree.leaves(params)]
+
+
+def test_pod_on_a_bucket_survives_sigkill_and_matches_one_process(
+        gcs_emulator, gcs_bucket_path, idx_dir, tmp_path):  # noqa: F811
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    config = _config(idx_dir, epochs=2)  # 8 steps an epoch: 16 steps, a checkpoint every step.
+    workdir = f"{gcs_bucket_path}/pod"
+
+    procs = _start_pod(scratch, gcs_emulator.env, workdir, config)
+    deadline = time.monotonic() + 240
+    while not [s for s in _steps(workdir) if s >= 3]:
+        assert all(p.poll() is None for p in procs), _finish(procs)
+        assert time.monotonic() < deadline, "no checkpoint at step 3 or later in 240 s"
+        time.sleep(0.2)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for returncode, _, _ in _finish(procs):
+        assert returncode == -signal.SIGKILL
+    killed_at = _steps(workdir)[-1]
+    assert killed_at < 16, f"killed after the run ended (step {killed_at})"
+
+    time.sleep(LEASE_TTL_S + 1)  # Process 0's lease runs out: nobody releases it after SIGKILL.
+    results = _finish(_start_pod(scratch, gcs_emulator.env, workdir, config))
+    for returncode, _, err in results:
+        assert returncode == 0, err[-3000:]
+    assert "taking over the expired lease" in results[0][2]
+    resumed = [line for line in results[0][2].splitlines() if "Resuming from" in line]
+    assert resumed and int(resumed[0].split("step ")[1].split()[0]) >= killed_at
+    params, step = _params(workdir)
+    assert step == 16
+
+    single = f"{gcs_bucket_path}/single"
+    result = subprocess.run([sys.executable, WORKER, "--devices=1", "--", f"--workdir={single}",
+                             *config], capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, **gcs_emulator.env, "MNIST_DATA_DIR": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    single_params, single_step = _params(single)
+    assert single_step == 16
+    np.testing.assert_allclose(_checksums(params), _checksums(single_params), rtol=1e-4)
+
+
+def test_pod_with_a_local_workdir_the_hosts_do_not_share_stops_with_one_line(idx_dir, tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    workdir = scratch / "run"  # Each host sees its own tmpfs here.
+    results = _finish(_start_pod(scratch, {}, str(workdir), _config(idx_dir, epochs=1)),
+                      timeout=180)
+    expected = (f"error: --workdir={workdir} is not shared by the 2 processes: process(es) 1 "
+                "cannot see what process 0 writes there, so they would not see its checkpoints; "
+                "use a bucket all hosts reach, e.g. --workdir=gs://BUCKET/runs/NAME")
+    for returncode, _, err in results:
+        assert returncode == 1, err[-3000:]
+        assert expected in err.strip().splitlines()
+        assert "Traceback" not in err
+    assert not workdir.exists()  # Outside the hosts' namespaces nothing was written.
