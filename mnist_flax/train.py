@@ -552,12 +552,12 @@ def train_and_evaluate(
             if end_of_epoch:
                 metrics = _end_of_epoch(state, progress, done, epoch, dataset, mesh, schedule,
                                         writer)
-            every = config.checkpoint_every_steps
-            if end_of_epoch or (every and done % every == 0) or stop.is_set():
+            every, stopping = config.checkpoint_every_steps, stop.agreed()
+            if end_of_epoch or (every and done % every == 0) or stopping:
                 check_savable(state, progress.pending, done)
                 held.check()  # A run that lost its gs:// lease must not save over another's.
                 checkpoints.save(manager, state, position(done))
-            if stop.is_set():
+            if stopping:
                 workdir_lib.log_preempted(done, stop.signum)
                 raise workdir_lib.Preempted(done, stop.signum)
         held.check()

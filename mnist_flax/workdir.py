@@ -335,6 +335,20 @@ class StopFlag:
     def is_set(self) -> bool:
         return self.requested.is_set()
 
+    def agreed(self) -> bool:
+        """Whether any process got a stop signal. On a pod every process must stop after the same
+        step, or the others wait for it in the save's collectives; a process stopped by a peer
+        exits as preempted (143). One small all-gather per call when there are several processes.
+        """
+        if jax.process_count() == 1:
+            return self.is_set()
+        from jax.experimental import multihost_utils
+
+        anywhere = bool(np.any(multihost_utils.process_allgather(np.int32(self.is_set()))))
+        if anywhere and self.signum is None:
+            self.signum = signal.SIGTERM
+        return anywhere
+
 
 def stop_message(step: int, signum: int) -> str:
     if signum == signal.SIGINT:

@@ -108,6 +108,16 @@ def write_idx_dir(directory: pathlib.Path, n_train: int = 256, n_test: int = 64,
     return directory
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory) -> None:
+    """Commands the tests start cache their compilations in the session's temporary directory,
+    not in the user's ~/.cache (the default of config.compilation_cache_dir)."""
+    cache = tmp_path_factory.mktemp("jax_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
+        yield
+
+
 @pytest.fixture
 def idx_dir(tmp_path) -> pathlib.Path:
     return write_idx_dir(tmp_path / "mnist")

@@ -186,7 +186,8 @@ def test_a_run_resumed_past_a_damaged_checkpoint_ends_bit_identical(reference, c
     with caplog.at_level(logging.INFO):
         state, _ = train.train_and_evaluate(small_config(base / "data"), str(workdir))
     assert_trees_identical(host_tree(state), expected)
-    resumed = [r.getMessage() for r in caplog.records if "Resuming from" in r.getMessage()]
+    resumed = [r.getMessage() for r in caplog.records  # At the run's end: "has finished all".
+               if "Resuming from" in r.getMessage() or "has finished all" in r.getMessage()]
     outcome = CHECKPOINT_FILES[kind][1][damage]
     assert f"at step {18 if outcome == 'skip' else LAST} " in resumed[0]
     assert checkpoints.latest_step(str(workdir)) == LAST  # Saved again when it was skipped.

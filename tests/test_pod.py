@@ -1,7 +1,8 @@
 """A pod slice whose hosts share no disk: 2 processes x 2 CPU devices over loopback, each in its
 own mount namespace with a private tmpfs scratch directory, sharing only a gs:// workdir on the
-GCS emulator. Killed with SIGKILL mid-epoch and rerun, they end with the parameters of an
-uninterrupted single-process run; with a local workdir they stop at once with one line."""
+GCS emulator. Preempted (SIGTERM to one host), then killed with SIGKILL mid-epoch, and rerun each
+time, they end with the parameters of an uninterrupted single-process run; with a local workdir
+they stop at once with one line."""
 
 from __future__ import annotations
 
@@ -100,19 +101,35 @@ def _checksums(params) -> list[float]:
     return [float(np.abs(np.asarray(p)).sum()) for p in jax.tree.leaves(params)]
 
 
-def test_pod_on_a_bucket_survives_sigkill_and_matches_one_process(
+def _wait_for_step(procs: list[subprocess.Popen], workdir: str, step: int) -> None:
+    deadline = time.monotonic() + 240
+    while not [s for s in _steps(workdir) if s >= step]:
+        assert all(p.poll() is None for p in procs), _finish(procs)
+        assert time.monotonic() < deadline, f"no checkpoint at step {step} or later in 240 s"
+        time.sleep(0.2)
+
+
+def test_pod_on_a_bucket_survives_sigterm_and_sigkill_and_matches_one_process(
         gcs_emulator, gcs_bucket_path, idx_dir, tmp_path):  # noqa: F811
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     config = _config(idx_dir, epochs=2)  # 8 steps an epoch: 16 steps, a checkpoint every step.
     workdir = f"{gcs_bucket_path}/pod"
 
+    # A preemption notice that reaches one host only: both stop after the same step, saved.
     procs = _start_pod(scratch, gcs_emulator.env, workdir, config)
-    deadline = time.monotonic() + 240
-    while not [s for s in _steps(workdir) if s >= 3]:
-        assert all(p.poll() is None for p in procs), _finish(procs)
-        assert time.monotonic() < deadline, "no checkpoint at step 3 or later in 240 s"
-        time.sleep(0.2)
+    _wait_for_step(procs, workdir, 2)
+    procs[1].send_signal(signal.SIGTERM)
+    results = _finish(procs)
+    for returncode, _, err in results:
+        assert returncode == 143, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+    stopped_at = _steps(workdir)[-1]
+    assert f"saved the checkpoint at step {stopped_at};" in results[0][2], results[0][2][-3000:]
+    assert stopped_at < 16, f"stopped after the run ended (step {stopped_at})"
+
+    procs = _start_pod(scratch, gcs_emulator.env, workdir, config)
+    _wait_for_step(procs, workdir, stopped_at + 2)
     for p in procs:
         p.send_signal(signal.SIGKILL)
     for returncode, _, _ in _finish(procs):
