@@ -24,7 +24,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 PLOTTED = [HERE / "results" / f"{name}.json" for name in ("default", "best", "fast")]
 # The table also keeps superseded recipes, so a reader sees what did not reach its goal.
 TABULATED = [HERE / "results" / f"{name}.json"
-             for name in ("default", "best", "best_two_convs", "fast")]
+             for name in ("default", "keras_adam", "best", "best_two_convs", "fast")]
 
 
 def curves(path: pathlib.Path) -> np.ndarray:
