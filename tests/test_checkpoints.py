@@ -272,6 +272,16 @@ def resume_setup(tmp_path_factory):
     return base, final_state(base / "uninterrupted")
 
 
+def resume_to_the_end(command, workdir, expected) -> int:
+    """Reruns a stopped run to its end; checks it ends bit-identical to the uninterrupted run,
+    skipping no damaged checkpoint, and returns the step it resumed from."""
+    log = run_to_end(command, workdir.parent / f"{workdir.name}_resumed.log")
+    assert "damaged" not in log, log[-3000:]
+    resumed_from = int(re.search(r"Resuming from the checkpoint at step (\d+) ", log).group(1))
+    assert_trees_identical(final_state(workdir), expected)
+    return resumed_from
+
+
 def test_sigkill_at_any_step_then_resume_is_bit_identical(resume_setup):
     base, expected = resume_setup
     command = main_command(base / "data", base / "killed")
@@ -279,10 +289,7 @@ def test_sigkill_at_any_step_then_resume_is_bit_identical(resume_setup):
     assert rc == -signal.SIGKILL, log[-3000:]
     assert "Test accuracy" not in log  # It really was stopped mid-run.
 
-    log = run_to_end(command, base / "killed_resumed.log")
-    resumed_from = int(re.search(r"Resuming from the checkpoint at step (\d+)", log).group(1))
-    assert 6 <= resumed_from < NUM_STEPS
-    assert_trees_identical(final_state(base / "killed"), expected)
+    assert 6 <= resume_to_the_end(command, base / "killed", expected) < NUM_STEPS
 
 
 def test_sigterm_saves_exits_143_then_resume_is_bit_identical(resume_setup):
@@ -294,9 +301,7 @@ def test_sigterm_saves_exits_143_then_resume_is_bit_identical(resume_setup):
     assert 10 <= stopped_at < NUM_STEPS
     assert checkpoints.latest_step(str(base / "terminated")) == stopped_at  # The last word.
 
-    log = run_to_end(command, base / "terminated_resumed.log")
-    assert f"Resuming from the checkpoint at step {stopped_at} " in log
-    assert_trees_identical(final_state(base / "terminated"), expected)
+    assert resume_to_the_end(command, base / "terminated", expected) == stopped_at
 
 
 def test_ctrl_c_finishes_the_step_saves_exits_130_then_resume_is_bit_identical(resume_setup):
@@ -311,10 +316,7 @@ def test_ctrl_c_finishes_the_step_saves_exits_130_then_resume_is_bit_identical(r
     assert 10 <= stopped_at < NUM_STEPS
     assert checkpoints.latest_step(str(base / "ctrl_c")) == stopped_at  # The steps are kept.
 
-    log = run_to_end(command, base / "ctrl_c_resumed.log")
-    assert f"Resuming from the checkpoint at step {stopped_at} " in log
-    assert "damaged" not in log
-    assert_trees_identical(final_state(base / "ctrl_c"), expected)
+    assert resume_to_the_end(command, base / "ctrl_c", expected) == stopped_at
 
 
 def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_stays_intact(resume_setup):
@@ -331,9 +333,7 @@ def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_stays_intact(resu
     assert last.startswith("Interrupted (Ctrl-C): stopped at once without saving") or (
         "checkpoint saved; exiting with status 130" in last), log[-3000:]
 
-    log = run_to_end(command, base / "ctrl_c_twice_resumed.log")
-    assert "Resuming from the checkpoint at step " in log and "damaged" not in log, log[-3000:]
-    assert_trees_identical(final_state(base / "ctrl_c_twice"), expected)
+    resume_to_the_end(command, base / "ctrl_c_twice", expected)
 
 
 def test_sigterm_with_4_steps_per_dispatch_then_resume_equals_single_steps(resume_setup):
@@ -347,6 +347,4 @@ def test_sigterm_with_4_steps_per_dispatch_then_resume_equals_single_steps(resum
     stopped_at = int(re.search(r"SIGTERM: saved the checkpoint at step (\d+)", log).group(1))
     assert 8 <= stopped_at < NUM_STEPS
 
-    log = run_to_end(command, base / "k4_resumed.log")
-    assert f"Resuming from the checkpoint at step {stopped_at} " in log
-    assert_trees_identical(final_state(base / "k4"), expected)
+    assert resume_to_the_end(command, base / "k4", expected) == stopped_at
