@@ -110,8 +110,7 @@ def define_config_flag(default: str | None) -> None:
     try:  # ml_collections already reads the --config.x=y overrides here, at definition time.
         config_flags.DEFINE_config_file(
             "config", default, "Config file (a Python file with get_config()); default: the "
-            "tutorial recipe. Override any field with --config.NAME=VALUE.",
-                                        lock_config=True)
+            "tutorial recipe. Override any field with --config.NAME=VALUE.", lock_config=True)
     except _CONFIG_ERRORS as e:
         _exit_bad_config(e)
 
