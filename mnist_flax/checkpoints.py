@@ -259,11 +259,6 @@ def save(manager: ocp.CheckpointManager, state, position: dict[str, int]) -> boo
     return saved
 
 
-def _first_line(e: BaseException) -> str:
-    message = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {message[:160]}"
-
-
 def _read_error(e: BaseException) -> str:
     """Why orbax could not read a checkpoint, in one line: the innermost cause (tensorstore's
     'OUT_OF_RANGE: ...' under orbax's 'Encountered error while reading array'), without paths."""
@@ -285,7 +280,7 @@ def _save_failed(manager: ocp.CheckpointManager, step: int, e: Exception) -> str
     if full:
         reason = "no space left on device"
     else:
-        reason = _first_line(e)
+        reason = workdir_lib.error_line(e, limit=160)
     try:
         last = manager.latest_step()
     except Exception:  # noqa: BLE001 (storage unreachable: the listing fails too)

@@ -74,8 +74,7 @@ def one_line_errors() -> Iterator[None]:
     except Exception as e:
         if not is_storage_error(e):
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        sys.exit(f"error: the workdir's storage stopped answering ({type(e).__name__}: {first}); "
+        sys.exit(f"error: the workdir's storage stopped answering ({workdir.error_line(e)}); "
                  "the last committed checkpoint is intact; run the same command again when it "
                  "answers")
 

@@ -117,7 +117,7 @@ def prepare(workdir: str) -> None:
         if is_remote(workdir):
             bucket = workdir[len("gs://"):].split("/")[0]
             reason = (f"bucket {bucket} does not exist" if isinstance(e, FileNotFoundError)
-                      else _first_line(e))
+                      else error_line(e))
             raise WorkdirError(f"--workdir={workdir}: cannot write there ({reason}); create the "
                                "bucket (gcloud storage buckets create gs://BUCKET) or pick one "
                                "this machine's service account can write") from None
@@ -125,8 +125,9 @@ def prepare(workdir: str) -> None:
                            "pick a writable directory") from None
 
 
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """'Type: first line of the message' (at most `limit` characters of it), for one-line errors."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:limit]}"
 
 
 def _on_every_process(ok: bool) -> bool:
