@@ -341,11 +341,7 @@ class StopFlag:
         step, or the others wait for it in the save's collectives; a process stopped by a peer
         exits as preempted (143). One small all-gather per call when there are several processes.
         """
-        if jax.process_count() == 1:
-            return self.is_set()
-        from jax.experimental import multihost_utils
-
-        anywhere = bool(np.any(multihost_utils.process_allgather(np.int32(self.is_set()))))
+        anywhere = not _on_every_process(not self.is_set())
         if anywhere and self.signum is None:
             self.signum = signal.SIGTERM
         return anywhere
