@@ -70,7 +70,12 @@ def one_line_errors() -> Iterator[None]:
     except KeyboardInterrupt:  # Orbax commits a checkpoint by renaming it: none is half-written.
         print("Interrupted (Ctrl-C): stopped at once without saving; the checkpoints already in "
               "the workdir are intact. Run the same command to resume.", file=sys.stderr)
-        sys.exit(workdir.INTERRUPTED_EXIT_CODE)
+        # A save cut short leaves orbax's helper threads behind; at interpreter shutdown they
+        # would log errors after this line. Leave now, as a kill would, with the buffers flushed.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(workdir.INTERRUPTED_EXIT_CODE)
     except Exception as e:
         if not is_storage_error(e):
             raise
