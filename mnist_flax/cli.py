@@ -39,6 +39,7 @@ def setup_process() -> None:
     ops.tune_host_allocator()
     ops.log_compiler_options()
     checkpoints.quiet_orbax_logging()
+    logging.getLogger("fsspec.caching").setLevel(logging.WARNING)  # A line per gs:// file read.
 
 
 def enable_compilation_cache(cache_dir: str) -> str:

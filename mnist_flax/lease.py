@@ -97,6 +97,7 @@ class Lease:
         self.ttl_s = ttl_s
         self.owner = owner
         self.lost = threading.Event()
+        self.lost_because = ""  # Set before `lost`: why, for the one-line error.
         self._blob = blob
         self._generation: int | None = generation
         self._stop = threading.Event()
@@ -112,9 +113,7 @@ class Lease:
     def check(self) -> None:
         """Raises LeaseError if the lease was lost (call before each save)."""
         if self.lost.is_set():
-            raise LeaseError(f"this run lost its lease on --workdir={self.workdir} (not renewed "
-                             f"by {_utc(self.expires)}, or another run took it over); "
-                             "it saves no more")
+            raise LeaseError(self.lost_because)
 
     def release(self) -> None:
         """Stops renewing and deletes the lease object if it is still ours; idempotent."""
@@ -148,14 +147,21 @@ class Lease:
                 if self._renew(deadline - time.time()):
                     wait = period
                     continue
-                reason = "another run took it over"
+                self.lost_because = (
+                    f"another run took over the lease on --workdir={self.workdir}; this run "
+                    "saves no more and stops; its last committed checkpoint is intact")
             except Exception as e:  # Network or storage errors: retried until the deadline.
                 if time.time() < deadline:
                     log.warning("renewing the lease on %s failed (%s); retrying", self.workdir, e)
                     wait = min(period / 4, max(deadline - time.time(), 0.0))
                     continue
-                reason = f"could not renew it before it ran out: {e}"
-            log.error("lost the lease on %s: %s", self.workdir, reason)
+                first_line = (str(e).strip().splitlines() or [""])[0][:200]
+                self.lost_because = (
+                    f"the workdir's storage stopped answering (the lease on --workdir="
+                    f"{self.workdir} could not be renewed before {_utc(self.expires)}: "
+                    f"{type(e).__name__}: {first_line}); the last committed checkpoint is "
+                    "intact; run the same command again when it answers")
+            log.error("lost the lease: %s", self.lost_because)
             self.lost.set()
             return
 

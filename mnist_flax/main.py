@@ -26,6 +26,11 @@ def define_flags() -> None:
     flags.DEFINE_bool("multihost", False,
                       "Call jax.distributed.initialize() first (every host of a TPU pod slice runs "
                       "the same command).")
+    flags.DEFINE_float("lease_seconds", workdir.LEASE_TTL_S,
+                       "gs:// workdirs: how long the run's lease on the workdir lasts unless "
+                       "renewed (every third of it): how long a killed run keeps the next one out, "
+                       "and how soon a run whose storage stopped answering gives up.",
+                       lower_bound=3.0)
     flags.mark_flags_as_required(["workdir"])
 
 
@@ -45,7 +50,7 @@ def main(argv: list[str]) -> None:
                      jax.devices())
         logging.info("Config (%s):\n%s", config_flags.get_config_filename(FLAGS["config"]),
                      summaries.config_text(config))
-        train.train_and_evaluate(config, FLAGS.workdir)
+        train.train_and_evaluate(config, FLAGS.workdir, FLAGS.lease_seconds)
     if jax.process_index() == 0:
         print(next_steps(FLAGS.workdir), file=sys.stderr)
 

@@ -494,7 +494,8 @@ def _restore(workdir: str, state: TrainState, position: dict[str, int],
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str
+    config: ml_collections.ConfigDict, workdir: str,
+    lease_seconds: float = workdir_lib.LEASE_TTL_S,
 ) -> tuple[TrainState, dict[str, float]]:
     """Trains for `config.num_epochs`, evaluating on the test set after every epoch.
 
@@ -523,7 +524,7 @@ def train_and_evaluate(
     # From here on the workdir is this run's alone: a second run stops with a one-line error.
     # SIGTERM (a preemption) and Ctrl-C only set a flag; the step in flight finishes, then we
     # save and stop. Damaged checkpoints that the restore skipped are moved aside, not deleted.
-    with (workdir_lib.lock(workdir) as held, workdir_lib.StopFlag() as stop,
+    with (workdir_lib.lock(workdir, lease_seconds) as held, workdir_lib.StopFlag() as stop,
           contextlib.closing(checkpoints.create_manager(
               workdir, config.checkpoint_keep, set_aside=damaged)) as manager,
           summaries.open_writer(workdir, start_step) as writer):

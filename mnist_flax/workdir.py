@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -197,14 +198,15 @@ class Held:
 
 
 @contextlib.contextmanager
-def lock(workdir: str) -> Iterator[Held]:
+def lock(workdir: str, lease_seconds: float = LEASE_TTL_S) -> Iterator[Held]:
     """Holds the workdir while the block runs, so a second run on it stops at once instead of
     interleaving its checkpoints and events with ours. A collective with several processes.
 
     Locally: an exclusive flock on workdir/.lock, which the kernel drops when the process dies,
     so a SIGKILLed run never blocks the next one. In a bucket: a lease on workdir/.lock that a
-    live run renews and a killed run's runs out after LEASE_TTL_S. Only process 0 locks (it alone
-    writes the config and events); all processes agree on whether it got the lock.
+    live run renews and a killed run's runs out after `lease_seconds`; a run that loses it stops
+    (`_stop_when_lost`). Only process 0 locks (it alone writes the config and events); all
+    processes agree on whether it got the lock.
     """
     held = Held(workdir)
     with contextlib.ExitStack() as stack:
@@ -212,7 +214,8 @@ def lock(workdir: str) -> Iterator[Held]:
         if jax.process_index() == 0:
             try:
                 if is_remote(workdir):
-                    held.lease = stack.enter_context(_lease(workdir))
+                    held.lease = stack.enter_context(_lease(workdir, lease_seconds))
+                    stack.enter_context(_stop_when_lost(held.lease))
                 else:
                     stack.enter_context(_flock(workdir))
             except WorkdirError as e:
@@ -223,11 +226,39 @@ def lock(workdir: str) -> Iterator[Held]:
         yield held
 
 
-def _lease(workdir: str) -> lease_lib.Lease:
+def _lease(workdir: str, seconds: float) -> lease_lib.Lease:
     try:
-        return lease_lib.acquire(workdir, ttl_s=LEASE_TTL_S)
+        return lease_lib.acquire(workdir, ttl_s=seconds)
     except lease_lib.LeaseError as e:
         raise WorkdirError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _stop_when_lost(lease: lease_lib.Lease) -> Iterator[None]:
+    """Ends the process if the lease is lost and the run has not ended by itself soon after.
+
+    The loop checks the lease only before a save, and a save or an event flush in flight when
+    the storage goes away waits in its client's retries for many minutes. Nothing can be saved
+    any more and the last committed checkpoint is intact, so after a grace of half the lease we
+    print the one-line error and exit 1, as a kill would (no cleanup can reach the storage).
+    """
+    ended = threading.Event()
+
+    def watch() -> None:
+        while not ended.wait(0.5):
+            if lease.lost.is_set():
+                break
+        if ended.wait(lease.ttl_s / 2):
+            return
+        print(f"error: {lease.lost_because}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    watchdog = threading.Thread(target=watch, daemon=True, name="lease watchdog")
+    watchdog.start()
+    try:
+        yield
+    finally:
+        ended.set()
 
 
 @contextlib.contextmanager

@@ -77,16 +77,21 @@ def _answers(url: str) -> bool:
         return False
 
 
-def start(log_path: os.PathLike, bucket: str = BUCKET) -> GcsEmulator:
-    """Starts an in-memory emulator with `bucket` and waits until it answers; its output goes to
-    `log_path`. Raises RuntimeError, with the log's tail, if it exits or stays silent."""
-    port = _free_port()
+def start(log_path: os.PathLike, bucket: str = BUCKET,
+          data_dir: os.PathLike | None = None, port: int | None = None) -> GcsEmulator:
+    """Starts an emulator with `bucket` and waits until it answers; its output goes to
+    `log_path`. In memory, or in `data_dir`, where a later emulator on the same `port` finds
+    the objects again (it stores each object's download link with its address). Raises
+    RuntimeError, with the log's tail, if it exits or stays silent."""
+    port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
+    storage = ["--in-memory"] if data_dir is None else []
+    with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, SERVER, "start", "--host=127.0.0.1",
-             f"--port={port}", "--in-memory", f"--default-bucket={bucket}", "--quiet"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+             f"--port={port}", *storage, f"--default-bucket={bucket}", "--quiet"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "STORAGE_BASE": str(data_dir or "")})
     emulator = GcsEmulator(url=url, bucket=bucket, process=process, env={
         "STORAGE_EMULATOR_HOST": url,
         "TENSORSTORE_GCS_HTTP_URL": url,

@@ -92,7 +92,7 @@ def test_a_lease_taken_over_by_another_run_is_lost(gcs_bucket_path):  # noqa: F8
         _lock_blob(gcs_bucket_path).upload_from_string(json.dumps(
             {"host": "elsewhere", "pid": 1, "token": "other", "expires": time.time() + 60}))
         assert held.lost.wait(timeout=5)
-        with pytest.raises(lease.LeaseError, match="lost its lease"):
+        with pytest.raises(lease.LeaseError, match="another run took over the lease"):
             held.check()
     # Releasing a lost lease leaves the other run's object alone.
     assert json.loads(_lock_blob(gcs_bucket_path).download_as_text())["host"] == "elsewhere"

@@ -1,0 +1,75 @@
+"""A gs:// workdir whose storage goes away mid-run: the run stops with one line within seconds of
+its lease running out (not after minutes of client retries), and once the storage answers again
+the same command resumes from the last committed checkpoint."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+from gcs_emulator import start
+from test_gcs_workdir import TINY
+
+pytest.importorskip("gcsfs")
+pytest.importorskip("google.cloud.storage")
+
+LEASE_SECONDS = 3.0  # The run gives up this long after its last renewal, plus half of it.
+
+
+def _command(workdir: str, idx_dir) -> list[str]:
+    return [sys.executable, "-m", "mnist_flax.main", f"--workdir={workdir}",
+            f"--config.data_dir={idx_dir}", "--config.num_epochs=2",
+            "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
+            f"--lease_seconds={LEASE_SECONDS}", *TINY]
+
+
+def test_storage_going_away_stops_the_run_with_one_line_and_it_resumes_later(idx_dir, tmp_path):
+    data = tmp_path / "bucket"  # On disk, so that a restarted emulator serves the same objects.
+    emulator = start(tmp_path / "emulator.log", data_dir=data)
+    workdir = f"gs://{emulator.bucket}/run"
+    env = {"MNIST_DATA_DIR": "", **emulator.env}
+    process = subprocess.Popen(_command(workdir, idx_dir), cwd=REPO, text=True,
+                               env={**os.environ, **env},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = []
+    try:
+        for line in process.stderr:  # Step 5 logged: the checkpoint at step 4 is committed.
+            log.append(line)
+            if re.search(r"step ([5-9]|\d\d+)/", line):
+                break
+        else:
+            pytest.fail("".join(log[-30:]))
+        emulator.stop()
+        stopped = time.monotonic()
+        _, rest = process.communicate(timeout=120)
+        took = time.monotonic() - stopped
+    finally:
+        process.kill()
+        emulator.stop()
+    log = "".join(log) + rest
+    assert process.returncode == 1, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    assert last.startswith(f"error: the workdir's storage stopped answering (the lease on "
+                           f"--workdir={workdir} could not be renewed before "), last
+    assert last.endswith("the last committed checkpoint is intact; run the same command again "
+                         "when it answers"), last
+    assert took < 30, f"stopped {took:.0f} s after the storage went away"
+    print(f"stopped {took:.1f} s after the storage went away")
+
+    port = int(emulator.url.rsplit(":", 1)[1])  # The storage is back, at the same address.
+    emulator = start(tmp_path / "emulator.log", data_dir=data, port=port)
+    try:
+        resumed = subprocess.run(
+            _command(workdir, idx_dir), cwd=REPO, text=True, capture_output=True, timeout=300,
+            env={**os.environ, "MNIST_DATA_DIR": "", **emulator.env})
+    finally:
+        emulator.stop()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    step = int(re.search(r"Resuming from the checkpoint at step (\d+)", resumed.stderr).group(1))
+    assert step >= 4, resumed.stderr[-3000:]
