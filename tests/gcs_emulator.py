@@ -78,17 +78,20 @@ def _answers(url: str) -> bool:
         return False
 
 
-def start(log_path: os.PathLike, bucket: str = BUCKET, read_only: bool = False) -> GcsEmulator:
-    """Starts an in-memory emulator with `bucket` (where every write answers 403 Forbidden if
-    `read_only`) and waits until it answers; its output goes to `log_path`. Raises RuntimeError,
-    with the log's tail, if it exits or stays silent."""
+def start(log_path: os.PathLike, bucket: str = BUCKET, read_only: bool = False,
+          data_dir: os.PathLike | None = None) -> GcsEmulator:
+    """Starts an emulator with `bucket` (where every write answers 403 Forbidden if `read_only`)
+    and waits until it answers; its output goes to `log_path`. It keeps its objects in memory, or
+    in `data_dir`, where the next emulator started on it finds them. Raises RuntimeError, with
+    the log's tail, if it exits or stays silent."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    storage = ["--in-memory"] if data_dir is None else []
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, SERVER, "start", "--host=127.0.0.1",
-             f"--port={port}", "--in-memory", f"--default-bucket={bucket}", "--quiet",
-             *([f"--read-only-bucket={bucket}"] if read_only else [])],
+            [sys.executable, SERVER, *([f"--data-dir={data_dir}"] if data_dir else []), "start",
+             "--host=127.0.0.1", f"--port={port}", *storage, f"--default-bucket={bucket}",
+             "--quiet", *([f"--read-only-bucket={bucket}"] if read_only else [])],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     emulator = GcsEmulator(url=url, bucket=bucket, process=process, env={
         "STORAGE_EMULATOR_HOST": url,
@@ -138,10 +141,12 @@ def gcs_bucket_path(gcs_emulator: GcsEmulator, request: pytest.FixtureRequest) -
 
 
 @contextlib.contextmanager
-def separate_emulator(tmp_path: os.PathLike, read_only: bool = False) -> Iterator[GcsEmulator]:
-    """An emulator of its own, for a test that stops it or needs its bucket `read_only`; env vars
-    are the caller's to set."""
-    emulator = start(os.path.join(tmp_path, "emulator.log"), read_only=read_only)
+def separate_emulator(tmp_path: os.PathLike, read_only: bool = False,
+                      data_dir: os.PathLike | None = None) -> Iterator[GcsEmulator]:
+    """An emulator of its own, for a test that stops it, needs its bucket `read_only` or its
+    objects kept in `data_dir` (see `start`); env vars are the caller's to set."""
+    emulator = start(os.path.join(tmp_path, "emulator.log"), read_only=read_only,
+                     data_dir=data_dir)
     try:
         yield emulator
     finally:
