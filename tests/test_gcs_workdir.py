@@ -1,12 +1,13 @@
 """A gs:// workdir end to end, against the GCS emulator: `mnist_flax.main` trains, keeps N
-checkpoints, writes config.json and events TensorBoard reads, resumes, and `mnist_flax.predict`
-and `mnist_flax.sweep` use it; the lock is a lease; every bad case (a missing bucket, one it may
-not write) is one line."""
+checkpoints, writes config.json and events TensorBoard reads, resumes (past a damaged checkpoint,
+which it moves aside), and `mnist_flax.predict` and `mnist_flax.sweep` use it; the lock is a
+lease; every bad case (a missing bucket, one it may not write) is one line."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -76,6 +77,51 @@ def test_train_keep_resume_predict_and_tensorboard_on_gs(gcs_emulator, gcs_bucke
                         env=gcs_emulator.env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["step"] == 24
+
+
+def _blobs(workdir: str, under: str) -> dict[str, bytes]:
+    """The objects under workdir/under: {name relative to it: contents}."""
+    from google.cloud import storage
+
+    bucket, _, prefix = workdir[len("gs://"):].partition("/")
+    prefix = f"{prefix}/{under}/"
+    return {blob.name[len(prefix):]: blob.download_as_bytes()
+            for blob in storage.Client().list_blobs(bucket, prefix=prefix)}
+
+
+def test_a_damaged_checkpoint_on_gs_is_moved_aside_and_the_run_resumes(
+        gcs_emulator, gcs_bucket_path, idx_dir):  # noqa: F811
+    from google.cloud import storage
+
+    args = [f"--workdir={gcs_bucket_path}", f"--config.data_dir={idx_dir}",
+            "--config.num_epochs=1", "--config.checkpoint_every_steps=2",
+            "--config.checkpoint_keep=3"]  # 8 steps: checkpoints 4, 6, 8 kept.
+    result = _main(gcs_emulator, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = _blobs(gcs_bucket_path, "checkpoints/8")
+    # Garbage over the largest array data object of the newest checkpoint, as a bad copy would.
+    name = max((n for n in before if "/d/" in n), key=lambda n: len(before[n]))
+    garbage = np.random.default_rng(0).integers(0, 256, len(before[name]), np.uint8).tobytes()
+    bucket, _, prefix = gcs_bucket_path[len("gs://"):].partition("/")
+    storage.Client().bucket(bucket).blob(f"{prefix}/checkpoints/8/{name}").upload_from_string(
+        garbage)
+    before[name] = garbage
+
+    result = _main(gcs_emulator, *args)  # The same command again.
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Its only warnings: skipping it, and moving it aside (a rename, which gcsfs does with
+    # objects.move: where that fails it logs a warning and a traceback per file).
+    warnings = [line for line in result.stderr.splitlines() if re.match(r"[WEF]\d{4} ", line)]
+    assert len(warnings) == 2, warnings
+    assert "Traceback" not in result.stderr
+    assert "skipping the damaged checkpoint at step 8: " in warnings[0]
+    assert "Moved the damaged checkpoint at step 8 aside to " in warnings[1]
+    assert "Resuming from the checkpoint at step 6 " in result.stderr
+    root = epath.Path(gcs_bucket_path, "checkpoints")
+    aside = [p.name for p in root.iterdir() if p.name.startswith("damaged-")]
+    assert len(aside) == 1 and aside[0].startswith("damaged-8-"), aside
+    assert _blobs(gcs_bucket_path, f"checkpoints/{aside[0]}") == before  # All of it, as it was.
+    assert sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) == [4, 6, 8]
 
 
 def test_sweep_into_a_gs_parent(gcs_emulator, gcs_bucket_path, idx_dir):  # noqa: F811
