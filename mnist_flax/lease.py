@@ -10,8 +10,10 @@ reach the storage before the lease would run out, sets `Lease.lost`: the run mus
 
 Expiry compares the owner's clock with the reader's, so hosts' clocks must agree (NTP) to well
 within the ttl. etils.epath and gcsfs cannot make a write conditional on a generation, hence
-google-cloud-storage (which gcsfs depends on) here. The GCS emulator of the tests ignores
-preconditions, so each step also reads the object first and compares generations.
+google-cloud-storage (which gcsfs depends on) here. Each step also reads the object first:
+acquiring needs to know whose lease it is and until when; for renewing and releasing, comparing
+generations first only repeats what the precondition checks. The tests' GCS emulator checks
+preconditions as GCS does (412), and tests/test_lease.py races runs for one workdir against it.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import re
 import secrets
 import signal
 import sys
@@ -117,6 +118,9 @@ def prepare(workdir: str) -> None:
     except OSError as e:
         if is_remote(workdir):
             bucket = workdir[len("gs://"):].split("/")[0]
+            if _forbidden(e):
+                raise WorkdirError(f"--workdir={workdir}: cannot write there ("
+                                   f"{_forbidden_reason(e, bucket)}") from None
             reason = (f"bucket {bucket} does not exist" if isinstance(e, FileNotFoundError)
                       else error_line(e))
             raise WorkdirError(f"--workdir={workdir}: cannot write there ({reason}); create the "
@@ -124,6 +128,28 @@ def prepare(workdir: str) -> None:
                                "this machine's service account can write") from None
         raise WorkdirError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); "
                            "pick a writable directory") from None
+
+
+def _forbidden(e: OSError) -> bool:
+    """Whether the bucket refused a write (HTTP 403); gcsfs raises OSError('Forbidden: ...')."""
+    return isinstance(e, PermissionError) or str(e).startswith("Forbidden")
+
+
+def _forbidden_reason(e: OSError, bucket: str) -> str:
+    """Who may not write to the bucket, and the fix, from GCS's answer to a 403 ('PRINCIPAL does
+    not have storage.objects.create access to ...')."""
+    found = re.search(r"(\S+) does not have (storage\.[\w.]+) access", str(e))
+    if found:
+        principal, permission = found.groups()
+        reason = f"{principal} lacks {permission} on bucket {bucket}"
+        member = (f"serviceAccount:{principal}" if principal.endswith(".gserviceaccount.com")
+                  else f"user:{principal}")
+    else:
+        reason = f"this machine's credentials may not write to bucket {bucket}"
+        member = "PRINCIPAL"
+    return (f"403 Forbidden: {reason}); grant write access (gcloud storage buckets "
+            f"add-iam-policy-binding gs://{bucket} --member={member} "
+            "--role=roles/storage.objectAdmin) or pick another bucket")
 
 
 def error_line(e: BaseException, limit: int = 200) -> str:

@@ -11,10 +11,11 @@ STORAGE_EMULATOR_HOST; tensorstore (orbax's arrays) reads TENSORSTORE_GCS_HTTP_U
 token from GOOGLE_AUTH_TOKEN_FOR_TESTING; GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false stops gcsfs
 from probing the bucket type over gRPC first. gcsfs reads that last one when it is first imported.
 
-The emulator (as gcs_emulator_server.py runs it: with generation headers on downloads, which
-tensorstore needs) does not check generation preconditions (`ifGenerationMatch` is ignored, never a
-412), answers `moveTo` with 501 (gcsfs then retries for ~35 s before copying: avoid renames), and
-serves one request at a time.
+The emulator runs as gcs_emulator_server.py extends it: with generation headers on downloads
+(which tensorstore needs), generation preconditions checked as GCS checks them (412, so of two
+runs creating the same object with `ifGenerationMatch=0` one loses), `moveTo` (so a gcsfs rename
+is a fast copy and delete) and, with `read_only=True`, a bucket whose writes answer 403 as GCS
+answers a service account without write permission. It serves one request at a time.
 """
 
 from __future__ import annotations
@@ -77,21 +78,22 @@ def _answers(url: str) -> bool:
         return False
 
 
-def start(log_path: os.PathLike, bucket: str = BUCKET,
+def start(log_path: os.PathLike, bucket: str = BUCKET, read_only: bool = False,
           data_dir: os.PathLike | None = None, port: int | None = None) -> GcsEmulator:
-    """Starts an emulator with `bucket` and waits until it answers; its output goes to
-    `log_path`. In memory, or in `data_dir`, where a later emulator on the same `port` finds
-    the objects again (it stores each object's download link with its address). Raises
-    RuntimeError, with the log's tail, if it exits or stays silent."""
+    """Starts an emulator with `bucket` (where every write answers 403 Forbidden if `read_only`)
+    and waits until it answers; its output goes to `log_path`. It keeps its objects in memory, or
+    in `data_dir`, where the next emulator started on it finds them; start that one on the same
+    `port` when clients reload objects (the emulator stores each download link with its address).
+    Raises RuntimeError, with the log's tail, if it exits or stays silent."""
     port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
     storage = ["--in-memory"] if data_dir is None else []
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, SERVER, "start", "--host=127.0.0.1",
-             f"--port={port}", *storage, f"--default-bucket={bucket}", "--quiet"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "STORAGE_BASE": str(data_dir or "")})
+            [sys.executable, SERVER, *([f"--data-dir={data_dir}"] if data_dir else []), "start",
+             "--host=127.0.0.1", f"--port={port}", *storage, f"--default-bucket={bucket}",
+             "--quiet", *([f"--read-only-bucket={bucket}"] if read_only else [])],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     emulator = GcsEmulator(url=url, bucket=bucket, process=process, env={
         "STORAGE_EMULATOR_HOST": url,
         "TENSORSTORE_GCS_HTTP_URL": url,
@@ -140,9 +142,12 @@ def gcs_bucket_path(gcs_emulator: GcsEmulator, request: pytest.FixtureRequest) -
 
 
 @contextlib.contextmanager
-def separate_emulator(tmp_path: os.PathLike) -> Iterator[GcsEmulator]:
-    """An emulator of its own, for a test that stops it; env vars are the caller's to set."""
-    emulator = start(os.path.join(tmp_path, "emulator.log"))
+def separate_emulator(tmp_path: os.PathLike, read_only: bool = False,
+                      data_dir: os.PathLike | None = None) -> Iterator[GcsEmulator]:
+    """An emulator of its own, for a test that stops it, needs its bucket `read_only` or its
+    objects kept in `data_dir` (see `start`); env vars are the caller's to set."""
+    emulator = start(os.path.join(tmp_path, "emulator.log"), read_only=read_only,
+                     data_dir=data_dir)
     try:
         yield emulator
     finally:

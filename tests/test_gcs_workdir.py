@@ -1,16 +1,18 @@
 """A gs:// workdir end to end, against the GCS emulator: `mnist_flax.main` trains, keeps N
-checkpoints, writes config.json and events TensorBoard reads, resumes, and `mnist_flax.predict`
-and `mnist_flax.sweep` use it; the lock is a lease; every bad case is one line."""
+checkpoints, writes config.json and events TensorBoard reads, resumes (past a damaged checkpoint,
+which it moves aside), and `mnist_flax.predict` and `mnist_flax.sweep` use it; the lock is a
+lease; every bad case (a missing bucket, one it may not write) is one line."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 from conftest import TINY_MODEL, run_module
-from gcs_emulator import gcs_bucket_path, gcs_emulator  # noqa: F401 (fixtures)
+from gcs_emulator import gcs_bucket_path, gcs_emulator, separate_emulator  # noqa: F401 (fixtures)
 
 pytest.importorskip("gcsfs")
 pytest.importorskip("google.cloud.storage")
@@ -30,6 +32,16 @@ def _main(emulator, *args: str, timeout: int = 300):
 
 def _last_line(result) -> str:
     return result.stderr.strip().splitlines()[-1]
+
+
+def _digit_png(tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "digit.png"
+    one = np.zeros((28, 28), np.uint8)
+    one[4:24, 13:16] = 255  # A "1".
+    Image.fromarray(one).save(image)
+    return image
 
 
 def test_train_keep_resume_predict_and_tensorboard_on_gs(gcs_emulator, gcs_bucket_path,  # noqa: F811
@@ -61,16 +73,55 @@ def test_train_keep_resume_predict_and_tensorboard_on_gs(gcs_emulator, gcs_bucke
     assert sorted(events.Runs()) == [".", "test", "train"]  # The run and its Keras-style halves.
     assert [e.step for e in events.Scalars("test", "accuracy")] == [8, 16, 24]
 
-    image = tmp_path / "digit.png"
-    from PIL import Image
-
-    one = np.zeros((28, 28), np.uint8)
-    one[4:24, 13:16] = 255  # A "1".
-    Image.fromarray(one).save(image)
-    result = run_module("predict", f"--workdir={workdir}", str(image), "--json",
+    result = run_module("predict", f"--workdir={workdir}", str(_digit_png(tmp_path)), "--json",
                         env=gcs_emulator.env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["step"] == 24
+
+
+def _blobs(workdir: str, under: str) -> dict[str, bytes]:
+    """The objects under workdir/under: {name relative to it: contents}."""
+    from google.cloud import storage
+
+    bucket, _, prefix = workdir[len("gs://"):].partition("/")
+    prefix = f"{prefix}/{under}/"
+    return {blob.name[len(prefix):]: blob.download_as_bytes()
+            for blob in storage.Client().list_blobs(bucket, prefix=prefix)}
+
+
+def test_a_damaged_checkpoint_on_gs_is_moved_aside_and_the_run_resumes(
+        gcs_emulator, gcs_bucket_path, idx_dir):  # noqa: F811
+    from google.cloud import storage
+
+    args = [f"--workdir={gcs_bucket_path}", f"--config.data_dir={idx_dir}",
+            "--config.num_epochs=1", "--config.checkpoint_every_steps=2",
+            "--config.checkpoint_keep=3"]  # 8 steps: checkpoints 4, 6, 8 kept.
+    result = _main(gcs_emulator, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = _blobs(gcs_bucket_path, "checkpoints/8")
+    # Garbage over the largest array data object of the newest checkpoint, as a bad copy would.
+    name = max((n for n in before if "/d/" in n), key=lambda n: len(before[n]))
+    garbage = np.random.default_rng(0).integers(0, 256, len(before[name]), np.uint8).tobytes()
+    bucket, _, prefix = gcs_bucket_path[len("gs://"):].partition("/")
+    storage.Client().bucket(bucket).blob(f"{prefix}/checkpoints/8/{name}").upload_from_string(
+        garbage)
+    before[name] = garbage
+
+    result = _main(gcs_emulator, *args)  # The same command again.
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Its only warnings: skipping it, and moving it aside (a rename, which gcsfs does with
+    # objects.move: where that fails it logs a warning and a traceback per file).
+    warnings = [line for line in result.stderr.splitlines() if re.match(r"[WEF]\d{4} ", line)]
+    assert len(warnings) == 2, warnings
+    assert "Traceback" not in result.stderr
+    assert "skipping the damaged checkpoint at step 8: " in warnings[0]
+    assert "Moved the damaged checkpoint at step 8 aside to " in warnings[1]
+    assert "Resuming from the checkpoint at step 6 " in result.stderr
+    root = epath.Path(gcs_bucket_path, "checkpoints")
+    aside = [p.name for p in root.iterdir() if p.name.startswith("damaged-")]
+    assert len(aside) == 1 and aside[0].startswith("damaged-8-"), aside
+    assert _blobs(gcs_bucket_path, f"checkpoints/{aside[0]}") == before  # All of it, as it was.
+    assert sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) == [4, 6, 8]
 
 
 def test_sweep_into_a_gs_parent(gcs_emulator, gcs_bucket_path, idx_dir):  # noqa: F811
@@ -106,6 +157,42 @@ def test_missing_bucket_is_one_line(gcs_emulator, idx_dir):  # noqa: F811
         "error: --workdir=gs://no-such-bucket-mnist/runs/a: cannot write there (bucket "
         "no-such-bucket-mnist does not exist); create the bucket (gcloud storage buckets create "
         "gs://BUCKET) or pick one this machine's service account can write")
+
+
+def test_a_bucket_that_cannot_be_written_is_one_line_and_loses_nothing(tmp_path, idx_dir,
+                                                                       monkeypatch):
+    # A run trained in the bucket; then the bucket is served again with every write answered
+    # 403, as GCS answers credentials without storage.objects.create.
+    from google.cloud import storage
+
+    data = tmp_path / "bucket"
+    with separate_emulator(tmp_path, data_dir=data) as emulator:
+        workdir = f"gs://{emulator.bucket}/runs/a"
+        args = [f"--workdir={workdir}", f"--config.data_dir={idx_dir}", "--config.num_epochs=1"]
+        assert _main(emulator, *args).returncode == 0
+    with separate_emulator(tmp_path, data_dir=data, read_only=True) as emulator:
+        for name, value in emulator.env.items():
+            monkeypatch.setenv(name, value)
+
+        def objects():
+            return {b.name: (b.generation, b.md5_hash)
+                    for b in storage.Client().list_blobs(emulator.bucket)}
+
+        before = objects()
+        result = _main(emulator, *args, "--config.num_epochs=2", timeout=120)
+        assert objects() == before and any("/checkpoints/8/" in name for name in before)
+        predicted = run_module("predict", f"--workdir={workdir}", str(_digit_png(tmp_path)),
+                               "--json", env=emulator.env)
+    assert result.returncode == 1
+    account = "emulator@mnist-flax-test.iam.gserviceaccount.com"  # As the emulator names it.
+    assert _last_line(result) == (
+        f"error: --workdir={workdir}: cannot write there (403 Forbidden: {account} lacks "
+        f"storage.objects.create on bucket {emulator.bucket}); grant write access (gcloud storage "
+        f"buckets add-iam-policy-binding gs://{emulator.bucket} --member=serviceAccount:{account} "
+        "--role=roles/storage.objectAdmin) or pick another bucket")
+    assert "Traceback" not in result.stderr
+    assert predicted.returncode == 0, predicted.stderr[-3000:]  # Reading needs no write.
+    assert json.loads(predicted.stdout)["step"] == 8
 
 
 # Runs main as if gcsfs and google-cloud-storage were not installed.

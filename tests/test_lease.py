@@ -1,8 +1,8 @@
 """The workdir lease on object storage, against the GCS emulator: one run at a time, a killed
 run's lease runs out, renewal keeps a live one, and a run that loses its lease learns it.
 
-The emulator ignores generation preconditions, so the race between two runs writing at the same
-moment (settled by a 412 on real GCS) is not exercised here; the rest of the protocol is."""
+The emulator checks generation preconditions as GCS does (412 when one does not hold), so runs
+racing for the same workdir at the same moment are settled as on GCS: exactly one wins."""
 
 from __future__ import annotations
 
@@ -28,6 +28,90 @@ def _lock_blob(workdir: str):
 
     bucket, _, prefix = workdir[len("gs://"):].partition("/")
     return storage.Client().bucket(bucket).blob(f"{prefix}/{lease.LEASE_FILE}")
+
+
+def test_the_emulator_answers_a_failed_precondition_with_412(gcs_bucket_path):  # noqa: F811
+    # What the lease relies on (GCS's behaviour): a conditional write settles a race.
+    from google.api_core import exceptions
+
+    blob = _lock_blob(gcs_bucket_path)
+    blob.upload_from_string("first", if_generation_match=0)
+    with pytest.raises(exceptions.PreconditionFailed):
+        _lock_blob(gcs_bucket_path).upload_from_string("second", if_generation_match=0)
+    with pytest.raises(exceptions.PreconditionFailed):
+        _lock_blob(gcs_bucket_path).delete(if_generation_match=blob.generation + 1)
+    assert _lock_blob(gcs_bucket_path).download_as_text() == "first"
+
+
+# One racer: takes the lease on each workdir read from stdin, printing the outcome as JSON.
+# `_write` is wrapped only to count the 412s (the races the emulator settled), never changed.
+RACER = textwrap.dedent("""
+    import json, sys
+    from google.api_core import exceptions
+    from mnist_flax import lease
+
+    write = lease._write
+    def counted(*args, **kwargs):
+        try:
+            return write(*args, **kwargs)
+        except exceptions.PreconditionFailed:
+            print(json.dumps({"precondition_failed": True}), flush=True)
+            raise
+    lease._write = counted
+
+    held = []
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        try:
+            held.append(lease.acquire(line.strip(), ttl_s=30))
+            print(json.dumps({"won": True}), flush=True)
+        except lease.LeaseError as e:
+            print(json.dumps({"lost": str(e)}), flush=True)
+    for lease_held in held:
+        lease_held.release()
+    """)
+RACERS, ROUNDS = 4, 5
+
+
+def test_runs_racing_for_a_workdir_one_wins_the_others_name_it(gcs_emulator,  # noqa: F811
+                                                               gcs_bucket_path):  # noqa: F811
+    env = {**os.environ, **gcs_emulator.env,
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    racers = [subprocess.Popen([sys.executable, "-c", RACER], env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True) for _ in range(RACERS)]
+    races = 0
+
+    def outcome(racer) -> dict:
+        nonlocal races
+        while True:
+            reply = json.loads(racer.stdout.readline())
+            if "precondition_failed" not in reply:
+                return reply
+            races += 1
+
+    try:
+        assert all(outcome(racer) == {"ready": True} for racer in racers)
+        for n in range(ROUNDS):
+            workdir = f"{gcs_bucket_path}/round{n}"
+            for racer in racers:  # All at once: each starts as soon as it reads the line.
+                racer.stdin.write(workdir + "\n")
+                racer.stdin.flush()
+            outcomes = {racer.pid: outcome(racer) for racer in racers}
+            winners = [pid for pid, o in outcomes.items() if "won" in o]
+            assert len(winners) == 1, (n, outcomes)
+            assert json.loads(_lock_blob(workdir).download_as_text())["pid"] == winners[0]
+            for pid, o in outcomes.items():
+                if pid != winners[0]:
+                    assert f"pid {winners[0]}) holds the lease on --workdir={workdir}" in o["lost"]
+    finally:
+        for racer in racers:
+            racer.stdin.close()
+        for racer in racers:
+            racer.wait(timeout=30)
+    # Usually every loser: all read "no lease" before any wrote. Without a race, a loser just
+    # reads the winner's lease, and this test would prove nothing about the 412.
+    assert races >= 1, "no round raced"
+    print(f"{races} of the losers' writes got 412 in {ROUNDS} rounds of {RACERS} racers")
 
 
 def test_second_acquire_fails_with_one_line_naming_the_owner(gcs_bucket_path):  # noqa: F811
