@@ -128,8 +128,17 @@ def _wait_for(flag) -> None:
         time.sleep(0.01)
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT as in a terminal, even where pytest runs as a background job (SIGINT ignored, which
+    StopFlag rightly leaves ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_sets_the_flag_and_the_old_handlers_come_back(signum):
+def test_a_stop_signal_sets_the_flag_and_the_old_handlers_come_back(signum, ctrl_c_raises):
     previous = {s: signal.getsignal(s) for s in workdir_lib.STOP_SIGNALS}
     with workdir_lib.StopFlag() as flag:
         assert not flag.is_set()
@@ -139,7 +148,7 @@ def test_a_stop_signal_sets_the_flag_and_the_old_handlers_come_back(signum):
     assert {s: signal.getsignal(s) for s in workdir_lib.STOP_SIGNALS} == previous
 
 
-def test_a_second_ctrl_c_raises_keyboard_interrupt_at_once():
+def test_a_second_ctrl_c_raises_keyboard_interrupt_at_once(ctrl_c_raises):
     with workdir_lib.StopFlag() as flag:
         os.kill(os.getpid(), signal.SIGINT)
         _wait_for(flag)
