@@ -63,7 +63,7 @@ def _read(blob: storage.Blob, seconds: float) -> tuple[int, dict[str, Any]] | No
     for _ in range(3):
         try:
             blob.reload(**_limits(seconds))
-            # Downloads set blob.generation from a header the emulator omits: keep reload's.
+            # The generation reload saw; the download below is pinned to it.
             generation = blob.generation
             data = blob.download_as_bytes(if_generation_match=generation, **_limits(seconds))
             break
