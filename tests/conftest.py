@@ -108,6 +108,12 @@ def write_idx_dir(directory: pathlib.Path, n_train: int = 256, n_test: int = 64,
     return directory
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first (a stable sort), so that pytest-xdist's workers (pyproject.toml runs
+    two) start the long ones early and end together instead of one waiting on the other."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory) -> None:
     """Commands the tests start cache their compilations in the session's temporary directory,

@@ -265,6 +265,7 @@ def test_train_and_evaluate_on_small_data(idx_dir, tmp_path, config, capsys):
     assert float(out[-1].split()[-1]) == pytest.approx(metrics["test/accuracy"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_short_real_run_on_full_mnist(shared_mnist, tmp_path, config):
     """One epoch of the tutorial recipe on the real 60,000 digits."""
     config = config.copy_and_resolve_references()
