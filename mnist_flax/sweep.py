@@ -234,10 +234,9 @@ def write_results(path: str, config: ml_collections.ConfigDict, results: list[di
         "runs": results,
         "config": json.loads(config.to_json()),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
-        f.write("\n")
+    target = workdir.path(path)  # A local file or, like the workdir, gs://.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=1) + "\n")
 
 
 def main(argv: list[str]) -> None:

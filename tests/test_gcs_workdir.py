@@ -127,9 +127,10 @@ def test_a_damaged_checkpoint_on_gs_is_moved_aside_and_the_run_resumes(
 def test_sweep_into_a_gs_parent(gcs_emulator, gcs_bucket_path, idx_dir):  # noqa: F811
     result = run_module("sweep", f"--workdir={gcs_bucket_path}", "--sweep=seed=1,2",
                         f"--config.data_dir={idx_dir}", "--config.num_epochs=1", *TINY,
-                        env=gcs_emulator.env)
+                        f"--results={gcs_bucket_path}/results.json", env=gcs_emulator.env)
     assert result.returncode == 0, result.stderr[-3000:]
     root = epath.Path(gcs_bucket_path)
+    assert len(json.loads((root / "results.json").read_text())["runs"]) == 2
     for name in ("seed=1", "seed=2"):
         assert (root / name / "config.json").exists()
         assert list((root / name / "checkpoints").iterdir())
