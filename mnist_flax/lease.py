@@ -46,7 +46,7 @@ class LeaseError(ValueError):
     """Another run holds the workdir, or this run lost it; one line naming the owner."""
 
 
-def _utc(t: float) -> str:
+def utc_text(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(  # noqa: UP017
         "%Y-%m-%d %H:%M:%S UTC")
 
@@ -83,7 +83,7 @@ def _read(blob: storage.Blob, seconds: float) -> tuple[int, dict[str, Any]] | No
 
 def _write(blob: storage.Blob, owner: dict[str, Any], if_generation: int, seconds: float) -> int:
     """Writes `owner` if the object is still at `if_generation` (0: absent); its new generation."""
-    blob.upload_from_string(json.dumps({**owner, "expires_utc": _utc(owner["expires"])}),
+    blob.upload_from_string(json.dumps({**owner, "expires_utc": utc_text(owner["expires"])}),
                             content_type="application/json", if_generation_match=if_generation,
                             **_limits(seconds))
     return blob.generation
@@ -99,7 +99,7 @@ class Lease:
         self.ttl_s = ttl_s
         self.owner = owner
         self.lost = threading.Event()
-        self.lost_because = ""  # Set before `lost`: why, for the one-line error.
+        self.lost_error: Exception | None = None  # Set before `lost` if the storage failed.
         self._blob = blob
         self._generation: int | None = generation
         self._stop = threading.Event()
@@ -115,7 +115,10 @@ class Lease:
     def check(self) -> None:
         """Raises LeaseError if the lease was lost (call before each save)."""
         if self.lost.is_set():
-            raise LeaseError(self.lost_because)
+            why = (f"storage did not answer before {utc_text(self.expires)}" if self.lost_error
+                   else "another run took it over")
+            raise LeaseError(f"this run lost its lease on --workdir={self.workdir} ({why}); "
+                             "it saves no more")
 
     def release(self) -> None:
         """Stops renewing and deletes the lease object if it is still ours; idempotent."""
@@ -131,7 +134,7 @@ class Lease:
                 self._blob.delete(if_generation_match=generation, **_limits(REQUEST_TIMEOUT_S))
         except (exceptions.GoogleAPIError, OSError) as e:  # It runs out by itself.
             log.warning("could not release the lease on %s (%s); it runs out at %s",
-                        self.workdir, e, _utc(self.expires))
+                        self.workdir, e, utc_text(self.expires))
 
     def __enter__(self) -> Lease:
         return self
@@ -149,21 +152,14 @@ class Lease:
                 if self._renew(deadline - time.time()):
                     wait = period
                     continue
-                self.lost_because = (
-                    f"another run took over the lease on --workdir={self.workdir}; this run "
-                    "saves no more and stops; its last committed checkpoint is intact")
+                reason = "another run took it over"
             except Exception as e:  # Network or storage errors: retried until the deadline.
                 if time.time() < deadline:
                     log.warning("renewing the lease on %s failed (%s); retrying", self.workdir, e)
                     wait = min(period / 4, max(deadline - time.time(), 0.0))
                     continue
-                first_line = (str(e).strip().splitlines() or [""])[0][:200]
-                self.lost_because = (
-                    f"the workdir's storage stopped answering (the lease on --workdir="
-                    f"{self.workdir} could not be renewed before {_utc(self.expires)}: "
-                    f"{type(e).__name__}: {first_line}); the last committed checkpoint is "
-                    "intact; run the same command again when it answers")
-            log.error("lost the lease: %s", self.lost_because)
+                self.lost_error, reason = e, f"could not renew it before it ran out: {e}"
+            log.error("lost the lease on %s: %s", self.workdir, reason)
             self.lost.set()
             return
 
@@ -206,12 +202,12 @@ def acquire(workdir: str, ttl_s: float = DEFAULT_TTL_S) -> Lease:
             raise LeaseError(
                 f"another run (host {owner_then.get('host', '?')}, pid "
                 f"{owner_then.get('pid', '?')}) holds the lease on --workdir={workdir} until "
-                f"{_utc(owner_then['expires'])} (in {left:.0f} s unless it renews it); wait for "
-                "it or use another workdir")
+                f"{utc_text(owner_then['expires'])} (in {left:.0f} s unless it renews it); "
+                "wait for it or use another workdir")
         if current is not None:
             log.warning("taking over the expired lease on %s (host %s, pid %s, ran out at %s)",
                         workdir, current[1].get("host"), current[1].get("pid"),
-                        _utc(current[1]["expires"]))
+                        utc_text(current[1]["expires"]))
         owner["expires"] = time.time() + ttl_s
         try:
             generation = _write(blob, owner, current[0] if current else 0, REQUEST_TIMEOUT_S)

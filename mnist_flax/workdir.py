@@ -215,10 +215,7 @@ class Held:
         if _on_every_process(not lost):
             return
         if lost:
-            try:
-                self.lease.check()
-            except lease_lib.LeaseError as e:
-                raise WorkdirError(str(e)) from None
+            raise WorkdirError(lost_lease_line(self.lease))
         raise WorkdirError(f"process 0 lost its lease on --workdir={self.workdir}; this run saves "
                            "no more (see process 0's log)")
 
@@ -259,6 +256,18 @@ def _lease(workdir: str, seconds: float) -> lease_lib.Lease:
         raise WorkdirError(str(e)) from None
 
 
+def lost_lease_line(lease: lease_lib.Lease) -> str:
+    """The one-line error of a run that lost its lease: the storage went away, or another run
+    took the workdir over."""
+    if lease.lost_error is None:
+        return (f"another run took over the lease on --workdir={lease.workdir}; this run saves "
+                "no more and stops; its last committed checkpoint is intact")
+    return (f"the workdir's storage stopped answering (the lease on --workdir={lease.workdir} "
+            f"could not be renewed before {lease_lib.utc_text(lease.expires)}: "
+            f"{error_line(lease.lost_error)}); the last committed checkpoint is intact; run the "
+            "same command again when it answers")
+
+
 @contextlib.contextmanager
 def _stop_when_lost(lease: lease_lib.Lease) -> Iterator[None]:
     """Ends the process if the lease is lost and the run has not ended by itself soon after.
@@ -276,7 +285,7 @@ def _stop_when_lost(lease: lease_lib.Lease) -> Iterator[None]:
                 break
         if ended.wait(lease.ttl_s / 2):
             return
-        print(f"error: {lease.lost_because}", file=sys.stderr, flush=True)
+        print(f"error: {lost_lease_line(lease)}", file=sys.stderr, flush=True)
         os._exit(1)
 
     watchdog = threading.Thread(target=watch, daemon=True, name="lease watchdog")

@@ -21,6 +21,7 @@ from gcs_emulator import gcs_bucket_path, gcs_emulator, separate_emulator  # noq
 pytest.importorskip("google.cloud.storage")
 
 from mnist_flax import lease  # noqa: E402
+from mnist_flax import workdir as workdir_lib  # noqa: E402
 
 
 def _lock_blob(workdir: str):
@@ -176,8 +177,11 @@ def test_a_lease_taken_over_by_another_run_is_lost(gcs_bucket_path):  # noqa: F8
         _lock_blob(gcs_bucket_path).upload_from_string(json.dumps(
             {"host": "elsewhere", "pid": 1, "token": "other", "expires": time.time() + 60}))
         assert held.lost.wait(timeout=5)
-        with pytest.raises(lease.LeaseError, match="another run took over the lease"):
+        with pytest.raises(lease.LeaseError, match="lost its lease .*another run took it over"):
             held.check()
+        assert workdir_lib.lost_lease_line(held) == (
+            f"another run took over the lease on --workdir={gcs_bucket_path}; this run saves no "
+            "more and stops; its last committed checkpoint is intact")
     # Releasing a lost lease leaves the other run's object alone.
     assert json.loads(_lock_blob(gcs_bucket_path).download_as_text())["host"] == "elsewhere"
 
@@ -190,4 +194,9 @@ def test_storage_going_away_loses_the_lease_before_it_runs_out(tmp_path, monkeyp
         emulator.stop()
         assert held.lost.wait(timeout=5)
         assert time.time() < held.expires  # Given up before another run could take over.
+        line = workdir_lib.lost_lease_line(held)
+        assert line.startswith(f"the workdir's storage stopped answering (the lease on "
+                               f"--workdir=gs://{emulator.bucket}/run could not be renewed "
+                               "before "), line
+        assert "\n" not in line
         held.release()  # Nothing to delete, and no error.
