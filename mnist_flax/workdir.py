@@ -20,6 +20,7 @@ import secrets
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -270,20 +271,22 @@ def lost_lease_line(lease: lease_lib.Lease) -> str:
 
 @contextlib.contextmanager
 def _stop_when_lost(lease: lease_lib.Lease) -> Iterator[None]:
-    """Ends the process if the lease is lost and the run has not ended by itself soon after.
+    """Ends the process if the lease is lost and the run has not ended by itself when it runs out.
 
     The loop checks the lease only before a save, and a save or an event flush in flight when
     the storage goes away waits in its client's retries for many minutes. Nothing can be saved
-    any more and the last committed checkpoint is intact, so after a grace of half the lease we
-    print the one-line error and exit 1, as a kill would (no cleanup can reach the storage).
+    any more and the last committed checkpoint is intact, so when the lease runs out (at once if
+    another run took it over) we print the one-line error and exit 1, as a kill would: nothing of
+    ours can land in the workdir after another run may have taken it.
     """
     ended = threading.Event()
 
     def watch() -> None:
-        while not ended.wait(0.5):
+        while not ended.wait(0.25):
             if lease.lost.is_set():
                 break
-        if ended.wait(lease.ttl_s / 2):
+        left = lease.expires - time.time() if lease.lost_error is not None else 0.0
+        if ended.wait(max(left, 0.0)):
             return
         print(f"error: {lost_lease_line(lease)}", file=sys.stderr, flush=True)
         os._exit(1)
