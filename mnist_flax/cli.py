@@ -39,7 +39,7 @@ def setup_process() -> None:
     ops.tune_host_allocator()
     ops.log_compiler_options()
     checkpoints.quiet_orbax_logging()
-    logging.getLogger("fsspec.caching").setLevel(logging.WARNING)  # A line per gs:// file read.
+    workdir.quiet_storage_logging()
 
 
 def enable_compilation_cache(cache_dir: str) -> str:
@@ -78,21 +78,11 @@ def one_line_errors() -> Iterator[None]:
         sys.stderr.flush()
         os._exit(workdir.INTERRUPTED_EXIT_CODE)
     except Exception as e:
-        if not is_storage_error(e):
+        if not workdir.is_storage_error(e):
             raise
         sys.exit(f"error: the workdir's storage stopped answering ({workdir.error_line(e)}); "
                  "the last committed checkpoint is intact; run the same command again when it "
                  "answers")
-
-
-# Where the clients of a gs:// workdir (google-cloud-storage, gcsfs) raise from when the network
-# or the bucket goes away mid-run, after their own retries.
-_STORAGE_ERROR_MODULES = ("google.api_core.", "google.auth.", "aiohttp.", "requests.", "urllib3.")
-
-
-def is_storage_error(e: BaseException) -> bool:
-    return isinstance(e, ConnectionError | TimeoutError) or any(
-        type(e).__module__.startswith(m) for m in _STORAGE_ERROR_MODULES)
 
 
 def _exit_bad_config(e: Exception) -> None:

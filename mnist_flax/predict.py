@@ -133,14 +133,15 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
     """
     try:
         root = workdir_lib.path(workdir)  # A gs:// workdir without the gcs extra: one line.
-    except workdir_lib.WorkdirError as e:
-        raise PredictError(str(e)) from None
-    if not root.is_dir():
-        raise PredictError(f"--workdir={workdir}: no such directory")
-    if checkpoints.latest_step(workdir) is None:
-        raise PredictError(f"{checkpoints.checkpoint_dir(workdir)}: no checkpoint; train first "
-                           f"with python -m mnist_flax.main --workdir={workdir}")
-    try:
+        try:  # Not is_dir() alone: fsspec reads a storage that does not answer as "absent".
+            root.stat()
+        except FileNotFoundError:
+            raise PredictError(f"--workdir={workdir}: no such directory") from None
+        if not root.is_dir():
+            raise PredictError(f"--workdir={workdir}: not a directory")
+        if checkpoints.latest_step(workdir) is None:
+            raise PredictError(f"{checkpoints.checkpoint_dir(workdir)}: no checkpoint; train "
+                               f"first with python -m mnist_flax.main --workdir={workdir}")
         config = workdir_lib.read_config(workdir)
         model = models.create_model(config)
         dummy = np.zeros((1, *input_pipeline.IMAGE_SHAPE), np.float32)
@@ -148,6 +149,10 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
         params, step = checkpoints.restore_params(workdir, expected["params"])
     except (checkpoints.CheckpointError, workdir_lib.WorkdirError) as e:
         raise PredictError(str(e)) from None
+    except Exception as e:
+        if not workdir_lib.is_storage_error(e):
+            raise
+        raise PredictError(workdir_lib.storage_unreachable_line(workdir, e)) from None
     probabilities = jax.jit(functools.partial(models.probabilities, model.apply, params))
 
     def predict(images: np.ndarray) -> np.ndarray:
@@ -199,6 +204,7 @@ def run(argv: list[str]) -> int:
     predicted and printed), 2 for bad usage or an unusable workdir.
     """
     checkpoints.quiet_orbax_logging()  # A damaged checkpoint is one warning line, as in main.
+    workdir_lib.quiet_storage_logging()
     FLAGS = _flags()  # noqa: N806 (absl's name for it)
     try:
         paths = FLAGS(argv)[1:]

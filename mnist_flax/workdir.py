@@ -14,6 +14,7 @@ import dataclasses
 import fcntl
 import importlib.util
 import json
+import logging as std_logging
 import os
 import re
 import secrets
@@ -119,6 +120,8 @@ def prepare(workdir: str) -> None:
     except OSError as e:
         if is_remote(workdir):
             bucket = workdir[len("gs://"):].split("/")[0]
+            if is_storage_error(e):
+                raise WorkdirError(storage_unreachable_line(workdir, e)) from None
             if _forbidden(e):
                 raise WorkdirError(f"--workdir={workdir}: cannot write there ("
                                    f"{_forbidden_reason(e, bucket)}") from None
@@ -151,6 +154,37 @@ def _forbidden_reason(e: OSError, bucket: str) -> str:
     return (f"403 Forbidden: {reason}); grant write access (gcloud storage buckets "
             f"add-iam-policy-binding gs://{bucket} --member={member} "
             "--role=roles/storage.objectAdmin) or pick another bucket")
+
+
+# Where the clients of a gs:// workdir (google-cloud-storage, gcsfs) raise from when the network
+# or the bucket goes away, after their own retries.
+_STORAGE_ERROR_MODULES = ("google.api_core.", "google.auth.", "aiohttp.", "requests.", "urllib3.")
+
+
+def is_storage_error(e: BaseException) -> bool:
+    return isinstance(e, ConnectionError | TimeoutError) or any(
+        type(e).__module__.startswith(m) for m in _STORAGE_ERROR_MODULES)
+
+
+def storage_unreachable_line(workdir: str, e: BaseException) -> str:
+    """The one-line error for a workdir whose storage does not answer (network, endpoint)."""
+    return (f"--workdir={workdir}: its storage did not answer ({error_line(e)}); check the "
+            "network and the bucket, then run again")
+
+
+class _DropGcsfsGivingUp(std_logging.Filter):
+    """gcsfs logs each request it gives up on with a traceback, then raises the error, which
+    becomes our one-line error: the log record only repeats it."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "out of retries on exception" not in record.getMessage()
+
+
+def quiet_storage_logging() -> None:
+    """For the entry points: a gs:// workdir logs no tracebacks that a one-line error already
+    says, and no INFO line per file read (fsspec's read-ahead cache)."""
+    std_logging.getLogger("gcsfs").addFilter(_DropGcsfsGivingUp())
+    std_logging.getLogger("fsspec.caching").setLevel(std_logging.WARNING)
 
 
 def error_line(e: BaseException, limit: int = 200) -> str:

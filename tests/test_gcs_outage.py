@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -73,3 +74,28 @@ def test_storage_going_away_stops_the_run_with_one_line_and_it_resumes_later(idx
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     step = int(re.search(r"Resuming from the checkpoint at step (\d+)", resumed.stderr).group(1))
     assert step >= 4, resumed.stderr[-3000:]
+
+
+def test_storage_that_does_not_answer_from_the_start_is_one_line(idx_dir, tmp_path):
+    """main and predict against a gs:// endpoint where nothing listens: after the clients' own
+    retries (about half a minute, gcsfs's), one line each, no traceback, no local 'gs:' dir."""
+    with socket.socket() as s:  # A port nobody listens on.
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "MNIST_DATA_DIR": "", "STORAGE_EMULATOR_HOST": url,
+           "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+    workdir = "gs://some-bucket/runs/a"
+    commands = {"main": _command(workdir, idx_dir),
+                "predict": [sys.executable, "-m", "mnist_flax.predict", f"--workdir={workdir}",
+                            str(tmp_path / "digit.png")]}
+    processes = {name: subprocess.Popen(command, cwd=REPO, env=env, text=True,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for name, command in commands.items()}  # Both wait out their retries at once.
+    for name, process in processes.items():
+        _, err = process.communicate(timeout=240)
+        assert process.returncode == (1 if name == "main" else 2), err[-3000:]
+        assert "Traceback" not in err and "out of retries" not in err, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"error: --workdir={workdir}: its storage did not answer ("), last
+        assert last.endswith("); check the network and the bucket, then run again"), last
+    assert not (REPO / "gs:").exists()  # Nothing was written as a local path.
