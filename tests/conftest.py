@@ -117,8 +117,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory) -> None:
     """Commands the tests start cache their compilations in the session's temporary directory,
-    not in the user's ~/.cache (the default of config.compilation_cache_dir)."""
-    cache = tmp_path_factory.mktemp("jax_cache")
+    not in the user's ~/.cache (the default of config.compilation_cache_dir). One directory for
+    all of the session's xdist workers, so one compiles what the other then loads (JAX writes
+    cache entries atomically)."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
+    cache.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
         yield
