@@ -1,7 +1,7 @@
 """`python -m mnist_flax.main` as one host of a pod slice, on CPU: used by test_pod.py.
 
     python tests/pod_worker.py --devices=2 --num_processes=2 --process_id=0 --port=P \\
-        --lease_ttl_s=5 -- --workdir=gs://BUCKET/run --config.num_epochs=3 ...
+        -- --workdir=gs://BUCKET/run --lease_seconds=5 --config.num_epochs=3 ...
 
 On a TPU VM, `--multihost` makes main call `jax.distributed.initialize()`, which finds the other
 hosts from the TPU metadata; here this script starts JAX's distributed runtime over loopback
@@ -17,7 +17,6 @@ parser.add_argument("--devices", type=int, default=1, help="CPU devices of this 
 parser.add_argument("--num_processes", type=int, default=1)
 parser.add_argument("--process_id", type=int, default=0)
 parser.add_argument("--port", type=int, default=0)
-parser.add_argument("--lease_ttl_s", type=float, default=None, help="workdir.LEASE_TTL_S")
 args, main_args = parser.parse_known_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 
@@ -30,10 +29,8 @@ if args.num_processes > 1:
 
 from absl import app  # noqa: E402
 
-from mnist_flax import cli, main, workdir  # noqa: E402
+from mnist_flax import cli, main  # noqa: E402
 
-if args.lease_ttl_s is not None:
-    workdir.LEASE_TTL_S = args.lease_ttl_s
 main.define_flags()
 app.run(main.main, argv=[sys.argv[0], *(a for a in main_args if a != "--")],
         flags_parser=cli.parse_flags)

@@ -61,7 +61,7 @@ def _start_pod(scratch, env: dict, workdir: str, config: list[str]) -> list[subp
                    'mount -t tmpfs scratch "$0" && exec "$@"', str(scratch),
                    sys.executable, WORKER, "--devices=2", "--num_processes=2",
                    f"--process_id={process_id}", f"--port={port}",
-                   f"--lease_ttl_s={LEASE_TTL_S}", "--", f"--workdir={workdir}", *config]
+                   "--", f"--workdir={workdir}", f"--lease_seconds={LEASE_TTL_S}", *config]
         procs.append(subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
             env={**os.environ, **env, "TMPDIR": str(scratch), "MNIST_DATA_DIR": ""}))
