@@ -80,9 +80,7 @@ def one_line_errors() -> Iterator[None]:
     except Exception as e:
         if not workdir.is_storage_error(e):
             raise
-        sys.exit(f"error: the workdir's storage stopped answering ({workdir.error_line(e)}); "
-                 "the last committed checkpoint is intact; run the same command again when it "
-                 "answers")
+        sys.exit(f"error: {workdir.storage_stopped_line(workdir.error_line(e))}")
 
 
 def _exit_bad_config(e: Exception) -> None:

@@ -172,6 +172,12 @@ def storage_unreachable_line(workdir: str, e: BaseException) -> str:
             "network and the bucket, then run again")
 
 
+def storage_stopped_line(why: str) -> str:
+    """The one-line error for a run whose workdir's storage stopped answering mid-run."""
+    return (f"the workdir's storage stopped answering ({why}); the last committed checkpoint is "
+            "intact; run the same command again when it answers")
+
+
 class _DropGcsfsGivingUp(std_logging.Filter):
     """gcsfs logs each request it gives up on with a traceback, then raises the error, which
     becomes our one-line error: the log record only repeats it."""
@@ -297,10 +303,9 @@ def lost_lease_line(lease: lease_lib.Lease) -> str:
     if lease.lost_error is None:
         return (f"another run took over the lease on --workdir={lease.workdir}; this run saves "
                 "no more and stops; its last committed checkpoint is intact")
-    return (f"the workdir's storage stopped answering (the lease on --workdir={lease.workdir} "
-            f"could not be renewed before {lease_lib.utc_text(lease.expires)}: "
-            f"{error_line(lease.lost_error)}); the last committed checkpoint is intact; run the "
-            "same command again when it answers")
+    return storage_stopped_line(f"the lease on --workdir={lease.workdir} could not be renewed "
+                                f"before {lease_lib.utc_text(lease.expires)}: "
+                                f"{error_line(lease.lost_error)}")
 
 
 @contextlib.contextmanager
