@@ -33,9 +33,14 @@ class _DropBackendProbeFailures(logging.Filter):
                     and str(record.msg).startswith("Unable to initialize backend"))
 
 
+_DROP_BACKEND_PROBE_FAILURES = _DropBackendProbeFailures()
+
+
 def setup_process() -> None:
     """What a training process needs before JAX runs anything: called first thing by main/sweep."""
-    logging.getLogger("jax._src.xla_bridge").addFilter(_DropBackendProbeFailures())
+    probe_logger = logging.getLogger("jax._src.xla_bridge")
+    if _DROP_BACKEND_PROBE_FAILURES not in probe_logger.filters:
+        probe_logger.addFilter(_DROP_BACKEND_PROBE_FAILURES)
     ops.tune_host_allocator()
     ops.log_compiler_options()
     checkpoints.quiet_orbax_logging()
