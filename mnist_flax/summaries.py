@@ -56,6 +56,7 @@ KEY_HPARAMS = ("learning_rate", "num_epochs", "batch_size", "seed", "lr_schedule
 DIGITS_PER_CLASS = 3  # Test digits shown per class: the first of each, so every class appears.
 WORST_ERRORS = 20  # Misclassified test digits shown, most confident first,
 ERROR_COLUMNS = 5  # in rows of five, so their captions stay readable.
+CLOSE_TIMEOUT_S = 30.0  # For the last upload of a gs:// event file.
 
 
 @dataclasses.dataclass
@@ -69,7 +70,6 @@ class Writers:
     def flush(self) -> None:
         for writer in (self.run, self.train, self.test):
             writer.flush()
-CLOSE_TIMEOUT_S = 30.0  # For the last upload of a gs:// event file.
 
 
 @contextlib.contextmanager
