@@ -109,7 +109,9 @@ def prepare(workdir: str) -> None:
         raise WorkdirError("--workdir is empty; pass a directory, e.g. --workdir=runs/")
     root = path(workdir)
     try:
-        if root.exists() and not root.is_dir():
+        # is_file, not "exists and not is_dir": on a pod every host runs this at once, and in a
+        # bucket a prefix holding only another host's probe exists, then is gone by is_dir.
+        if root.is_file():
             raise WorkdirError(f"--workdir={workdir}: exists and is not a directory; pick another "
                                "path")
         root.mkdir(parents=True, exist_ok=True)
