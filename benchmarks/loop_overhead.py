@@ -14,13 +14,14 @@ step's math replaced by one that only moves the step counter. Loops, interleaved
   before   the loop as it was: per step `input_pipeline.batch_at` (numpy gather) +
            `sharding.shard_batch` (two host-to-device transfers) + the jitted step.
   after    `train.train_and_evaluate`'s loop: the data on the devices once
-           (`train.device_dataset`), the epoch order once per epoch (`train.device_epoch_order`),
-           dispatches of up to k steps (`train.chunk_steps`, `train.dispatch_steps`) that gather
+           (`fast.dispatch.device_dataset`), the epoch order once per epoch
+           (`fast.dispatch.device_epoch_order`),
+           dispatches of up to k steps (`progress.chunk_steps`, `fast.dispatch.run`) that gather
            their batches on the device. k=1 is the CPU default, 16 the GPU/TPU one.
 
-Both loops keep metrics on device and log every 100 steps through `train._Progress`, as
+Both loops keep metrics on device and log every 100 steps through `progress.Progress`, as
 `train_and_evaluate` does. The real model runs the same two loops at the backend's default k
-(`train.steps_per_dispatch`). Images are random uint8 in MNIST's shapes. The last line is JSON:
+(`fast.steps_per_dispatch`). Images are random uint8 in MNIST's shapes. The last line is JSON:
 {"overhead_us_per_step", "floor_us", "ratio_to_floor", "images_per_second", ...}: the null-step
 overhead at the best k of --ks, the scalar floor, their ratio, and the real model's images/s
 through the loop as this backend runs it; `before_us_per_step` and `k` ride along.
@@ -38,7 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnist_flax import configs, input_pipeline, ops, sharding, train
+from mnist_flax import configs, fast, input_pipeline, sharding, train
+from mnist_flax import progress as progress_lib
+from mnist_flax.fast import dispatch
+from mnist_flax.run import process
 
 BATCH = 128
 NUM_TRAIN, NUM_TEST = 60_000, 10_000
@@ -59,7 +63,8 @@ def null_step_math(state: train.TrainState,
     return state.replace(step=state.step + 1), {"loss": zero, "accuracy": zero}
 
 
-null_step = ops.jit(null_step_math, donate_argnames="state")  # Built as train.train_step is.
+null_step = jax.jit(null_step_math, donate_argnames="state",  # Built as train.train_step is.
+                    compiler_options=fast.COMPILER_OPTIONS)
 
 
 def floor_loops(state: train.TrainState) -> dict[str, Callable[[int], None]]:
@@ -93,14 +98,14 @@ class BeforeLoop:
 
     def __call__(self, num_steps: int) -> None:
         state, start = self.state, int(self.state.step)
-        progress = train._Progress(self.config, start + num_steps)
+        progress = progress_lib.Progress(self.config, start + num_steps, self.steps_per_epoch,
+                                         train.learning_rate_schedule(self.config))
         progress.start_epoch(start)
         for step in range(start, start + num_steps):
             batch = input_pipeline.batch_at(self.dataset, self.config.seed, step, BATCH)
             state, metrics = self.step_fn(state, sharding.shard_batch(self.mesh, batch))
             done = step + 1
-            progress.add(metrics, done, step // self.steps_per_epoch,
-                         done % self.steps_per_epoch == 0)
+            progress.add(metrics, done, done % self.steps_per_epoch == 0)
         self.state = jax.block_until_ready(state)
 
 
@@ -117,24 +122,22 @@ class AfterLoop:
     def __call__(self, num_steps: int) -> None:
         state, step = self.state, int(self.state.step)
         stop = step + num_steps
-        progress = train._Progress(self.config, stop)
+        progress = progress_lib.Progress(self.config, stop, self.steps_per_epoch,
+                                         train.learning_rate_schedule(self.config))
         progress.start_epoch(step)
         while step < stop:
             epoch, index = divmod(step, self.steps_per_epoch)
             if self.order_epoch != epoch:
-                self.order = train.device_epoch_order(self.mesh, self.config.seed, epoch,
+                self.order = dispatch.device_epoch_order(self.mesh, self.config.seed, epoch,
                                                       self.num_train)
                 self.order_epoch = epoch
-            n = train.chunk_steps(step, self.k, self.steps_per_epoch, stop, self.config)
-            kwargs = dict(num_steps=n, batch_size=BATCH, steps_per_epoch=self.steps_per_epoch,
-                          mesh=self.mesh)
-            if self.step_fn is None:  # The real step, exactly as train_and_evaluate runs it.
-                state, metrics = train.dispatch_steps(state, self.data, self.order, **kwargs)
-            else:
-                state, metrics = train.train_steps(state, self.data, self.order,
-                                                   step_fn=self.step_fn, **kwargs)
+            n = progress_lib.chunk_steps(step, self.k, self.steps_per_epoch, stop, self.config)
+            # The real step (step_fn None), exactly as train_and_evaluate runs it, or the null one.
+            state, metrics = dispatch.run(self.step_fn or train.train_step_fn, state, self.data,
+                                          self.order, num_steps=n, batch_size=BATCH,
+                                          steps_per_epoch=self.steps_per_epoch, mesh=self.mesh)
             step += n
-            progress.add(metrics, step, epoch, index + n == self.steps_per_epoch)
+            progress.add(metrics, step, index + n == self.steps_per_epoch)
         self.state = jax.block_until_ready(state)
 
 
@@ -163,14 +166,14 @@ def main() -> None:
     parser.add_argument("--real_steps", type=int, default=60, help="real model, per round")
     parser.add_argument("--ks", default="1,4,16", help="steps per dispatch for the null step")
     args = parser.parse_args()
-    ops.tune_host_allocator()  # As main does, first thing.
+    process.tune_host_allocator()  # As main does, first thing.
     ks = [int(k) for k in args.ks.split(",")]
     config = configs.load()
     config.batch_size = BATCH
     mesh = sharding.make_mesh()
     dataset = fake_dataset()
-    data = train.device_dataset(mesh, dataset)
-    backend_k = train.steps_per_dispatch(config)
+    data = dispatch.device_dataset(mesh, dataset)
+    backend_k = fast.steps_per_dispatch(config)
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} "
           f"device(s), batch {BATCH}, default steps per dispatch here: {backend_k}", flush=True)
 
@@ -190,8 +193,8 @@ def main() -> None:
     report(null)
 
     real = {"before: batch_at + shard_batch + train_step": BeforeLoop(
-                config, mesh, dataset, new_state(), train.augment_and_train_step),
-            f"after: device data, train_steps, k={backend_k}": AfterLoop(
+                config, mesh, dataset, new_state(), train.train_step),
+            f"after: device data, dispatch.run, k={backend_k}": AfterLoop(
                 config, mesh, data, new_state(), backend_k)}
     print(f"Real model ({args.real_steps} steps per round, median of {args.rounds}):",
           flush=True)

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from mnist_flax import input_pipeline
+from mnist_flax import mnist_idx
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A trained workdir (python -m mnist_flax.main wrote it).")
@@ -45,9 +45,9 @@ def save_pngs(images: np.ndarray, labels: np.ndarray, out_dir: str, size: int) -
 
 def main(argv: list[str]) -> None:
     del argv
-    find = input_pipeline._find_idx_file  # noqa: SLF001 (the same lookup training uses)
-    images = input_pipeline.read_idx(find(FLAGS.data_dir, "t10k-images-idx3-ubyte"), "images")
-    labels = input_pipeline.read_idx(find(FLAGS.data_dir, "t10k-labels-idx1-ubyte"), "labels")
+    find = mnist_idx._find_idx_file  # noqa: SLF001 (the same lookup training uses)
+    images = mnist_idx.read_idx(find(FLAGS.data_dir, "t10k-images-idx3-ubyte"), "images")
+    labels = mnist_idx.read_idx(find(FLAGS.data_dir, "t10k-labels-idx1-ubyte"), "labels")
     images, labels = images[:FLAGS.num], labels[:FLAGS.num]
     out_dir = FLAGS.out_dir or tempfile.mkdtemp(prefix="predict_agreement_")
     os.makedirs(out_dir, exist_ok=True)

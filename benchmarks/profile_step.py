@@ -2,8 +2,8 @@
 
     python benchmarks/profile_step.py [--rounds=8]
 
-The pieces are the ones the step is made of (batch 128, the tutorial CNN, ops.py's fast forms,
-compiled with ops.compiler_options()), plus the forms they replaced, for comparison. Each is
+The pieces are the ones the step is made of (batch 128, the tutorial CNN, fast/ops.py's forms,
+compiled with fast.COMPILER_OPTIONS), plus the forms they replaced, for comparison. Each is
 jitted alone and the pieces are interleaved round by round; medians of wall and CPU milliseconds
 (CPU ms ~ 2x wall when both cores are busy). The full step is timed the same way, so the sum of
 the pieces can be checked against it; so is the step with best.py's augmentation, as the training
@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mnist_flax import ops
+from mnist_flax import fast
+from mnist_flax.fast import dispatch, ops
+from mnist_flax.run import process
 
 
 def _random(rng: np.random.Generator, *shape: int) -> jax.Array:
@@ -84,9 +86,9 @@ def pieces() -> dict[str, tuple]:
 def full_step(augmented: bool = False, fused: bool = False):
     """The real train_step of the default config, on a fixed batch.
 
-    `augmented` adds best.py's random warp, as the training loop runs it
-    (`train.augment_and_train_step`); `fused` traces the warp into the step's jit instead, the
-    form that replaced.
+    `augmented` adds best.py's random warp, as the training loop runs it (a jit of its own, then
+    `train.train_step`: `fast.dispatch`); `fused` traces the warp into the step's jit instead,
+    the form that replaced.
     """
     from mnist_flax import configs, train
 
@@ -99,10 +101,14 @@ def full_step(augmented: bool = False, fused: bool = False):
     batch = {"image": jnp.asarray(rng.integers(0, 256, (128, 28, 28, 1), np.uint8)),
              "label": jnp.asarray(rng.integers(0, 10, 128).astype(np.int32))}
     holder = {"state": state}
-    step_fn = train.augment_and_train_step
+    augment = jax.jit(dispatch.augment_batch, compiler_options=fast.COMPILER_OPTIONS)
+
+    def step_fn(s, b):
+        return train.train_step(s, augment(s, b) if augmented else b)
+
     if fused:
-        step_fn = jax.jit(lambda s, b: train.train_step.__wrapped__(
-            s, train.augment_batch.__wrapped__(s, b)), compiler_options=ops.compiler_options())
+        step_fn = jax.jit(lambda s, b: train.train_step_fn(s, dispatch.augment_batch(s, b)),
+                          compiler_options=fast.COMPILER_OPTIONS)
 
     def step():
         holder["state"], metrics = step_fn(holder["state"], batch)
@@ -115,8 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
-    ops.tune_host_allocator()  # As main does, before JAX runs anything.
-    options = ops.compiler_options()
+    process.tune_host_allocator()  # As main does, before JAX runs anything.
+    options = fast.COMPILER_OPTIONS
     jobs = {}
     for name, (fun, inputs) in pieces().items():
         jitted = jax.jit(fun, compiler_options=options or None)

@@ -9,9 +9,10 @@ and the three are interleaved repeat by repeat, so a slow minute of the machine 
 the table shows medians. The last line printed is one JSON object:
 {"mnist_flax": images/s, "pytorch": ..., "keras_jax": ..., "ratio_vs_pytorch": ...}.
 
-mnist_flax's figures: "step" feeds `train.augment_and_train_step` one resident batch (the step
-alone); "epoch" runs a whole epoch through `train_and_evaluate`'s data path (`train.train_steps` on
-the device-resident data, `train.steps_per_dispatch` steps per dispatch); the data path must cost
+mnist_flax's figures: "step" feeds `train.train_step` one resident batch, warped first when
+augmenting (the step alone); "epoch" runs a whole epoch through `train_and_evaluate`'s data path
+(`fast.dispatch.run` on the device-resident data, `fast.steps_per_dispatch` steps per dispatch);
+the data path must cost
 under 5% (`epoch/step` is printed). "end-to-end" (once, after the repeats; --e2e_epochs=0 skips it)
 runs `python -m mnist_flax.main` itself on full MNIST ($MNIST_DATA_DIR) for --e2e_epochs epochs
 (12, the tutorial's, for the README's figure): wall seconds including start-up, compilation, the
@@ -61,12 +62,13 @@ def _peak_rss_mb() -> float:
 
 
 def worker_mnist_flax(steps: int, warmup: int, epoch: bool, **overrides) -> dict:
-    from mnist_flax import ops
+    from mnist_flax.run import process
 
-    ops.tune_host_allocator()  # As main does, before JAX runs anything.
+    process.tune_host_allocator()  # As main does, before JAX runs anything.
     import jax
 
-    from mnist_flax import configs, input_pipeline, sharding, train
+    from mnist_flax import configs, fast, input_pipeline, progress, sharding, train
+    from mnist_flax.fast import dispatch
 
     config = configs.load()
     config.update(overrides)
@@ -74,7 +76,12 @@ def worker_mnist_flax(steps: int, warmup: int, epoch: bool, **overrides) -> dict
     dataset = input_pipeline.Dataset(images, labels, images[:1000], labels[:1000], "synthetic")
     mesh = sharding.make_mesh()
     state = sharding.replicate(mesh, train.create_train_state(config, jax.random.key(0)))
-    step = train.augment_and_train_step  # What train_and_evaluate's loop runs.
+    augment = jax.jit(dispatch.augment_batch)
+
+    def step(state, batch):  # The loop's step on a resident batch, warped first if augmenting.
+        if state.augmentation.enabled:
+            batch = augment(state, batch)
+        return train.train_step(state, batch)
 
     start = time.perf_counter()
     batch = sharding.shard_batch(mesh, input_pipeline.batch_at(dataset, 0, 0, BATCH))
@@ -93,18 +100,19 @@ def worker_mnist_flax(steps: int, warmup: int, epoch: bool, **overrides) -> dict
               "compile_s": compile_s}
     if epoch:  # The data path of train_and_evaluate: device data, k steps per dispatch.
         steps_per_epoch = NUM_TRAIN // BATCH
-        data, k = train.device_dataset(mesh, dataset), train.steps_per_dispatch(config)
+        data, k = dispatch.device_dataset(mesh, dataset), fast.steps_per_dispatch(config)
         state = sharding.replicate(mesh, train.create_train_state(config, jax.random.key(0)))
         kwargs = dict(batch_size=BATCH, steps_per_epoch=steps_per_epoch, mesh=mesh)
-        order = train.device_epoch_order(mesh, 0, 0, NUM_TRAIN)
-        for n in sorted({train.chunk_steps(s, k, steps_per_epoch, steps_per_epoch, config)
+        order = dispatch.device_epoch_order(mesh, 0, 0, NUM_TRAIN)
+        for n in sorted({progress.chunk_steps(s, k, steps_per_epoch, steps_per_epoch, config)
                          for s in range(0, steps_per_epoch, k)}):  # Compile every chunk size.
-            state, _ = train.train_steps(state, data, order, num_steps=n, **kwargs)
+            state, _ = dispatch.run(train.train_step_fn, state, data, order, num_steps=n, **kwargs)
         start, step = time.perf_counter(), 0
-        order = train.device_epoch_order(mesh, 0, 0, NUM_TRAIN)  # Once per epoch, as the loop.
+        order = dispatch.device_epoch_order(mesh, 0, 0, NUM_TRAIN)  # Once per epoch, as the loop.
         while step < steps_per_epoch:
-            n = train.chunk_steps(step, k, steps_per_epoch, steps_per_epoch, config)
-            state, metrics = train.train_steps(state, data, order, num_steps=n, **kwargs)
+            n = progress.chunk_steps(step, k, steps_per_epoch, steps_per_epoch, config)
+            state, metrics = dispatch.run(train.train_step_fn, state, data, order, num_steps=n,
+                                          **kwargs)
             step += n
         jax.block_until_ready(metrics)
         result["epoch_images_per_s"] = steps_per_epoch * BATCH / (time.perf_counter() - start)

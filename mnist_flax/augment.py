@@ -1,12 +1,7 @@
-"""Random affine augmentation (shift, rotation, zoom) computed on the device, once per step.
-
-The whole batch is warped by one `map_coordinates` call per image (bilinear, zero fill), so nothing
-runs on the host and the transform is a pure function of the step's key: a resumed run replays the
-same images. `train.augment_batch` calls it in a jit of its own, just before `train_step`; all
-ranges zero (the tutorial) means no augmentation, and the training loop then skips that call.
+"""Random affine augmentation (shift, rotation, zoom) on the device, a pure function of the step's
+key (a resumed run replays the same images): one bilinear `map_coordinates` per image, zero fill.
+`fast.dispatch` warps each batch before the step; all ranges zero (the tutorial) skips it.
 """
-
-from __future__ import annotations
 
 import dataclasses
 

@@ -1,7 +1,8 @@
 """Trains the MNIST CNN: `python -m mnist_flax.main --workdir=runs/ [--config=...] [--config.x=y]`.
 
-Flags -> config -> `train.train_and_evaluate(config, workdir)`. Everything else lives in importable
-modules, so this file only parses, checks and reports.
+Flags -> config -> `train.train_and_evaluate(config, workdir, hooks)`, where the hooks are the
+operations (`run.Operations`: lock, signals, checksums) and everything sits inside the one error
+boundary (`run.boundary`), so this file only parses, checks and reports.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mnist_flax import cli, config_checks, summaries, train, workdir
+from mnist_flax import summaries, train
+from mnist_flax.run import boundary, config_checks, operations, process, workdir
 
 FLAGS = flags.FLAGS
 
@@ -21,11 +23,15 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Directory (or gs:// URL) for TensorBoard events and "
                         "checkpoints; the same command resumes a run in it.")
-    cli.define_config_flag(cli.DEFAULT_CONFIG)
+    boundary.define_config_flag(boundary.DEFAULT_CONFIG)
     flags.declare_key_flag("config")  # So that --help lists it.
     flags.DEFINE_bool("multihost", False,
-                      "Call jax.distributed.initialize() first (every host of a TPU pod slice runs "
-                      "the same command).")
+                      "Call jax.distributed.initialize() first (every host of a TPU pod slice, or "
+                      "of a SLURM job, runs the same command); elsewhere also pass the three "
+                      "settings below.")
+    flags.DEFINE_string("coordinator_address", None, "--multihost: HOST:PORT of process 0.")
+    flags.DEFINE_integer("num_processes", None, "--multihost: how many processes in all.")
+    flags.DEFINE_integer("process_id", None, "--multihost: this process's index, 0 to N-1.")
     flags.DEFINE_float("lease_seconds", workdir.LEASE_TTL_S,
                        "gs:// workdirs: how long the run's lease on the workdir lasts unless "
                        "renewed (every third of it): how long a killed run keeps the next one out, "
@@ -37,34 +43,41 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.setup_process()
-    if FLAGS.multihost:
-        jax.distributed.initialize()
-    config = FLAGS.config
-    with cli.one_line_errors():
+    with boundary.one_line_errors(FLAGS.workdir):
+        process.setup_process()
+        if FLAGS.multihost:
+            process.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                           FLAGS.process_id)
+        config = FLAGS.config
         config_checks.validate(config, jax.device_count())
-        cli.enable_compilation_cache(config.compilation_cache_dir)
+        process.enable_compilation_cache(config.compilation_cache_dir)
         workdir.prepare(FLAGS.workdir)
         logging.info("JAX %s, backend %s: %d process(es), %d device(s): %s", jax.__version__,
                      jax.default_backend(), jax.process_count(), jax.device_count(),
                      jax.devices())
         logging.info("Config (%s):\n%s", config_flags.get_config_filename(FLAGS["config"]),
                      summaries.config_text(config))
-        train.train_and_evaluate(config, FLAGS.workdir, FLAGS.lease_seconds)
-    if jax.process_index() == 0:
-        print(next_steps(FLAGS.workdir), file=sys.stderr)
+        with operations.Operations(config, FLAGS.lease_seconds) as hooks:
+            train.train_and_evaluate(config, FLAGS.workdir, hooks)
+        if jax.process_index() == 0:
+            print(next_steps(FLAGS.workdir), file=sys.stderr)
 
 
-def next_steps(workdir: str) -> str:
+def next_steps(workdir_path: str) -> str:
     """Where the results are and what to run next; on stderr, so the tutorial's `Test accuracy:`
     stays the last line of stdout."""
-    quoted = shlex.quote(workdir)
-    return (f"\nResults in {workdir}: TensorBoard events (train/, test/), checkpoints, "
+    quoted = shlex.quote(workdir_path)
+    return (f"\nResults in {workdir_path}: TensorBoard events (train/, test/), checkpoints, "
             f"config.json. Next:\n"
             f"  tensorboard --logdir={quoted}\n"
             f"  python -m mnist_flax.predict --workdir={quoted} my_digit.png")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script and `python -m mnist_flax.main`."""
     define_flags()
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(main, flags_parser=boundary.parse_flags)
+
+
+if __name__ == "__main__":
+    run()

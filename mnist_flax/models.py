@@ -1,6 +1,7 @@
 """The Keras tutorial CNN (keras/examples/mnist_cnn.py) as a Linen module, built from a config."""
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -8,35 +9,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mnist_flax import ops
+from mnist_flax import fast
 
 KERNEL_INITS = ("glorot_uniform", "lecun_normal", "he_normal", "he_uniform", "lecun_uniform")
-
-
-class Conv3x3(nn.Module):
-    """A 3x3 VALID convolution with `nn.Conv`'s parameters ('kernel' HWIO, 'bias').
-
-    It computes the same function as `nn.Conv(features, (3, 3), padding='VALID')`, through
-    `ops.conv2d`, whose gradients XLA compiles well on CPU (see ops.py); the parameter tree is the
-    same, so checkpoints and tests move freely between the two forms.
-    """
-
-    features: int
-    kernel_init: nn.initializers.Initializer
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return ops.conv2d(x, kernel, bias, compute_dtype=self.dtype)
 
 
 class CNN(nn.Module):
     """Conv 32 -> Conv 64 -> MaxPool -> Dropout -> Dense 128 -> Dropout -> Dense 10.
 
-    `fast_ops` swaps in ops.py's convolution and pooling: same parameters, same function, faster
-    gradients on CPU. `dtype` is the compute dtype; parameters stay float32.
+    `conv` and `pool` are Linen's unless `fast` swaps in its CPU kernels (the same parameters and
+    function). `dtype` is the compute dtype; parameters stay float32.
     """
 
     conv_features: Sequence[int] = (32, 64)  # One 3x3 VALID conv + relu each, then the pool.
@@ -44,24 +26,20 @@ class CNN(nn.Module):
     dropout_rates: Sequence[float] = (0.25, 0.5)
     num_classes: int = 10
     kernel_init: str = "glorot_uniform"  # Keras's default; Flax's is lecun_normal.
-    fast_ops: bool = True
-    dtype: jnp.dtype = jnp.float32
+    dtype: Any = jnp.float32
+    conv: Callable[..., nn.Module] = nn.Conv
+    pool: Callable[[jax.Array], jax.Array] = functools.partial(nn.max_pool, window_shape=(2, 2),
+                                                               strides=(2, 2))
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         init = getattr(nn.initializers, self.kernel_init)()
         # x: (B, 28, 28, 1) in [0, 1].
         for i, features in enumerate(self.conv_features):
-            if self.fast_ops:
-                x = Conv3x3(features, init, self.dtype, name=f"Conv_{i}")(x)
-            else:
-                x = nn.Conv(features, (3, 3), padding="VALID", kernel_init=init,
-                            dtype=self.dtype, name=f"Conv_{i}")(x)
+            x = self.conv(features, (3, 3), padding="VALID", kernel_init=init, dtype=self.dtype,
+                          name=f"Conv_{i}")(x)
             x = nn.relu(x)  # (B, 26, 26, 32), then (B, 24, 24, 64).
-        if self.fast_ops:
-            x = ops.max_pool_2x2(x)
-        else:
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))  # (B, 12, 12, 64).
+        x = self.pool(x)  # (B, 12, 12, 64).
         x = nn.Dropout(self.dropout_rates[0], deterministic=not train)(x)
         x = x.reshape((x.shape[0], -1))  # (B, 9216), the order of Keras's channels-last Flatten.
         x = nn.Dense(self.dense_features, kernel_init=init, dtype=self.dtype)(x)
@@ -78,8 +56,8 @@ def create_model(config: ml_collections.ConfigDict) -> CNN:
         dropout_rates=tuple(config.dropout_rates),
         num_classes=config.num_classes,
         kernel_init=config.kernel_init,
-        fast_ops=config.fast_ops,
         dtype=jnp.dtype(config.compute_dtype),
+        **fast.model_layers(config),
     )
 
 

@@ -24,7 +24,8 @@ from absl import flags
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnist_flax import checkpoints, input_pipeline, models
-from mnist_flax import workdir as workdir_lib
+from mnist_flax.run import integrity, logs
+from mnist_flax.run import workdir as workdir_lib
 
 BOX = 20  # MNIST fits the digit's longer side into 20 px ...
 SIZE = 28  # ... and centres it by mass in 28x28.
@@ -146,7 +147,7 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
         model = models.create_model(config)
         dummy = np.zeros((1, *input_pipeline.IMAGE_SHAPE), np.float32)
         expected = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
-        params, step = checkpoints.restore_params(workdir, expected["params"])
+        params, step = integrity.restore_params(workdir, expected["params"])
     except (checkpoints.CheckpointError, workdir_lib.WorkdirError) as e:
         raise PredictError(str(e)) from None
     except Exception as e:
@@ -203,7 +204,7 @@ def run(argv: list[str]) -> int:
     0 when every image was predicted, 1 when some image could not be read (the others are still
     predicted and printed), 2 for bad usage or an unusable workdir.
     """
-    checkpoints.quiet_orbax_logging()  # A damaged checkpoint is one warning line, as in main.
+    logs.quiet_orbax_logging()  # A damaged checkpoint is one warning line, as in main.
     workdir_lib.quiet_storage_logging()
     FLAGS = _flags()  # noqa: N806 (absl's name for it)
     try:

@@ -1,7 +1,5 @@
 """Device placement: one mesh axis over every device of every host; the batch is split along it."""
 
-from __future__ import annotations
-
 from typing import Any
 
 import jax
@@ -19,11 +17,8 @@ def make_mesh() -> jax.sharding.Mesh:
 
 def shard_batch(mesh: jax.sharding.Mesh,
                 global_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Places a global batch (the same numpy arrays on every host) split over all devices.
-
-    Each host contributes only the rows that live on its own devices, so on a pod slice every
-    host feeds its shard of the global batch.
-    """
+    """A global batch (the same numpy arrays on every host) split over all devices: each host
+    contributes only the rows of its own devices."""
     sharding = NamedSharding(mesh, P("batch"))
     n = len(next(iter(global_batch.values())))
     per_host = n // jax.process_count()

@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -26,14 +27,16 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from mnist_flax import cli, config_checks, summaries, train, workdir
+from mnist_flax import train
+from mnist_flax.configs import ConfigError
+from mnist_flax.run import boundary, config_checks, operations, process, workdir
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Parent directory; each run writes to workdir/key=value.")
-    cli.define_config_flag(cli.DEFAULT_CONFIG)
+    boundary.define_config_flag(boundary.DEFAULT_CONFIG)
     flags.declare_key_flag("config")
     flags.DEFINE_multi_string("sweep", None, "key=value1,value2,...; several flags sweep the grid.")
     flags.DEFINE_string("results", None, "Optional JSON file for the measured results.")
@@ -60,8 +63,8 @@ def split_values(text: str) -> list[str]:
 
 def parse_value(key: str, text: str, current: Any) -> Any:
     """`text` as the type of the config field's current value; ConfigError when it is not."""
-    def fail(kind: str) -> config_checks.ConfigError:
-        return config_checks.ConfigError(f"--sweep {key}: {text!r} is not {kind}")
+    def fail(kind: str) -> ConfigError:
+        return ConfigError(f"--sweep {key}: {text!r} is not {kind}")
 
     if isinstance(current, bool):
         if text.lower() not in ("true", "false"):
@@ -85,7 +88,7 @@ def parse_value(key: str, text: str, current: Any) -> Any:
         if not isinstance(value, tuple | list):
             raise fail("a tuple, e.g. (32,64)")
         return tuple(value)
-    raise config_checks.ConfigError(f"--sweep {key}: fields of type {type(current).__name__} "
+    raise ConfigError(f"--sweep {key}: fields of type {type(current).__name__} "
                                     "cannot be swept")
 
 
@@ -94,12 +97,12 @@ def parse_sweep(spec: str, config: ml_collections.ConfigDict) -> list[tuple[str,
     key, sep, values = spec.partition("=")
     key = key.strip()
     if not sep or not key or not values.strip():
-        raise config_checks.ConfigError(f"--sweep={spec}: expected key=value1,value2,...")
+        raise ConfigError(f"--sweep={spec}: expected key=value1,value2,...")
     if key not in config:
-        raise config_checks.ConfigError(f"--sweep={spec}: the config has no field {key!r}")
+        raise ConfigError(f"--sweep={spec}: the config has no field {key!r}")
     texts = split_values(values)
     if any(not t for t in texts):
-        raise config_checks.ConfigError(f"--sweep={spec}: empty value in the list")
+        raise ConfigError(f"--sweep={spec}: empty value in the list")
     return [(key, parse_value(key, t, config[key]), t) for t in texts]
 
 
@@ -108,7 +111,7 @@ def expand(specs: list[str], config: ml_collections.ConfigDict) -> list[Assignme
     axes = [parse_sweep(spec, config) for spec in specs]
     keys = [axis[0][0] for axis in axes]
     if len(set(keys)) != len(keys):
-        raise config_checks.ConfigError(f"--sweep: a field is swept twice ({', '.join(keys)})")
+        raise ConfigError(f"--sweep: a field is swept twice ({', '.join(keys)})")
     return [tuple(run) for run in itertools.product(*axes)]
 
 
@@ -123,6 +126,29 @@ def run_config(config: ml_collections.ConfigDict,
 def run_name(assignment: Assignment) -> str:
     """'learning_rate=1e-4/seed=0': the values as typed, one directory level per swept field."""
     return "/".join(f"{key}={text}" for key, _, text in assignment)
+
+
+_DATA_SIZES = re.compile(r"([\d,]+) train / ([\d,]+) test images")
+
+
+def read_text(logdir: str, tag: str) -> str | None:
+    """The last text written under `tag` in `logdir`'s own run, read with TensorBoard's reader."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(logdir,
+                                                size_guidance={event_accumulator.TENSORS: 0})
+    events.Reload()
+    name = f"{tag}/text_summary"  # tensorboardX's name for a text summary.
+    if name not in events.Tags()["tensors"]:
+        return None
+    return events.Tensors(name)[-1].tensor_proto.string_val[0].decode()
+
+
+def read_data_sizes(logdir: str) -> tuple[int, int] | None:
+    """(train images, test images) a run trained and tested on, from its `data` text."""
+    match = _DATA_SIZES.search(read_text(logdir, "data") or "")
+    return (int(match[1].replace(",", "")), int(match[2].replace(",", ""))) if match else None
+
 
 
 def read_scalars(logdir: str, tag: str) -> list[tuple[int, float]]:
@@ -200,14 +226,15 @@ def run_sweep(config: ml_collections.ConfigDict, parent: str, specs: list[str],
     configs = [run_config(config, a) for a in grid]
     for cfg in configs:
         config_checks.validate(cfg, jax.device_count())
-    cli.enable_compilation_cache(config.compilation_cache_dir)  # One cache for the whole sweep.
+    process.enable_compilation_cache(config.compilation_cache_dir)  # One cache for the whole sweep.
     results = []
     for assignment, cfg in zip(grid, configs, strict=True):
         logdir = str(workdir.path(parent) / run_name(assignment))
         workdir.prepare(logdir)
         logging.info("Sweep run %s", run_name(assignment))
         start = time.perf_counter()
-        _, metrics = train.train_and_evaluate(cfg, logdir)
+        with operations.Operations(cfg) as hooks:
+            _, metrics = train.train_and_evaluate(cfg, logdir, hooks)
         results.append({
             "name": run_name(assignment),
             "overrides": {key: value for key, value, _ in assignment},
@@ -216,7 +243,7 @@ def run_sweep(config: ml_collections.ConfigDict, parent: str, specs: list[str],
             "epochs": cfg.num_epochs,
             "run_seconds": time.perf_counter() - start,  # Data loading and compilation included.
             "test_accuracy_per_epoch": [v for _, v in read_scalars(f"{logdir}/test", "accuracy")],
-            "train_images": (summaries.read_data_sizes(logdir) or (None,))[0],
+            "train_images": (read_data_sizes(logdir) or (None,))[0],
             "logdir": logdir,
         })
         if on_result:
@@ -248,12 +275,17 @@ def main(argv: list[str]) -> None:
     if FLAGS.results:
         def on_result(results):
             write_results(FLAGS.results, config, results, command)
-    cli.setup_process()
-    with cli.one_line_errors():
+    with boundary.one_line_errors(FLAGS.workdir):
+        process.setup_process()
         results = run_sweep(config, FLAGS.workdir, FLAGS.sweep, on_result)
-    print(format_table(results))
+        print(format_table(results))
+
+
+def run() -> None:
+    """The console script and `python -m mnist_flax.sweep`."""
+    define_flags()
+    app.run(main, flags_parser=boundary.parse_flags)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main, flags_parser=cli.parse_flags)
+    run()

@@ -138,3 +138,18 @@ def shared_mnist() -> pathlib.Path:
     if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("../shared/mnist (the full MNIST) is not present")
     return SHARED_MNIST
+
+
+def train_as_main(config: ml_collections.ConfigDict, workdir, **kwargs):
+    """`train.train_and_evaluate` with main's operations around it (lock, signals, checksums)."""
+    from mnist_flax import train
+    from mnist_flax.run import operations
+
+    with operations.Operations(config, **kwargs) as hooks:
+        return train.train_and_evaluate(config, str(workdir), hooks)
+
+
+def snapshot_but_lock(directory) -> dict[str, tuple[int, int]]:
+    """`snapshot` without the workdir's `.lock`, which every run that takes the lock rewrites
+    with its pid (it is taken before the workdir is read)."""
+    return {name: stat for name, stat in snapshot(directory).items() if name != ".lock"}

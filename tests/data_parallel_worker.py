@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import load_config, synthetic_digits  # noqa: E402
 
 from mnist_flax import input_pipeline, sharding, train  # noqa: E402
+from mnist_flax.fast import dispatch  # noqa: E402
 
 config = load_config()
 images, labels = synthetic_digits(1024)
@@ -48,16 +49,16 @@ for index in range(args.steps):
     state, metrics = train.train_step(state, batch)
     losses.append(float(metrics["loss"]))
 # train_and_evaluate's path: the data on the devices, each device gathering its rows of the batch.
-data = train.device_dataset(mesh, dataset)
-order = train.device_epoch_order(mesh, config.seed, 0, len(labels))
+data = dispatch.device_dataset(mesh, dataset)
+order = dispatch.device_epoch_order(mesh, config.seed, 0, len(labels))
 loop_state = sharding.replicate(mesh, train.create_train_state(config, jax.random.key(0)))
 loop_losses = []
 for _ in range(args.steps):
-    loop_state, metrics = train.train_steps(loop_state, data, order, num_steps=1,
-                                            batch_size=config.batch_size,
-                                            steps_per_epoch=len(labels) // config.batch_size,
-                                            mesh=mesh)
-    loop_losses += [float(x) for x in np.asarray(jax.device_get(metrics["loss"]))]
+    loop_state, metrics = dispatch.run(train.train_step_fn, loop_state, data, order, num_steps=1,
+                                       batch_size=config.batch_size,
+                                       steps_per_epoch=len(labels) // config.batch_size,
+                                       mesh=mesh)
+    loop_losses += [float(x) for x in np.ravel(jax.device_get(metrics["loss"]))]
 loop_checksums = [float(np.abs(np.asarray(jax.device_get(p))).sum())
                   for p in jax.tree.leaves(loop_state.params)]
 test = train.evaluate(state, dataset.test_images, dataset.test_labels, 128, mesh)

@@ -29,8 +29,9 @@ if args.num_processes > 1:
 
 from absl import app  # noqa: E402
 
-from mnist_flax import cli, main  # noqa: E402
+from mnist_flax import main  # noqa: E402
+from mnist_flax.run import boundary  # noqa: E402
 
 main.define_flags()
 app.run(main.main, argv=[sys.argv[0], *(a for a in main_args if a != "--")],
-        flags_parser=cli.parse_flags)
+        flags_parser=boundary.parse_flags)

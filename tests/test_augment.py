@@ -7,6 +7,7 @@ import pytest
 from conftest import load_config
 
 from mnist_flax import augment, input_pipeline, sharding, train
+from mnist_flax.fast import dispatch
 
 
 @pytest.fixture
@@ -72,14 +73,14 @@ def _augmented_config():
 def test_augment_batch_warps_images_reproducibly_per_step():
     state = train.create_train_state(_augmented_config(), jax.random.key(0))
     batch = _batch()
-    out = train.augment_batch(state, batch)
+    out = dispatch.augment_batch(state, batch)
     np.testing.assert_array_equal(out["label"], batch["label"])
     assert out["image"].dtype == jnp.float32 and out["image"].shape == batch["image"].shape
     assert float(out["image"].max()) > 200  # Still the 0-255 scale train_step expects.
     assert not np.allclose(out["image"], batch["image"])  # The digits moved.
     # Same state and step -> the same warp (a resumed run replays it); the next step, another.
-    np.testing.assert_array_equal(out["image"], train.augment_batch(state, batch)["image"])
-    later = train.augment_batch(state.replace(step=state.step + 1), batch)
+    np.testing.assert_array_equal(out["image"], dispatch.augment_batch(state, batch)["image"])
+    later = dispatch.augment_batch(state.replace(step=state.step + 1), batch)
     assert not np.allclose(later["image"], out["image"])
 
 
@@ -88,15 +89,15 @@ def test_zero_shift_rotation_and_scale_leave_pixels_in_place():
     config.augment_max_scale = 1e-9  # Enabled, but every draw is (almost) the identity.
     state = train.create_train_state(config, jax.random.key(0))
     batch = _batch()
-    np.testing.assert_allclose(train.augment_batch(state, batch)["image"], batch["image"],
+    np.testing.assert_allclose(dispatch.augment_batch(state, batch)["image"], batch["image"],
                                atol=1e-3)
 
 
 @pytest.mark.parametrize("augmented", [False, True])
 def test_the_training_loop_augments_every_step_only_when_asked(augmented, idx_dir, tmp_path):
     """The loop (device-resident data, the warp inside its dispatch) trains on exactly the batches
-    `augment_and_train_step` sees when fed `batch_at`'s host batches: warped when asked, not
-    otherwise."""
+    `train_step` sees when fed `batch_at`'s host batches, warped first (`augment_batch`) when
+    asked, not otherwise."""
     config = _augmented_config() if augmented else load_config("default")
     config.update(data_dir=str(idx_dir), num_epochs=1, batch_size=64, verify_checksums=False)
     state, _ = train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -105,9 +106,13 @@ def test_the_training_loop_augments_every_step_only_when_asked(augmented, idx_di
     dataset = input_pipeline.load_dataset(config)
     mesh = sharding.make_mesh()
     expected = sharding.replicate(mesh, train.create_train_state(config, jax.random.key(0), 4))
+    augment = jax.jit(dispatch.augment_batch)
     for step in range(4):
-        batch = input_pipeline.batch_at(dataset, config.seed, step, config.batch_size)
-        expected, _ = train.augment_and_train_step(expected, sharding.shard_batch(mesh, batch))
+        batch = sharding.shard_batch(mesh, input_pipeline.batch_at(dataset, config.seed, step,
+                                                                   config.batch_size))
+        if augmented:
+            batch = augment(expected, batch)
+        expected, _ = train.train_step(expected, batch)
     for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected.params),
                          strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

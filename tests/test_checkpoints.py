@@ -27,7 +27,7 @@ import pytest
 from conftest import REPO, assert_trees_identical, snapshot, tiny_config, write_idx_dir
 
 from mnist_flax import checkpoints, train
-from mnist_flax import workdir as workdir_lib
+from mnist_flax.run import signals
 
 ROOT = str(REPO)
 
@@ -91,7 +91,7 @@ def test_other_model_width_is_a_clear_error_and_the_workdir_is_untouched(tmp_pat
     with contextlib.closing(checkpoints.create_manager(str(tmp_path), keep=3)) as manager:
         checkpoints.save(manager, saved.replace(step=5),
                          checkpoints.data_position(5, 250, config, 4000))
-    workdir_lib.write_config(str(tmp_path), config)
+    checkpoints.write_config(str(tmp_path), config)
     before = snapshot(tmp_path)
 
     wider = small_config(data_source="sample", num_epochs=1, conv_features=(4, 16))
@@ -139,17 +139,17 @@ def ctrl_c_raises():
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_sets_the_flag_and_the_old_handlers_come_back(signum, ctrl_c_raises):
-    previous = {s: signal.getsignal(s) for s in workdir_lib.STOP_SIGNALS}
-    with workdir_lib.StopFlag() as flag:
+    previous = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+    with signals.StopFlag() as flag:
         assert not flag.is_set()
         os.kill(os.getpid(), signum)
         _wait_for(flag)
         assert flag.is_set() and flag.signum == signum
-    assert {s: signal.getsignal(s) for s in workdir_lib.STOP_SIGNALS} == previous
+    assert {s: signal.getsignal(s) for s in signals.STOP_SIGNALS} == previous
 
 
 def test_a_second_ctrl_c_raises_keyboard_interrupt_at_once(ctrl_c_raises):
-    with workdir_lib.StopFlag() as flag:
+    with signals.StopFlag() as flag:
         os.kill(os.getpid(), signal.SIGINT)
         _wait_for(flag)
         with pytest.raises(KeyboardInterrupt):
@@ -305,7 +305,7 @@ def test_sigterm_saves_exits_143_then_resume_is_bit_identical(resume_setup):
     base, expected = resume_setup
     command = main_command(base / "data", base / "terminated")
     rc, log = run_and_interrupt(command, base / "terminated.log", signal.SIGTERM, after_step=10)
-    assert rc == workdir_lib.PREEMPTED_EXIT_CODE == 143, log[-3000:]
+    assert rc == signals.PREEMPTED_EXIT_CODE == 143, log[-3000:]
     stopped_at = int(re.search(r"SIGTERM: saved the checkpoint at step (\d+)", log).group(1))
     assert 10 <= stopped_at < NUM_STEPS
     assert checkpoints.latest_step(str(base / "terminated")) == stopped_at  # The last word.
@@ -317,7 +317,7 @@ def test_ctrl_c_finishes_the_step_saves_exits_130_then_resume_is_bit_identical(r
     base, expected = resume_setup
     command = main_command(base / "data", base / "ctrl_c")
     rc, log = run_and_interrupt(command, base / "ctrl_c.log", signal.SIGINT, after_step=10)
-    assert rc == workdir_lib.INTERRUPTED_EXIT_CODE == 130, log[-3000:]
+    assert rc == signals.INTERRUPTED_EXIT_CODE == 130, log[-3000:]
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
     stopped_at = int(re.search(r"Interrupted \(Ctrl-C\) at step (\d+); checkpoint saved; "
                                r"exiting with status 130\. Run the same command to resume\.",
@@ -352,7 +352,7 @@ def test_sigterm_with_4_steps_per_dispatch_then_resume_equals_single_steps(resum
     command = [*main_command(base / "data", base / "k4"), "--config.steps_per_dispatch=4",
                "--config.log_every_steps=4"]
     rc, log = run_and_interrupt(command, base / "k4.log", signal.SIGTERM, after_step=8)
-    assert rc == workdir_lib.PREEMPTED_EXIT_CODE, log[-3000:]
+    assert rc == signals.PREEMPTED_EXIT_CODE, log[-3000:]
     stopped_at = int(re.search(r"SIGTERM: saved the checkpoint at step (\d+)", log).group(1))
     assert 8 <= stopped_at < NUM_STEPS
 

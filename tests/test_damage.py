@@ -28,12 +28,16 @@ from conftest import (
     assert_trees_identical,
     run_module,
     snapshot,
+    snapshot_but_lock,
     tiny_config,
+    train_as_main,
     write_idx_dir,
 )
 
 from mnist_flax import checkpoints, predict, train
-from mnist_flax import workdir as workdir_lib
+from mnist_flax.run import integrity, operations
+from mnist_flax.run import lock as lock_lib
+from mnist_flax.run import workdir as workdir_lib
 
 NUM_TRAIN, NUM_TEST, LAST = 160, 32, 20
 TINY = {**TINY_MODEL, "batch_size": 16, "num_epochs": 2, "eval_batch_size": 32,
@@ -54,7 +58,7 @@ def reference(tmp_path_factory):
     """One uninterrupted run: its data dir, its workdir (kept pristine) and its final state."""
     base = tmp_path_factory.mktemp("damage")
     write_idx_dir(base / "data", n_train=NUM_TRAIN, n_test=NUM_TEST)
-    state, _ = train.train_and_evaluate(small_config(base / "data"), str(base / "reference"))
+    state, _ = train_as_main(small_config(base / "data"), str(base / "reference"))
     assert checkpoints.latest_step(str(base / "reference")) == LAST
     return base, host_tree(state)
 
@@ -157,7 +161,7 @@ def test_a_damaged_checkpoint_file_is_skipped_or_harmless(reference, fresh, capl
     damaged_copy = snapshot(step_dir)
 
     with caplog.at_level(logging.WARNING):
-        restored, skipped = checkpoints.restore_intact(str(workdir), state, position)
+        restored, skipped = integrity.restore_intact(str(workdir), state, position)
     warnings = damage_warnings(caplog)
     step = 18 if outcome == "skip" else LAST
     assert int(restored.step) == step, warnings
@@ -170,7 +174,9 @@ def test_a_damaged_checkpoint_file_is_skipped_or_harmless(reference, fresh, capl
     assert "\n" not in warnings[0] and len(warnings[0]) < 400
     assert [s for s, _ in skipped] == [LAST]
     # The run's writing manager moves it aside as it was, so keep-N no longer counts it.
-    with contextlib.closing(checkpoints.create_manager(str(workdir), 3, set_aside=skipped)) as m:
+    config = small_config(reference[0] / "data")
+    operations.Operations(config).restore(str(workdir), state, position)  # As main resumes.
+    with contextlib.closing(checkpoints.create_manager(str(workdir), 3)) as m:
         assert m.all_steps() == [15, 18]
     set_aside = glob.glob(f"{workdir}/checkpoints/damaged-{LAST}-*")
     assert len(set_aside) == 1 and snapshot(set_aside[0]) == damaged_copy
@@ -184,7 +190,7 @@ def test_a_run_resumed_past_a_damaged_checkpoint_ends_bit_identical(reference, c
     workdir = copy_workdir(reference, f"run-{kind}-{damage}".replace(" ", "_"))
     DAMAGES[damage](CHECKPOINT_FILES[kind][0](workdir / "checkpoints" / str(LAST)))
     with caplog.at_level(logging.INFO):
-        state, _ = train.train_and_evaluate(small_config(base / "data"), str(workdir))
+        state, _ = train_as_main(small_config(base / "data"), str(workdir))
     assert_trees_identical(host_tree(state), expected)
     resumed = [r.getMessage() for r in caplog.records  # At the run's end: "has finished all".
                if "Resuming from" in r.getMessage() or "has finished all" in r.getMessage()]
@@ -199,16 +205,16 @@ def test_a_damaged_config_json_does_not_stop_a_resume(reference, fresh, caplog, 
     base, _ = reference
     state, position, saved = fresh
     workdir = copy_workdir(reference, f"config-{damage}")
-    DAMAGES[damage](workdir / workdir_lib.CONFIG_FILE)
+    DAMAGES[damage](workdir / checkpoints.CONFIG_FILE)
     with caplog.at_level(logging.WARNING):
-        restored, skipped = train._restore(str(workdir), state, position,
-                                           small_config(base / "data"))
-    assert int(restored.step) == LAST and not skipped
+        restored = operations.Operations(small_config(base / "data")).restore(
+            str(workdir), state, position)
+    assert int(restored.step) == LAST and not glob.glob(f"{workdir}/checkpoints/damaged-*")
     assert not damage_warnings(caplog)
     # predict needs the config to build the model: one line, which names the file.
     with pytest.raises(predict.PredictError) as error:
         predict.load(str(workdir))
-    assert str(error.value).startswith(str(workdir / workdir_lib.CONFIG_FILE))
+    assert str(error.value).startswith(str(workdir / checkpoints.CONFIG_FILE))
     assert "\n" not in str(error.value)
 
 
@@ -216,16 +222,16 @@ def test_a_damaged_config_json_does_not_stop_a_resume(reference, fresh, caplog, 
 def test_a_damaged_lock_file_does_not_stop_a_run(reference, damage):
     workdir = copy_workdir(reference, f"lock-{damage}")
     DAMAGES[damage](workdir / workdir_lib.LOCK_FILE)
-    with workdir_lib.lock(str(workdir)):
+    with lock_lib.lock(str(workdir)):
         assert (workdir / workdir_lib.LOCK_FILE).read_text() == f"{os.getpid()}\n"
 
 
-@pytest.mark.parametrize("name", [workdir_lib.CONFIG_FILE, workdir_lib.LOCK_FILE])
+@pytest.mark.parametrize("name", [checkpoints.CONFIG_FILE, workdir_lib.LOCK_FILE])
 def test_a_run_with_a_garbage_config_or_lock_file_ends_bit_identical(reference, name):
     base, expected = reference
     workdir = copy_workdir(reference, f"run-{name}")
     garbage(workdir / name)
-    state, _ = train.train_and_evaluate(small_config(base / "data"), str(workdir))
+    state, _ = train_as_main(small_config(base / "data"), str(workdir))
     assert_trees_identical(host_tree(state), expected)
     assert workdir_lib.config_changes(str(workdir), small_config(base / "data")) == []  # Rewritten.
 
@@ -237,10 +243,10 @@ def test_checkpoints_without_a_checksum_restore_with_a_warning(reference, caplog
     position = workdir / "checkpoints" / str(LAST) / "position" / "metadata"
 
     data = json.loads(position.read_text())
-    del data[checkpoints.CHECKSUM_KEY]
+    del data[integrity.CHECKSUM_KEY]
     position.write_text(json.dumps(data))
     with caplog.at_level(logging.INFO):
-        state, _ = train.train_and_evaluate(small_config(base / "data"), str(workdir))
+        state, _ = train_as_main(small_config(base / "data"), str(workdir))
     assert_trees_identical(host_tree(state), expected)
     lines = [r.getMessage() for r in caplog.records if "has no checksum" in r.getMessage()]
     assert len(lines) == 1 and f"step {LAST} has no checksum" in lines[0]
@@ -265,7 +271,7 @@ def test_cli_with_every_checkpoint_damaged_is_one_line_and_writes_nothing(refere
     base, _ = reference
     workdir = copy_workdir(reference, "all-damaged-cli")
     damage_all(workdir)
-    before = snapshot(workdir)
+    before = snapshot_but_lock(workdir)
     result = run_module("main", *main_flags(base, workdir, "--config.num_epochs=3"),
                         env={"JAX_PLATFORMS": "cpu"})
     assert result.returncode == 1, result.stderr[-3000:]
@@ -274,13 +280,13 @@ def test_cli_with_every_checkpoint_damaged_is_one_line_and_writes_nothing(refere
     assert last == (f"error: {workdir}/checkpoints: no intact checkpoint (damaged: step 20, 18, "
                     f"15); move that directory aside to start afresh, or restore {workdir} from "
                     "a backup")
-    assert snapshot(workdir) == before
+    assert snapshot_but_lock(workdir) == before
 
     result = run_module("predict", f"--workdir={workdir}", "img.png")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: {workdir}/checkpoints: no intact checkpoint")
-    assert snapshot(workdir) == before
+    assert snapshot_but_lock(workdir) == before
 
 
 def test_cli_skips_a_damaged_newest_checkpoint_with_one_line_each(reference):

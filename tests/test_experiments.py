@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from conftest import REPO, load_config
 
-from mnist_flax import config_checks, train
+from mnist_flax import train
+from mnist_flax.run import config_checks
 
 EXPERIMENTS = REPO / "experiments"
 VARIANTS = sorted(p.stem for p in EXPERIMENTS.glob("*.py") if p.stem not in ("default", "plot"))

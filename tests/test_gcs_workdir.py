@@ -19,7 +19,7 @@ pytest.importorskip("google.cloud.storage")
 
 from etils import epath  # noqa: E402
 
-from mnist_flax import lease  # noqa: E402
+from mnist_flax.run import lease  # noqa: E402
 
 TINY = [f"--config.conv_features={TINY_MODEL['conv_features']}",
         f"--config.dense_features={TINY_MODEL['dense_features']}",

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from conftest import idx_bytes, load_config, synthetic_digits, write_idx, write_idx_dir
 from hypothesis import strategies as st
 
-from mnist_flax import input_pipeline
+from mnist_flax import input_pipeline, mnist_idx, mnist_tfds
 from mnist_flax.input_pipeline import DataError
 
 
@@ -33,7 +33,7 @@ def _config(**overrides):
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_dir_round_trip(tmp_path, gz):
     directory = write_idx_dir(tmp_path / "d", n_train=30, n_test=20, gz=gz)
-    dataset = input_pipeline.load_idx_dir(str(directory))
+    dataset = mnist_idx.load_dir(str(directory))
     expected_train, expected_test = synthetic_digits(30, 0), synthetic_digits(20, 1)
     np.testing.assert_array_equal(dataset.train_images, expected_train[0])
     np.testing.assert_array_equal(dataset.train_labels, expected_train[1])
@@ -66,37 +66,37 @@ def test_idx_errors_name_the_file_and_problem(idx_dir, name, corrupt, message):
     original = gzip.decompress((idx_dir / (name + ".gz")).read_bytes())
     _break(idx_dir, name, corrupt(original))
     with pytest.raises(DataError, match=message) as info:
-        input_pipeline.load_idx_dir(str(idx_dir))
+        mnist_idx.load_dir(str(idx_dir))
     assert name in str(info.value) and "\n" not in str(info.value)
 
 
 def test_idx_count_mismatch(idx_dir):
     _break(idx_dir, "train-labels-idx1-ubyte", idx_bytes(np.zeros(255, np.uint8)))
     with pytest.raises(DataError, match="256 images but .* has 255 labels"):
-        input_pipeline.load_idx_dir(str(idx_dir))
+        mnist_idx.load_dir(str(idx_dir))
 
 
 def test_idx_corrupt_gzip(idx_dir):
     path = idx_dir / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: cannot read it"):
-        input_pipeline.load_idx_dir(str(idx_dir))
+        mnist_idx.load_dir(str(idx_dir))
 
 
 def test_idx_missing_file_and_dir(idx_dir, tmp_path):
     (idx_dir / "t10k-images-idx3-ubyte.gz").unlink()
     with pytest.raises(DataError, match="no t10k-images-idx3-ubyte or t10k-images-idx3-ubyte.gz"):
-        input_pipeline.load_idx_dir(str(idx_dir))
+        mnist_idx.load_dir(str(idx_dir))
     with pytest.raises(DataError, match="not a directory"):
-        input_pipeline.load_idx_dir(str(tmp_path / "nope"))
+        mnist_idx.load_dir(str(tmp_path / "nope"))
 
 
 def test_canonical_size_file_must_match_md5(tmp_path):
     """A full-size file under an MNIST name must be the real bytes, unless checks are off."""
     path = write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(10_000) % 10)
     with pytest.raises(DataError, match="md5 .* is not the canonical MNIST"):
-        input_pipeline.read_idx(str(path), "labels")
-    labels = input_pipeline.read_idx(str(path), "labels", verify_checksum=False)
+        mnist_idx.read_idx(str(path), "labels")
+    labels = mnist_idx.read_idx(str(path), "labels", verify_checksum=False)
     assert len(labels) == 10_000
 
 
@@ -105,7 +105,7 @@ def test_canonical_size_file_must_match_md5(tmp_path):
 def test_parse_idx_fuzz_random_bytes(data, kind):
     """Any bytes either parse into a valid array or raise DataError, never anything else."""
     try:
-        array = input_pipeline.parse_idx(data, kind)
+        array = mnist_idx.parse_idx(data, kind)
     except DataError:
         return
     if kind == "labels":
@@ -124,14 +124,14 @@ def test_parse_idx_fuzz_damaged_label_files(labels, flip):
     if flip < len(data):
         data[flip] ^= 0xFF
     try:
-        parsed = input_pipeline.parse_idx(bytes(data), "labels")
+        parsed = mnist_idx.parse_idx(bytes(data), "labels")
     except DataError:
         return
     assert parsed.max(initial=0) <= 9
 
 
 def test_shared_mnist_is_the_real_thing(shared_mnist):
-    dataset = input_pipeline.load_idx_dir(str(shared_mnist))  # md5-verified.
+    dataset = mnist_idx.load_dir(str(shared_mnist))  # md5-verified.
     assert dataset.train_images.shape == (60_000, 28, 28, 1)
     assert dataset.test_images.shape == (10_000, 28, 28, 1)
     # Class counts from shared/mnist/README.md.
@@ -184,7 +184,7 @@ def _closed_port() -> int:
 def test_auto_offline_falls_back_to_sample_fast(tmp_path, monkeypatch, caplog):
     """No data dir, no TFDS copy, no network: the sample, a loud warning, no minutes of retries."""
     monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
-    monkeypatch.setattr(input_pipeline, "mnist_url", lambda: f"http://127.0.0.1:{_closed_port()}/")
+    monkeypatch.setattr(mnist_tfds, "mnist_url", lambda: f"http://127.0.0.1:{_closed_port()}/")
     start = time.perf_counter()
     dataset = input_pipeline.load_dataset(_config(tfds_data_dir=str(tmp_path / "tfds")))
     assert time.perf_counter() - start < 15
@@ -194,8 +194,8 @@ def test_auto_offline_falls_back_to_sample_fast(tmp_path, monkeypatch, caplog):
 
 def test_network_check_is_quick_when_host_is_unreachable():
     start = time.perf_counter()
-    assert not input_pipeline.network_available("https://nonexistent.invalid/x", timeout_s=3)
-    assert not input_pipeline.network_available(f"http://127.0.0.1:{_closed_port()}/")
+    assert not mnist_tfds.network_available("https://nonexistent.invalid/x", timeout_s=3)
+    assert not mnist_tfds.network_available(f"http://127.0.0.1:{_closed_port()}/")
     assert time.perf_counter() - start < 8
 
 
@@ -214,7 +214,7 @@ def test_tfds_prepared_copy_under_mock_data(monkeypatch):
 
 def test_tfds_dir_without_mnist_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="no TFDS mnist prepared as array_record"):
-        input_pipeline.load_tfds_prepared(str(tmp_path))
+        mnist_tfds.load_tfds_prepared(str(tmp_path))
 
 
 @pytest.fixture
@@ -233,7 +233,7 @@ def mnist_server(tmp_path):
 def test_tfds_download_then_offline_cache(tmp_path, monkeypatch, mnist_server):
     url, server = mnist_server
     monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
-    monkeypatch.setattr(input_pipeline, "mnist_url", lambda: url)
+    monkeypatch.setattr(mnist_tfds, "mnist_url", lambda: url)
     config = _config(tfds_data_dir=str(tmp_path / "tfds"))
     dataset = input_pipeline.load_dataset(config)  # auto: the network answers -> TFDS download.
     assert dataset.source.startswith("tfds download") and len(dataset.train_labels) == 40

@@ -20,8 +20,8 @@ from gcs_emulator import gcs_bucket_path, gcs_emulator, separate_emulator  # noq
 
 pytest.importorskip("google.cloud.storage")
 
-from mnist_flax import lease  # noqa: E402
-from mnist_flax import workdir as workdir_lib  # noqa: E402
+from mnist_flax.run import lease  # noqa: E402
+from mnist_flax.run import lock as lock_lib
 
 
 def _lock_blob(workdir: str):
@@ -49,7 +49,7 @@ def test_the_emulator_answers_a_failed_precondition_with_412(gcs_bucket_path):  
 RACER = textwrap.dedent("""
     import json, sys
     from google.api_core import exceptions
-    from mnist_flax import lease
+    from mnist_flax.run import lease
 
     write = lease._write
     def counted(*args, **kwargs):
@@ -149,7 +149,7 @@ def test_renewal_keeps_the_lease_past_its_ttl(gcs_bucket_path):  # noqa: F811
 def test_a_killed_runs_lease_runs_out_and_is_taken_over(gcs_emulator, gcs_bucket_path):  # noqa: F811
     script = textwrap.dedent(f"""
         import time
-        from mnist_flax import lease
+        from mnist_flax.run import lease
         lease.acquire({gcs_bucket_path!r}, ttl_s=2.0)
         print("acquired", flush=True)
         time.sleep(60)
@@ -179,7 +179,7 @@ def test_a_lease_taken_over_by_another_run_is_lost(gcs_bucket_path):  # noqa: F8
         assert held.lost.wait(timeout=5)
         with pytest.raises(lease.LeaseError, match="lost its lease .*another run took it over"):
             held.check()
-        assert workdir_lib.lost_lease_line(held) == (
+        assert lock_lib.lost_lease_line(held) == (
             f"another run took over the lease on --workdir={gcs_bucket_path}; this run saves no "
             "more and stops; its last committed checkpoint is intact")
     # Releasing a lost lease leaves the other run's object alone.
@@ -194,7 +194,7 @@ def test_storage_going_away_loses_the_lease_before_it_runs_out(tmp_path, monkeyp
         emulator.stop()
         assert held.lost.wait(timeout=5)
         assert time.time() < held.expires  # Given up before another run could take over.
-        line = workdir_lib.lost_lease_line(held)
+        line = lock_lib.lost_lease_line(held)
         assert line.startswith(f"the workdir's storage stopped answering (the lease on "
                                f"--workdir=gs://{emulator.bucket}/run could not be renewed "
                                "before "), line

@@ -9,7 +9,7 @@ import pytest
 from conftest import run_module
 from tensorboard.backend.event_processing import event_accumulator
 
-from mnist_flax import summaries
+from mnist_flax import pictures, summaries
 
 
 def run_main(*args: str, env: dict | None = None, timeout: int = 300):
@@ -50,7 +50,7 @@ def test_tiny_run_writes_events_tensorboard_can_read(tmp_path, idx_dir):
     assert train.Scalars("progress/epoch")[-1].value == 2
     final_accuracy = test.Scalars("accuracy")[-1].value
     assert float(lines[-1].split()[-1]) == pytest.approx(final_accuracy, abs=1e-4)
-    assert set(summaries.IMAGE_TAGS) == set(test.Tags()["images"])
+    assert set(pictures.IMAGE_TAGS) == set(test.Tags()["images"])
 
 
 def test_help_lists_the_config_flag():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mnist_flax import models
+from mnist_flax.fast import ops
 
 
 def _params(model, seed=0):
@@ -52,8 +53,9 @@ def test_configurable_widths_depth_and_classes(conv_features, pooled_side):
 
 @pytest.mark.parametrize("train", [False, True])
 def test_fast_ops_compute_the_same_function_and_gradients(train):
-    """fast_ops=True is a faster implementation, not another model: same tree, values, grads."""
-    fast, plain = models.CNN(fast_ops=True), models.CNN(fast_ops=False)
+    """fast.ops' layers are a faster implementation, not another model: same tree, values,
+    grads (`fast.model_layers` picks them on CPU)."""
+    fast, plain = models.CNN(conv=ops.Conv3x3, pool=ops.max_pool_2x2), models.CNN()
     params = _params(fast, seed=1)
     assert jax.tree.structure(params) == jax.tree.structure(_params(plain))
     images = jax.random.uniform(jax.random.key(2), (4, 28, 28, 1))

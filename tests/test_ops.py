@@ -1,4 +1,5 @@
-"""mnist_flax.ops against the plain lax / flax reference: values and gradients, odd shapes, bf16."""
+"""mnist_flax.fast.ops against the plain lax / flax reference: values, gradients, odd shapes,
+bf16."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from mnist_flax import ops
+from mnist_flax import fast
+from mnist_flax.fast import ops
+from mnist_flax.run import process
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -142,21 +145,27 @@ def test_max_pool_after_relu_trains_like_flax():
     np.testing.assert_allclose(jax.grad(loss(ops.max_pool_2x2))(x), jax.grad(loss(flax_pool))(x))
 
 
-def test_ops_jit_is_a_real_jit_with_the_cpu_option_and_the_same_numbers():
-    f = ops.jit(lambda x, k, b: jax.grad(lambda k: jnp.sum(ops.conv2d(x, k, b) ** 2))(k))
+def test_the_steps_jit_is_a_real_jit_with_the_cpu_option_and_the_same_numbers():
+    """The training step's jits pass fast.COMPILER_OPTIONS to jax.jit: still real jit objects
+    (`.lower()` works, train.train_step's too), and the option changes no number."""
+    from mnist_flax import train
+
+    assert hasattr(train.train_step, "lower") and hasattr(train.eval_batches, "lower")
+    f = jax.jit(lambda x, k, b: jax.grad(lambda k: jnp.sum(ops.conv2d(x, k, b) ** 2))(k),
+                compiler_options=fast.COMPILER_OPTIONS)
     assert f.lower(jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32),
                    jax.ShapeDtypeStruct((3, 3, 3, 4), jnp.float32),
                    jax.ShapeDtypeStruct((4,), jnp.float32)).compile() is not None
-    assert ops.compiler_options() in ({}, ops._CPU_OPTIONS)
+    assert fast.COMPILER_OPTIONS in ({}, fast.CPU_OPTIONS)
     x, k, bias = rand(0, 2, 8, 8, 3), rand(1, 3, 3, 3, 4), rand(2, 4)
     plain = jax.jit(lambda x, k, b: jax.grad(lambda k: jnp.sum(ops.conv2d(x, k, b) ** 2))(k))
     assert_close(f(x, k, bias), plain(x, k, bias), 1e-5)
 
 
 def test_tune_host_allocator_is_safe_and_idempotent():
-    first = ops.tune_host_allocator()
+    first = process.tune_host_allocator()
     assert isinstance(first, bool)
-    assert ops.tune_host_allocator() == first  # Idempotent.
+    assert process.tune_host_allocator() == first  # Idempotent.
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert first
     # Allocation-heavy work still computes the right thing afterwards.
@@ -170,7 +179,8 @@ _SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax import lax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from mnist_flax import ops
+    from mnist_flax import fast
+    from mnist_flax.fast import ops
     assert jax.device_count() == 8, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     rng = np.random.default_rng(0)
@@ -188,7 +198,7 @@ _SHARDED = textwrap.dedent("""
     g = jax.jit(jax.value_and_grad(lambda k, b, x: loss(k, b, x, ops.max_pool_2x2, ops.conv2d),
                                    argnums=(0, 1, 2)),
                 in_shardings=(None, None, NamedSharding(mesh, P("batch"))),
-                compiler_options=ops.compiler_options() or None)
+                compiler_options=fast.COMPILER_OPTIONS or None)
     xs = jax.device_put(x, NamedSharding(mesh, P("batch")))
     got = g(k, b, xs)
     want = jax.value_and_grad(lambda k, b, x: loss(k, b, x, ref_pool, ref_conv),

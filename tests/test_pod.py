@@ -86,13 +86,14 @@ def _steps(workdir: str) -> list[int]:
 def _params(workdir: str):
     import jax
 
-    from mnist_flax import checkpoints, models
-    from mnist_flax import workdir as workdir_lib
+    from mnist_flax import models
+    from mnist_flax.run import integrity
+    from mnist_flax.run import workdir as workdir_lib
 
     model = models.create_model(workdir_lib.read_config(workdir))
     expected = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 28, 28, 1)),
                                                  train=False))
-    return checkpoints.restore_params(workdir, expected["params"])
+    return integrity.restore_params(workdir, expected["params"])
 
 
 def _checksums(params) -> list[float]:

@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mnist_flax import checkpoints, input_pipeline, models, predict
-from mnist_flax import workdir as workdir_lib
 
 ROOT = str(REPO)
 
@@ -43,7 +42,7 @@ def workdir(tmp_path_factory):
                                   step=np.int32(12), dropout_key=jax.random.key(0))
     with contextlib.closing(checkpoints.create_manager(workdir, keep=1)) as manager:
         checkpoints.save(manager, state, {"step": 12})
-    workdir_lib.write_config(workdir, config)
+    checkpoints.write_config(workdir, config)
     return workdir, model, params
 
 
@@ -149,7 +148,7 @@ def test_load_refuses_a_checkpoint_of_another_model(workdir, tmp_path):
     shutil.copytree(str(checkpoints.checkpoint_dir(path)), tmp_path / checkpoints.CHECKPOINT_DIR)
     wider = tiny_config()
     wider.dense_features = 32
-    workdir_lib.write_config(str(tmp_path), wider)
+    checkpoints.write_config(str(tmp_path), wider)
     with pytest.raises(predict.PredictError, match=r"params/Dense_0/bias has shape \(16,\) in "
                                                    r"the checkpoint but \(32,\) in the config"):
         predict.load(str(tmp_path))

@@ -40,9 +40,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.context import RequestContext
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from mnist_flax import checkpoints, config_checks, input_pipeline, train
-from mnist_flax import workdir as workdir_lib
+from mnist_flax import checkpoints, input_pipeline, mnist_tfds, train
 from mnist_flax.input_pipeline import DataError
+from mnist_flax.run import config_checks, operations
+from mnist_flax.run import lock as lock_lib
+from mnist_flax.run import workdir as workdir_lib
 
 NUM_TRAIN, NUM_TEST = 160, 32
 NUM_STEPS = NUM_TRAIN // 16 * 2
@@ -181,12 +183,12 @@ def test_a_nan_parameter_with_a_finite_loss_is_not_saved_either():
     state = types.SimpleNamespace(params={"Dense_0": {"kernel": np.ones((3, 2), np.float32)}})
     losses = [{"loss": np.float32(0.5)}, {"loss": np.float32(np.inf)}]
     with pytest.raises(train.TrainingDivergedError, match="became inf at step 10;"):
-        train.check_savable(state, losses, step=10)
-    train.check_savable(state, losses[:1], step=10)  # All finite: no error.
+        operations.check_savable(state, losses, step=10)
+    operations.check_savable(state, losses[:1], step=10)  # All finite: no error.
     poisoned = types.SimpleNamespace(params={"Dense_0": {"kernel": np.full((3, 2), np.nan,
                                                                           np.float32)}})
     with pytest.raises(train.TrainingDivergedError, match="parameters became NaN or Inf at step 4"):
-        train.check_savable(poisoned, losses[:1], step=4)
+        operations.check_savable(poisoned, losses[:1], step=4)
 
 
 def test_debug_nan_at_step_is_validated():
@@ -205,7 +207,8 @@ _MAIN_WITH_FULL_DISK = textwrap.dedent("""
     import errno, sys
     from absl import app
     from etils import epath
-    from mnist_flax import checkpoints, cli, main
+    from mnist_flax import checkpoints, main
+    from mnist_flax.run import boundary
 
     real_save, real_write_text = checkpoints.save, epath.gpath._GPath.write_text
     full = []
@@ -222,7 +225,7 @@ _MAIN_WITH_FULL_DISK = textwrap.dedent("""
 
     checkpoints.save, epath.gpath._GPath.write_text = save, write_text
     main.define_flags()
-    app.run(main.main, flags_parser=cli.parse_flags)
+    app.run(main.main, flags_parser=boundary.parse_flags)
 """)
 
 
@@ -275,20 +278,20 @@ def test_a_failed_save_of_any_kind_is_one_line(tmp_path, monkeypatch):
 
 
 def test_a_second_lock_on_a_workdir_is_refused_until_the_first_is_released(tmp_path):
-    with workdir_lib.lock(str(tmp_path)):
+    with lock_lib.lock(str(tmp_path)):
         with pytest.raises(workdir_lib.WorkdirError) as error:
-            with workdir_lib.lock(str(tmp_path)):
+            with lock_lib.lock(str(tmp_path)):
                 pass
         assert str(error.value) == (f"another run (pid {os.getpid()}) is using --workdir="
                                     f"{tmp_path}; wait for it or use another workdir")
-    with workdir_lib.lock(str(tmp_path)):  # Released: free again.
+    with lock_lib.lock(str(tmp_path)):  # Released: free again.
         pass
 
 
 _HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from mnist_flax import workdir
-    with workdir.lock(sys.argv[1]):
+    from mnist_flax.run import lock
+    with lock.lock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(300)
 """)
@@ -310,7 +313,7 @@ def test_a_run_on_a_busy_workdir_stops_and_a_killed_run_frees_it(base, reference
         holder.kill()
         holder.wait()
     assert holder.returncode == -signal.SIGKILL
-    with workdir_lib.lock(str(workdir)):  # The kernel dropped the dead run's lock.
+    with lock_lib.lock(str(workdir)):  # The kernel dropped the dead run's lock.
         pass
 
 
@@ -354,7 +357,7 @@ def _write_tfds_mnist(root, shard: bytes | None, info: str | None = None) -> Non
 ])
 def test_an_empty_or_corrupt_tfds_dir_is_a_one_line_error(tmp_path, monkeypatch, layout, message):
     monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
-    monkeypatch.setattr(input_pipeline, "mnist_url", lambda: "http://127.0.0.1:9/")  # Offline.
+    monkeypatch.setattr(mnist_tfds, "mnist_url", lambda: "http://127.0.0.1:9/")  # Offline.
     root = tmp_path / "tfds"
     root.mkdir()
     if layout:

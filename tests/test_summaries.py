@@ -26,7 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.context import RequestContext
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from mnist_flax import drawing, input_pipeline, models, summaries
+from mnist_flax import input_pipeline, models, pictures, summaries, sweep
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -53,11 +53,10 @@ def logdir(tmp_path_factory):
     logdir = str(tmp_path_factory.mktemp("tb"))
     config = default_config()
     dataset = fake_dataset()
-    with summaries.open_writer(logdir) as writer:
-        summaries.write_run_info(writer, config, dataset, {"w": np.zeros((3, 4))})
-        summaries.write_model_summary(writer, models.CNN())
+    with summaries.open_writers(logdir) as writer:
+        summaries.write_run_info(writer, config, dataset, models.CNN(), {"w": np.zeros((3, 4))})
         summaries.write_scalars(writer, 7, dict.fromkeys(summaries.SCALAR_TAGS, 0.5))
-        summaries.write_final(writer, 7, dataset, fake_probabilities(len(dataset.test_labels)),
+        pictures.write_final(writer, 7, dataset, fake_probabilities(len(dataset.test_labels)),
                               config.num_classes)
     return logdir
 
@@ -75,7 +74,7 @@ def test_tags_are_the_pinned_names(logdir):
     for run in summaries.RUNS:
         expected = {tag for r, tag in summaries.SCALAR_TAGS.values() if r == run}
         assert set(accumulator(f"{logdir}/{run}").Tags()["scalars"]) == expected
-    assert set(accumulator(f"{logdir}/test").Tags()["images"]) == set(summaries.IMAGE_TAGS)
+    assert set(accumulator(f"{logdir}/test").Tags()["images"]) == set(pictures.IMAGE_TAGS)
     tags = accumulator(logdir).Tags()
     assert tags["scalars"] == [] and tags["images"] == []  # No single dots in the workdir's run.
     # tensorboardX names a text summary '<tag>/text_summary'; TensorBoard shows that name.
@@ -87,28 +86,28 @@ def test_tags_are_the_pinned_names(logdir):
 
 def test_the_curves_sort_first_so_they_are_the_first_screen():
     """Time Series groups tags by their first '/' part, sorts the groups, opens the first two."""
-    tags = [tag for _, tag in summaries.SCALAR_TAGS.values()] + list(summaries.IMAGE_TAGS)
+    tags = [tag for _, tag in summaries.SCALAR_TAGS.values()] + list(pictures.IMAGE_TAGS)
     groups = sorted({tag.split("/", 1)[0] for tag in tags})
     assert groups[:2] == ["accuracy", "loss"]
 
 
 def test_config_text_is_plain_key_value_lines(logdir):
-    text = summaries.read_text(logdir, "config")
+    text = sweep.read_text(logdir, "config")
     assert "    conv_features: (32, 64)" in text.splitlines()
     assert "    batch_size: 128" in text.splitlines()
     assert "!!" not in text and "python/tuple" not in text
-    assert summaries.read_data_sizes(logdir) == (60, 60)
+    assert sweep.read_data_sizes(logdir) == (60, 60)
 
 
 def test_per_class_accuracy_and_confusion_matrix_values():
-    counts = summaries.confusion_matrix(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), 3)
+    counts = pictures.confusion_matrix(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), 3)
     assert counts.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
-    assert summaries.per_class_accuracy(counts).tolist() == [1.0, 0.5, 1.0]
+    assert pictures.per_class_accuracy(counts).tolist() == [1.0, 0.5, 1.0]
 
 
 def test_shown_digits_are_the_first_of_each_class():
     labels = np.array([0, 0, 0, 0, 1, 1, 2])  # Sorted by class, as the packaged sample's test.
-    grid = summaries.first_of_each_class(labels, per_class=2, num_classes=3).reshape(2, 3)
+    grid = pictures.first_of_each_class(labels, per_class=2, num_classes=3).reshape(2, 3)
     assert grid.tolist() == [[0, 4, 6], [1, 5, -1]]  # Columns are classes; -1: no second 2.
 
 
@@ -120,7 +119,7 @@ def test_images_are_real_pictures(logdir):
     digits = acc.Images("predictions/digits")[-1]
     # TensorBoard shows an image ~350 px wide: captions in FONT_SIZE stay >= 10 px on screen.
     for image in (matrix, gallery, digits):
-        assert drawing.FONT_SIZE * 350 / image.width >= 10, image.width
+        assert pictures.FONT_SIZE * 350 / image.width >= 10, image.width
 
 
 def test_worst_errors_are_the_most_confident_mistakes():
@@ -132,7 +131,7 @@ def test_worst_errors_are_the_most_confident_mistakes():
         [0.0, 0.0, 0.3, 0.7],  # Wrong? No: 3 is right.
     ])
     images = np.arange(4)[:, None, None, None] * np.ones((4, 28, 28, 1), np.uint8)
-    worst, captions = summaries.worst_errors(images, labels, probabilities)
+    worst, captions = pictures.worst_errors(images, labels, probabilities)
     assert captions == ["2->1 95%", "1->0 60%"]
     assert worst[:, 0, 0, 0].tolist() == [2, 1]
 
@@ -178,24 +177,23 @@ def test_hparams_reach_tensorboards_hparams_plugin(logdir):
 def test_nothing_is_written_off_process_zero():
     for write in (lambda: summaries.write_scalars(None, 1, {"a": 1.0}),
                   lambda: summaries.write_hparams(None, default_config()),
-                  lambda: summaries.write_model_summary(None, models.CNN())):
+                  lambda: summaries.write_run_info(None, default_config(), fake_dataset(),
+                                                   models.CNN(), {})):
         write()  # Accepts None (what open_writer gives on other processes).
 
 
 def test_a_resumed_run_keeps_the_metrics_of_its_checkpoint_step(idx_dir, tmp_path, caplog):
     """Resuming at an epoch end must not purge that epoch's test metrics from TensorBoard; and
-    restarting a finished run writes no second copy of its final summaries."""
-    from conftest import load_config
+    restarting a finished run writes no second copy of its final summaries (main's pictures)."""
+    from conftest import load_config, train_as_main
     from tensorboard.backend.event_processing import event_accumulator
-
-    from mnist_flax import train
 
     config = load_config()
     config.update(data_dir=str(idx_dir), verify_checksums=False, batch_size=32, num_epochs=1)
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir)  # Ends with a checkpoint at step 8.
+    train_as_main(config, workdir)  # Ends with a checkpoint at step 8.
     config.num_epochs = 2
-    train.train_and_evaluate(config, workdir)  # Resumes at step 8.
+    train_as_main(config, workdir)  # Resumes at step 8.
     for run in summaries.RUNS:
         events = event_accumulator.EventAccumulator(
             f"{workdir}/{run}", size_guidance={event_accumulator.SCALARS: 0})
@@ -203,7 +201,7 @@ def test_a_resumed_run_keeps_the_metrics_of_its_checkpoint_step(idx_dir, tmp_pat
         assert [e.step for e in events.Scalars("accuracy")] == [8, 16], run
 
     caplog.set_level(logging.INFO)
-    train.train_and_evaluate(config, workdir)  # Finished: evaluates, trains nothing.
+    train_as_main(config, workdir)  # Finished: evaluates, trains nothing.
     assert "finished all 2 epochs" in caplog.text and "epoch 3" not in caplog.text
     events = event_accumulator.EventAccumulator(
         f"{workdir}/test", size_guidance={event_accumulator.IMAGES: 0})
@@ -261,13 +259,12 @@ def test_tensorboard_serves_train_and_test_curves_and_the_key_hparams(tmp_path):
     workdir = str(tmp_path / "run")
     dataset = fake_dataset()
     config = default_config()
-    with summaries.open_writer(workdir) as writer:
-        summaries.write_run_info(writer, config, dataset, {"w": np.zeros((3, 4))})
-        summaries.write_model_summary(writer, models.CNN())
+    with summaries.open_writers(workdir) as writer:
+        summaries.write_run_info(writer, config, dataset, models.CNN(), {"w": np.zeros((3, 4))})
         for epoch, step in enumerate((8, 16), start=1):
             summaries.write_scalars(writer, step, {**dict.fromkeys(summaries.SCALAR_TAGS, 0.5),
                                                    "epoch": epoch})
-        summaries.write_final(writer, 16, dataset, fake_probabilities(len(dataset.test_labels)),
+        pictures.write_final(writer, 16, dataset, fake_probabilities(len(dataset.test_labels)),
                               config.num_classes)
 
     with tensorboard_server(str(tmp_path), {"run", "run/train", "run/test"}) as url:
@@ -282,7 +279,7 @@ def test_tensorboard_serves_train_and_test_curves_and_the_key_hparams(tmp_path):
                 points = get_json(f"{url}/data/plugin/scalars/scalars?run={run}&tag={tag}")
                 assert [step for _, step, _ in points] == [8, 16], (run, tag)
         images = get_json(f"{url}/data/plugin/images/tags")
-        assert set(images["run/test"]) == set(summaries.IMAGE_TAGS)
+        assert set(images["run/test"]) == set(pictures.IMAGE_TAGS)
         text = get_json(f"{url}/data/plugin/text/tags")
         assert set(text["run"]) == {f"{t}/text_summary" for t in summaries.TEXT_TAGS}
         plugins = get_json(f"{url}/data/plugins_listing")

@@ -8,7 +8,8 @@ import sys
 import pytest
 from conftest import REPO, load_config
 
-from mnist_flax import config_checks, sweep
+from mnist_flax import sweep
+from mnist_flax.run import config_checks
 
 
 def test_values_are_typed_like_the_field():

@@ -9,7 +9,9 @@ import pytest
 from conftest import assert_trees_identical, load_config, synthetic_digits
 from jax.sharding import PartitionSpec as P
 
-from mnist_flax import input_pipeline, sharding, summaries, train
+from mnist_flax import input_pipeline, progress, sharding, summaries, train
+from mnist_flax.fast import dispatch
+from mnist_flax.run import operations
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +156,7 @@ def _tiny_setup():
     images, labels = synthetic_digits(N)
     dataset = input_pipeline.Dataset(images, labels, images[:10], labels[:10], "synthetic")
     mesh = sharding.make_mesh()
-    return config, dataset, mesh, train.device_dataset(mesh, dataset)
+    return config, dataset, mesh, dispatch.device_dataset(mesh, dataset)
 
 
 def _fresh(config, mesh):
@@ -176,19 +178,21 @@ def test_k_steps_in_one_dispatch_equal_k_single_steps(first):
     """train_steps(num_steps=K) == K dispatches of one step == K train_step calls on batch_at's
     host batches: the same parameters, optimizer state and metrics, bit for bit."""
     config, dataset, mesh, data = _tiny_setup()
-    order = train.device_epoch_order(mesh, config.seed, 0, N)
+    order = dispatch.device_epoch_order(mesh, config.seed, 0, N)
     kwargs = dict(batch_size=BATCH, steps_per_epoch=STEPS_PER_EPOCH, mesh=mesh)
     start = _fresh(config, mesh)
     for _ in range(first):
-        start, _ = train.train_steps(start, data, order, num_steps=1, **kwargs)
+        start, _ = dispatch.run(train.train_step_fn, start, data, order, num_steps=1, **kwargs)
     assert int(start.step) == first
 
-    multi, multi_metrics = train.train_steps(_copy(start), data, order, num_steps=K, **kwargs)
+    multi, multi_metrics = dispatch.run(train.train_step_fn, _copy(start), data, order,
+                                        num_steps=K, **kwargs)
     single, single_metrics = _copy(start), []
     host, host_metrics = _copy(start), []
     for step in range(first, first + K):
-        single, metrics = train.train_steps(single, data, order, num_steps=1, **kwargs)
-        single_metrics.append(metrics)
+        single, metrics = dispatch.run(train.train_step_fn, single, data, order, num_steps=1,
+                                       **kwargs)
+        single_metrics.append(jax.tree.map(lambda m: m[None], metrics))  # One step: scalars.
         batch = input_pipeline.batch_at(dataset, config.seed, step, BATCH)
         host, metrics = train.train_step(host, sharding.shard_batch(mesh, batch))
         host_metrics.append(jax.tree.map(lambda m: m[None], metrics))
@@ -209,7 +213,7 @@ def test_device_batches_are_batch_at(tmp_path):
                                            jax.sharding.NamedSharding(mesh, P("batch")))
 
     for epoch in (0, 1, 5):
-        order = train.device_epoch_order(mesh, config.seed, epoch, N)
+        order = dispatch.device_epoch_order(mesh, config.seed, epoch, N)
         for index in (0, 1, STEPS_PER_EPOCH - 1):
             got = jax.device_get(gather(data, order, index))
             want = input_pipeline.batch_at(dataset, config.seed, epoch * STEPS_PER_EPOCH + index,
@@ -222,17 +226,20 @@ def test_device_batches_are_batch_at(tmp_path):
 
 def test_a_dispatch_never_crosses_an_epoch_end_a_log_line_or_a_checkpoint():
     config = load_config()
-    config.update(log_every_steps=10, checkpoint_every_steps=7, debug_nan_at_step=30)
+    config.update(log_every_steps=10, checkpoint_every_steps=7)
     steps_per_epoch, num_steps, step, ends = 24, 48, 0, []
     while step < num_steps:
-        n = train.chunk_steps(step, 16, steps_per_epoch, num_steps, config)
+        n = progress.chunk_steps(step, 16, steps_per_epoch, num_steps, config)
         assert 1 <= n <= 16
         step += n
         ends.append(step)
-    boundaries = {24, 48, 10, 20, 30, 40, 7, 14, 21, 28, 35, 42, 29}  # 29: the NaN step's start.
+    boundaries = {24, 48, 10, 20, 30, 40, 7, 14, 21, 28, 35, 42}
     assert boundaries <= set(ends)
-    assert train.chunk_steps(0, 16, 100, 1000, load_config()) == 16  # log_every_steps=100.
-    assert train.chunk_steps(96, 16, 100, 1000, load_config()) == 4
+    # main's fault injection (tests only) also ends a dispatch where the NaN step starts.
+    config.debug_nan_at_step = 30
+    assert operations.Operations(config).before_dispatch(None, 20, 16) == (None, 9)
+    assert progress.chunk_steps(0, 16, 100, 1000, load_config()) == 16  # log_every_steps=100.
+    assert progress.chunk_steps(96, 16, 100, 1000, load_config()) == 4
 
 
 def test_train_and_evaluate_with_3_steps_per_dispatch_equals_1(idx_dir, tmp_path, config):

@@ -1,13 +1,15 @@
 """Config files that ship with the package, and the one way every entry point loads a config."""
 
-from __future__ import annotations
-
 import importlib.resources
 
 import ml_collections
 from ml_collections.config_flags import config_flags
 
 DEFAULT = str(importlib.resources.files(__name__) / "default.py")  # The Keras tutorial's recipe.
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
 
 
 def load(path: str = DEFAULT) -> ml_collections.ConfigDict:

@@ -1,25 +1,24 @@
-"""Fast pieces of the CNN's training step on CPU, in pure jax.numpy / jax.lax.
+"""The CNN's convolution and pooling with gradients that XLA:CPU compiles well (`fast` picks them
+on CPU only).
 
-Each piece computes the same function as its plain Linen/XLA form (tests/test_ops.py pins values
-and gradients) and exists because it measured faster on CPU; the figures, and what was tried and
-lost, are in the README's Speed section. Everything runs under jit on any backend and with batch
-sharding; on GPU/TPU the CPU compile option is simply not read.
+Each piece computes the same function as Linen's `nn.Conv` / `nn.max_pool` (tests/test_ops.py pins
+values and gradients) and exists because it measured faster on CPU; the figures, and what was
+tried and lost, are in docs/speed.md. Everything runs under jit on any backend and with batch
+sharding.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import logging
-import platform
-import sys
-from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["compiler_options", "conv2d", "jit", "max_pool_2x2", "tune_host_allocator"]
+__all__ = ["Conv3x3", "conv2d", "max_pool_2x2"]
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _TAPS_MAX_CIN = 4  # Input channels up to which conv2d uses the 9-tap elementwise form.
@@ -169,75 +168,21 @@ def _pool_bwd(res, g):
 max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
 
 
-# --------------------------------------------------------------------------------------------
-# XLA:CPU compile options
-# --------------------------------------------------------------------------------------------
+class Conv3x3(nn.Module):
+    """`nn.Conv(features, (3, 3), padding="VALID")` through `conv2d`: the same parameters
+    ('kernel' HWIO, 'bias') and the same function, so checkpoints move freely between the two."""
 
-_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-# Let YNNPACK take dots and reductions only; convolutions go to XLA's Eigen kernels, which are
-# faster here. REDUCE must stay (without it the bias-gradient sums become slow reduce-windows).
-_CPU_OPTIONS = {_YNN_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-_FIRST_JAXLIB_WITH_OPTION = (0, 10)  # The option appeared with YNNPACK in XLA:CPU.
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+    padding: str = "VALID"
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    dtype: Any = jnp.float32
 
-
-def compiler_options() -> dict[str, str]:
-    """The per-jit XLA options of the training step: `_CPU_OPTIONS` where jaxlib knows them.
-
-    Decided from jaxlib's version, without starting a backend, so jitted functions can be built at
-    import. A GPU or TPU compiler ignores a CPU debug option.
-    """
-    version = tuple(int(part) for part in jaxlib_version().split(".")[:2])
-    return dict(_CPU_OPTIONS) if version >= _FIRST_JAXLIB_WITH_OPTION else {}
-
-
-def jaxlib_version() -> str:
-    from jax._src.lib import version_str  # jaxlib's version, without importing a backend.
-
-    return version_str
-
-
-def log_compiler_options() -> None:
-    """Says once, at program start, whether the CPU convolution option is in use."""
-    if not compiler_options():
-        logging.getLogger(__name__).info(
-            "jaxlib %s predates the XLA:CPU option %s; convolutions use XLA's default CPU "
-            "library (slower on CPU, the same numerics)", jaxlib_version(), _YNN_OPTION)
-
-
-def jit(fun: Callable | None = None, **jit_kwargs) -> Callable:
-    """`jax.jit` with `compiler_options()`; a real jit object (`.lower()`, `.trace()` work).
-
-    Use as `@ops.jit` or `@functools.partial(ops.jit, donate_argnames=...)`.
-    """
-    if fun is None:
-        return functools.partial(jit, **jit_kwargs)
-    return jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)
-
-
-# --------------------------------------------------------------------------------------------
-# tune_host_allocator
-# --------------------------------------------------------------------------------------------
-
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
-
-
-def tune_host_allocator() -> bool:
-    """Keeps big host allocations in glibc's heap, so XLA:CPU stops page-faulting every step.
-
-    XLA:CPU allocates each step's large temporaries afresh; glibc serves them with mmap and gives
-    them back on free, so every step faults the same pages in again. mallopt (no mmap, no trim,
-    one arena) keeps them. A process-wide setting, so only entry points (main, sweep, benchmarks)
-    call it, first thing: threads that already own an arena keep it. Returns whether the settings
-    are in effect (False off Linux/glibc, or if mallopt fails).
-    """
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    except (OSError, AttributeError):
-        return False
-    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 64 << 20),
-                (_M_ARENA_MAX, 1))
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.padding != "VALID":
+            raise ValueError(f"Conv3x3 computes VALID convolutions, not {self.padding!r}")
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return conv2d(x, kernel, bias, compute_dtype=self.dtype)

@@ -1,20 +1,65 @@
-"""Checks a config once, up front, so a bad value fails in one line before any work."""
+"""Checks a config once, up front, so a bad field or value fails in one line before any work.
+
+`check_schema` holds a config file to the default's fields, names and types, exactly as
+ml_collections holds `--config.x=y` overrides; `validate` then checks each value's range.
+"""
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import ml_collections
 
-from mnist_flax import input_pipeline, models
+from mnist_flax import configs, input_pipeline, models
+from mnist_flax.configs import ConfigError
 
 ADAM_EPS_PLACEMENTS = ("optax", "keras")  # Where Adam's epsilon goes: train.create_optimizer.
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine", "one_cycle")
 
 
-class ConfigError(ValueError):
-    """A bad config value; the message names the field and the fix."""
+_NUMBER = (int, float)
+
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def _fits(value, reference) -> bool:
+    """Whether `value` has the type of the default's `reference` (an int where a float goes)."""
+    if isinstance(reference, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(reference, bool)
+    if isinstance(reference, float):
+        return isinstance(value, _NUMBER)
+    if isinstance(reference, tuple | list):
+        return isinstance(value, tuple | list) and all(
+            _fits(v, reference[0]) for v in value) if reference else isinstance(value, tuple | list)
+    return isinstance(value, type(reference))
+
+
+def check_schema(config) -> None:
+    """Raises ConfigError unless `config` has exactly the default config's fields, each of its
+    type (nested values too): a typo'd field in a config file fails as it does on the command line.
+    """
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"--config: get_config() returned {_type_name(config)}, not an "
+                          "ml_collections.ConfigDict; start from the default's, e.g. "
+                          "`config = default.get_config()` (see experiments/fast.py)")
+    reference = configs.load()
+    for name in sorted(set(config) - set(reference)):
+        close = difflib.get_close_matches(name, list(reference), 1)
+        hint = f'did you mean "{close[0]}"?' if close else f"the fields are in {configs.DEFAULT}"
+        raise ConfigError(f"--config: the config file sets {name!r}, which is not a field of the "
+                          f"config; {hint}")
+    for name in sorted(set(reference) - set(config)):
+        raise ConfigError(f"--config: the config file has no field {name!r}; start from the "
+                          "default's fields (`config = default.get_config()`), then change some")
+    for name in sorted(reference):
+        if not _fits(config[name], reference[name]):
+            raise ConfigError(f"--config.{name}={config[name]!r}: must be a "
+                              f"{_type_name(reference[name])} like the default's "
+                              f"{reference[name]!r}, not a {_type_name(config[name])}")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -29,7 +74,8 @@ def _positive_int(config: ml_collections.ConfigDict, name: str) -> None:
 
 
 def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
-    """Raises ConfigError on the first value that cannot work."""
+    """Raises ConfigError on the first field or value that cannot work."""
+    check_schema(config)
     _require(config.data_source in input_pipeline.SOURCES,
              f"--config.data_source={config.data_source!r}: must be one of "
              f"{', '.join(input_pipeline.SOURCES)}")
@@ -50,8 +96,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     nan_at = config.debug_nan_at_step
     _require(isinstance(nan_at, int) and not isinstance(nan_at, bool) and nan_at >= 0,
              f"--config.debug_nan_at_step={nan_at!r}: must be an integer >= 0 (0 = off; for tests)")
-    _require(isinstance(config.seed, int) and config.seed >= 0,
-             f"--config.seed={config.seed!r}: must be a non-negative integer")
+    _require(isinstance(config.seed, int) and 0 <= config.seed < 2**63,
+             f"--config.seed={config.seed!r}: must be an integer in [0, 2**63)")
     for name in ("learning_rate", "adam_eps"):
         value = config[name]
         _require(math.isfinite(value) and value >= 0 and (value > 0 or name == "adam_eps"),
@@ -64,7 +110,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
              f"--config.conv_features={features!r}: must be 1 to 6 positive integers (one 3x3 "
              "convolution each), e.g. (32,64)")
     rates = tuple(config.dropout_rates)
-    _require(len(rates) == 2 and all(0.0 <= r < 1.0 for r in rates),
+    _require(len(rates) == 2 and all(isinstance(r, _NUMBER) and not isinstance(r, bool)
+                                     and 0.0 <= r < 1.0 for r in rates),
              f"--config.dropout_rates={rates!r}: must be two rates in [0, 1), e.g. (0.25,0.5)")
     _require(config.num_classes >= 2, f"--config.num_classes={config.num_classes}: must be >= 2")
     _require(config.kernel_init in models.KERNEL_INITS,
@@ -90,9 +137,3 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
         _require(config[name] % device_count == 0,
                  f"--config.{name}={config[name]} does not divide over the {device_count} "
                  f"devices; use a multiple of {device_count}")
-
-
-def check_fits_data(config: ml_collections.ConfigDict, num_train: int) -> None:
-    _require(config.batch_size <= num_train,
-             f"--config.batch_size={config.batch_size} is larger than the {num_train:,} training "
-             "images; use a smaller batch")

@@ -1,0 +1,156 @@
+"""The one error boundary of each entry point (main, sweep, predict), and the --config flag.
+
+Whatever is raised, from flag parsing to the last flush, the user sees one line, `error: ...`,
+and a non-zero exit: a known cause its own line; any other the exception's first line, with the
+full traceback written to a file the line names. After that line the process's stderr goes to the
+same file, so no background thread (TensorBoard's writer, orbax's) or exit handler can print a
+traceback after it. SIGTERM and Ctrl-C stops exit 143 and 130, as a shell reports them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+
+from absl import flags
+from ml_collections import ConfigDict, config_flags
+
+from mnist_flax import checkpoints, configs, input_pipeline, progress
+from mnist_flax.run import config_checks, lease, signals, workdir
+
+DEFAULT_CONFIG = configs.DEFAULT
+_CONFIG_ERRORS = (AttributeError, KeyError, OSError, ImportError, SyntaxError, TypeError,
+                  ValueError, NameError)
+# Bad input, or a run that cannot go on: printed as their own one line.
+USER_ERRORS = (configs.ConfigError, input_pipeline.DataError, checkpoints.CheckpointError,
+               workdir.WorkdirError, progress.TrainingDivergedError, lease.LeaseError)
+INTERRUPTED_LINE = ("Interrupted (Ctrl-C): stopped at once without saving; the checkpoints "
+                    "already in the workdir are intact. Run the same command to resume.")
+
+
+def _leave(code: int, log_path: str | None = None) -> None:
+    """Exits now with `code`, as a kill would, once what was printed is flushed: threads still
+    running and exit handlers write to `log_path` (or nowhere), never to the terminal."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    target = os.open(log_path or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.dup2(target, 2)
+    os._exit(code)
+
+
+def _traceback_file(error: BaseException, workdir_hint: str | None) -> str:
+    """Writes the traceback to <workdir>/errors/ (a local workdir) or a temporary file."""
+    directory = None
+    if workdir_hint and not workdir.is_remote(workdir_hint) and os.path.isdir(workdir_hint):
+        directory = os.path.join(workdir_hint, "errors")
+        with contextlib.suppress(OSError):
+            os.makedirs(directory, exist_ok=True)
+    name = f"traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    try:
+        path = os.path.join(directory, name) if directory and os.access(directory, os.W_OK) \
+            else None
+        if path is None:
+            fd, path = tempfile.mkstemp(prefix="mnist_flax-traceback-", suffix=".txt")
+            os.close(fd)
+        with open(path, "w") as f:
+            traceback.print_exception(error, file=f)
+        return path
+    except OSError:
+        return ""
+
+
+def describe(error: BaseException) -> str | None:
+    """The curated one line of a known cause, or None."""
+    if isinstance(error, USER_ERRORS):
+        return str(error)
+    if isinstance(error, BrokenPipeError):
+        return ""  # Output piped into a reader that left (`| head`): not an error to report.
+    if workdir.is_storage_error(error):
+        return workdir.storage_stopped_line(checkpoints.error_line(error))
+    return None
+
+
+@contextlib.contextmanager
+def one_line_errors(workdir_hint: str | None = None) -> Iterator[None]:
+    """The boundary: every exception becomes one line and an exit status (see the module)."""
+    try:
+        yield
+    except SystemExit:
+        raise
+    except signals.Preempted as e:  # The checkpoint is saved and logged; the same command resumes.
+        _leave(e.exit_code)
+    except KeyboardInterrupt:  # Orbax commits a checkpoint by renaming it: none is half-written.
+        print(INTERRUPTED_LINE, file=sys.stderr)
+        _leave(signals.INTERRUPTED_EXIT_CODE)
+    except BaseException as e:  # noqa: BLE001 (the boundary: nothing passes it as a traceback)
+        line = describe(e)
+        log_path = None
+        if line is None:
+            log_path = _traceback_file(e, workdir_hint)
+            where = f" (full traceback in {log_path})" if log_path else ""
+            line = f"{checkpoints.error_line(e)}{where}; please report it if the cause is unclear"
+        if line:
+            with contextlib.suppress(Exception):
+                print(f"error: {line}", file=sys.stderr)
+        _leave(1, log_path)
+
+
+def _exit_bad_config(e: Exception) -> None:
+    """One line for whatever loading the config file or a --config.x=y override raised."""
+    message = str(e)
+    if isinstance(e, (AttributeError, KeyError)) and "get_config" not in message:
+        field = re.search(r"'([\w.]+)", message)
+        suggestion = re.search(r'Did you mean "([\w.]+)"', message)
+        hint = (f'did you mean "{suggestion.group(1)}"?' if suggestion
+                else f"the fields are listed in {DEFAULT_CONFIG}")
+        sys.exit(f"error: --config.{field.group(1) if field else message}: no such field in the "
+                 f"config; {hint}")
+    reason = [line.strip() for line in message.splitlines() if line.strip()][-1:]
+    sys.exit(f"error: --config: cannot load the config file ({' '.join(reason)}); pass a Python "
+             "file that defines get_config(), e.g. --config=experiments/best.py")
+
+
+def define_config_flag(default: str | None) -> None:
+    """`--config` as a locked ml_collections config file, so a mistyped `--config.x` fails."""
+    try:  # ml_collections already reads the --config.x=y overrides here, at definition time.
+        config_flags.DEFINE_config_file(
+            "config", default, "Config file (a Python file with get_config()); default: the "
+            "tutorial recipe. Override any field with --config.NAME=VALUE.", lock_config=True)
+    except _CONFIG_ERRORS as e:
+        _exit_bad_config(e)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, plus loading the config file and checking it against the default's fields
+    (`config_checks.check_schema`), with every failure as a one-line error; --help exits 0.
+
+    config_flags loads the file (and applies `--config.x=y`) lazily on first access, where a typo
+    would otherwise surface as a traceback from inside ml_collections.
+    """
+    try:
+        rest = flags.FLAGS(argv)
+        if "config" in flags.FLAGS:
+            config = flags.FLAGS.config  # Loads the file and applies the overrides now.
+            if config is not None and not isinstance(config, dict | ConfigDict):
+                config.keys()  # ml_collections' stand-in for a file that failed: raises its error.
+            config_checks.check_schema(config)
+    except SystemExit as e:  # absl's --help prints the help, then exits 1.
+        sys.exit(0 if {"--help", "-h", "--helpfull", "-?"} & set(argv) else e.code)
+    except flags.Error as e:
+        sys.exit(f"error: {e}")
+    except configs.ConfigError as e:
+        sys.exit(f"error: {e}")
+    except _CONFIG_ERRORS as e:
+        _exit_bad_config(e)
+    except Exception as e:  # noqa: BLE001 (whatever the user's get_config raised)
+        _exit_bad_config(e)
+    return rest

@@ -1,0 +1,147 @@
+"""One run per workdir: a kernel flock on a local disk, a lease (run.lease) in a bucket.
+
+Only process 0 locks (it alone writes the config and events); all processes agree on whether it
+got the lock. A run that loses its gs:// lease saves no more, and ends when the lease runs out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import jax
+
+from mnist_flax.run import lease as lease_lib
+from mnist_flax.run.workdir import (
+    LEASE_TTL_S,
+    LOCK_FILE,
+    WorkdirError,
+    error_line,
+    is_remote,
+    on_every_process,
+    path,
+    storage_stopped_line,
+)
+
+
+@dataclasses.dataclass
+class Held:
+    """The workdir, held by this run (`lock`'s value). `check()` before each save: it raises on
+    every process if process 0 lost its lease (storage unreachable, or taken over)."""
+
+    workdir: str
+    lease: lease_lib.Lease | None = None  # Process 0's, on a gs:// workdir.
+
+    def check(self) -> None:
+        lost = self.lease is not None and self.lease.lost.is_set()
+        if on_every_process(not lost):
+            return
+        if lost:
+            raise WorkdirError(lost_lease_line(self.lease))
+        raise WorkdirError(f"process 0 lost its lease on --workdir={self.workdir}; this run saves "
+                           "no more (see process 0's log)")
+
+
+@contextlib.contextmanager
+def lock(workdir: str, lease_seconds: float = LEASE_TTL_S) -> Iterator[Held]:
+    """Holds the workdir while the block runs, so a second run on it stops at once instead of
+    interleaving its checkpoints and events with ours. A collective with several processes.
+
+    Locally: an exclusive flock on workdir/.lock, which the kernel drops when the process dies,
+    so a SIGKILLed run never blocks the next one. In a bucket: a lease on workdir/.lock that a
+    live run renews and a killed run's runs out after `lease_seconds`; a run that loses it stops
+    (`_stop_when_lost`). Only process 0 locks (it alone writes the config and events); all
+    processes agree on whether it got the lock.
+    """
+    held = Held(workdir)
+    with contextlib.ExitStack() as stack:
+        error = None
+        if jax.process_index() == 0:
+            try:
+                if is_remote(workdir):
+                    held.lease = stack.enter_context(_lease(workdir, lease_seconds))
+                    stack.enter_context(_stop_when_lost(held.lease))
+                else:
+                    stack.enter_context(_flock(workdir))
+            except WorkdirError as e:
+                error = e
+        if not on_every_process(error is None):
+            raise error or WorkdirError(f"process 0 could not lock --workdir={workdir} (see its "
+                                        "error)")
+        yield held
+
+
+def _lease(workdir: str, seconds: float) -> lease_lib.Lease:
+    try:
+        return lease_lib.acquire(workdir, ttl_s=seconds)
+    except lease_lib.LeaseError as e:
+        raise WorkdirError(str(e)) from None
+
+
+def lost_lease_line(lease: lease_lib.Lease) -> str:
+    """The one-line error of a run that lost its lease: the storage went away, or another run
+    took the workdir over."""
+    if lease.lost_error is None:
+        return (f"another run took over the lease on --workdir={lease.workdir}; this run saves "
+                "no more and stops; its last committed checkpoint is intact")
+    return storage_stopped_line(f"the lease on --workdir={lease.workdir} could not be renewed "
+                                f"before {lease_lib.utc_text(lease.expires)}: "
+                                f"{error_line(lease.lost_error)}")
+
+
+@contextlib.contextmanager
+def _stop_when_lost(lease: lease_lib.Lease) -> Iterator[None]:
+    """Ends the process if the lease is lost and the run has not ended by itself when it runs out.
+
+    The loop checks the lease only before a save, and a save or an event flush in flight when
+    the storage goes away waits in its client's retries for many minutes. Nothing can be saved
+    any more and the last committed checkpoint is intact, so when the lease runs out (at once if
+    another run took it over) we print the one-line error and exit 1, as a kill would: nothing of
+    ours can land in the workdir after another run may have taken it.
+    """
+    ended = threading.Event()
+
+    def watch() -> None:
+        while not ended.wait(0.25):
+            if lease.lost.is_set():
+                break
+        left = lease.expires - time.time() if lease.lost_error is not None else 0.0
+        if ended.wait(max(left, 0.0)):
+            return
+        print(f"error: {lost_lease_line(lease)}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    watchdog = threading.Thread(target=watch, daemon=True, name="lease watchdog")
+    watchdog.start()
+    try:
+        yield
+    finally:
+        ended.set()
+
+
+@contextlib.contextmanager
+def _flock(workdir: str) -> Iterator[None]:
+    root = path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            raise WorkdirError(f"another run (pid {pid}) is using --workdir={workdir}; wait "
+                               "for it or use another workdir") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+

@@ -1,0 +1,75 @@
+"""Log filters of the entry points: library records that a one-line error already says, and
+chatter no user needs. Each is added once (idempotent), by `run.boundary.setup_process`."""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+from typing import Any
+
+from absl import logging
+
+
+def _drop_orbax_info(record: std_logging.LogRecord) -> bool:
+    """Orbax logs ~30 INFO lines per save through absl, and warns that a read-only manager (ours,
+    for restoring) is read-only; keep its other warnings and errors, except the one its metadata
+    thread logs when a second Ctrl-C stopped a save and the process is exiting (cli says so)."""
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+        return True
+    if record.exc_info:  # A failed save (e.g. a full disk): `save` reports it in one line.
+        record.exc_info, record.exc_text = None, None
+    message = record.getMessage()
+    return record.levelno >= std_logging.WARNING and "read only" not in message and (
+        "read_only=True" not in message) and "cannot schedule new futures after shutdown" not in (
+        message)
+
+
+def _orbax_aftermath(unraisable: Any) -> bool:
+    """True for the tracebacks orbax leaves after a failed read or write, which it has already
+    raised as an exception: when one tensorstore operation fails, orbax's event loop stops and is
+    closed while the others are still in flight; as each finishes, tensorstore's callback finds the
+    loop closed ('Event loop is closed'), and the abandoned read coroutines are finalised with
+    their errors. Python reports both through sys.unraisablehook, one traceback each."""
+    error, obj = unraisable.exc_value, unraisable.object
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    code = getattr(obj, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+def quiet_orbax_logging() -> None:
+    """Keeps orbax's INFO chatter out of the log, and the tracebacks its event loop leaves behind
+    after a failed read or write (already reported as one line); entry points call it once."""
+    logger = logging.get_absl_logger()
+    if _drop_orbax_info not in logger.filters:
+        logger.addFilter(_drop_orbax_info)
+    asyncio_logger = std_logging.getLogger("asyncio")
+    if _drop_orbax_task_errors not in asyncio_logger.filters:
+        asyncio_logger.addFilter(_drop_orbax_task_errors)
+    if not isinstance(sys.unraisablehook, _UnraisableFilter):
+        sys.unraisablehook = _UnraisableFilter(sys.unraisablehook)
+
+
+def _drop_orbax_task_errors(record: std_logging.LogRecord) -> bool:
+    """The same aftermath through asyncio's logger: 'Task exception was never retrieved' for an
+    orbax read task that was abandoned when another read failed first (timing decides which)."""
+    error = record.exc_info[1] if record.exc_info else None
+    tb = error.__traceback__ if error is not None else None
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return False
+        tb = tb.tb_next
+    return True
+
+
+class _UnraisableFilter:
+    """sys.unraisablehook without `_orbax_aftermath`; everything else goes to the previous hook."""
+
+    def __init__(self, previous: Any):
+        self.previous = previous
+
+    def __call__(self, unraisable: Any) -> None:
+        if not _orbax_aftermath(unraisable):
+            self.previous(unraisable)
+

@@ -1,0 +1,119 @@
+"""The operations main wraps around the training core, through `train.Hooks`.
+
+    with Operations(config, lease_seconds) as hooks:
+        train.train_and_evaluate(config, workdir, hooks)
+
+They hold the workdir (a flock, or a lease on gs://; on a pod, a check that every host sees it),
+stop on SIGTERM or Ctrl-C after saving (every host of a pod after the same step), restore only a
+checkpoint whose checksum holds (moving damaged ones aside), refuse to save a diverged state or
+after a lost lease, and draw the end-of-run pictures. A run that stopped early raises `Preempted`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from mnist_flax import hooks, pictures, progress
+from mnist_flax.run import integrity, lock, signals, workdir
+from mnist_flax.run.process import CompileCacheLog
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def check_savable(state, pending: list[dict[str, jax.Array]], step: int) -> None:
+    """Refuses to checkpoint a diverged state, which would push the last good checkpoint out:
+    the losses since the last progress line, and every parameter (a finite loss can still give
+    NaN gradients), for a few ms a save."""
+    losses = jax.device_get([m["loss"] for m in pending])  # Scalars, or (k,) per dispatch.
+    progress.check_finite([float(loss) for chunk in losses for loss in np.ravel(chunk)], step)
+    if not bool(all_finite(state.params)):
+        raise progress.TrainingDivergedError(
+            f"the parameters became NaN or Inf at step {step}; stopped without saving them (the "
+            "last good checkpoint, if any, is kept); lower --config.learning_rate")
+
+
+class Operations(hooks.Hooks):
+    """main's `train.Hooks`; a context manager so that its signal handlers last as long as it."""
+
+    def __init__(self, config: ml_collections.ConfigDict,
+                 lease_seconds: float = workdir.LEASE_TTL_S):
+        self.config, self.lease_seconds = config, lease_seconds
+        self.stop = signals.StopFlag()
+        self.held: lock.Held | None = None
+        self.stopped_at = 0
+        self._cache_log = CompileCacheLog()
+        self._first_dispatch = True
+
+    def __enter__(self) -> Operations:
+        self.stop.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop.__exit__(*exc_info)
+
+    @contextlib.contextmanager
+    def hold(self, workdir_path: str) -> Iterator[None]:
+        # Every process must see the workdir process 0 writes (a pod's hosts share no disk).
+        workdir.check_shared(workdir_path)
+        with lock.lock(workdir_path, self.lease_seconds) as self.held:
+            yield
+        if self.stop.signum is not None:  # Stopped early by should_stop, after saving.
+            signals.log_preempted(self.stopped_at, self.stop.signum)
+            raise signals.Preempted(self.stopped_at, self.stop.signum)
+
+    def restore(self, workdir_path: str, state, position: dict[str, int]):
+        """The newest intact checkpoint (read under the lock: nothing else writes it now); the
+        damaged ones skipped are moved aside, or orbax would count them among the newest kept."""
+        state, damaged = integrity.restore_intact(workdir_path, state, position)
+        if jax.process_index() == 0:
+            for step, reason in damaged:
+                integrity.move_aside(workdir_path, step, reason)
+        if int(state.step):
+            try:
+                changes = workdir.config_changes(workdir_path, self.config)
+            except workdir.WorkdirError as e:  # Damaged: only this log line needs it.
+                changes = [f"unknown ({e}); it is rewritten now"]
+            for change in changes:
+                logging.warning("Config changed since the last start: %s", change)
+        return state
+
+    def before_dispatch(self, state, step: int, num_steps: int):
+        if self._first_dispatch:
+            self._cache_log.start()
+        nan_at = self.config.debug_nan_at_step  # Tests only: this step's loss becomes NaN.
+        if nan_at - 1 > step:
+            num_steps = min(num_steps, nan_at - 1 - step)
+        elif step + 1 == nan_at:
+            state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+        return state, num_steps
+
+    def should_stop(self, step: int) -> bool:
+        if self._first_dispatch:
+            self._cache_log.report()
+            self._first_dispatch = False
+        stopping = self.stop.agreed()
+        if stopping:
+            self.stopped_at = step
+        return stopping
+
+    def before_save(self, state, position: dict[str, Any],
+                    pending: list[dict[str, jax.Array]]) -> dict[str, Any]:
+        check_savable(state, pending, position["step"])
+        if self.held is not None:
+            self.held.check()  # A run that lost its gs:// lease must not save over another's.
+        tree = integrity.checkpoints.state_tree(state)
+        return {**position, integrity.CHECKSUM_KEY: integrity.state_checksum(tree, position)}
+
+    def after_training(self, state, dataset, writers) -> None:
+        pictures.write_pictures(writers, state, dataset, self.config)

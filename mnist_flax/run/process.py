@@ -1,0 +1,138 @@
+"""What an entry point's process needs before JAX runs anything: log filters, the host
+allocator, JAX's persistent compilation cache (and a line saying whether the step was compiled
+or loaded from it)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import sys
+import time
+
+import jax
+from absl import logging as absl_logging
+
+from mnist_flax import checkpoints, configs, fast
+from mnist_flax.run import logs, workdir
+
+
+class _DropBackendProbeFailures(logging.Filter):
+    """JAX tries every platform plugin it finds and logs, at INFO, each that is absent ("Unable to
+    initialize backend 'tpu': ... libtpu.so" on every CPU run). A platform that is there but
+    fails still raises or warns: only these INFO records go."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO
+                    and str(record.msg).startswith("Unable to initialize backend"))
+
+
+_DROP_BACKEND_PROBE_FAILURES = _DropBackendProbeFailures()
+
+
+def setup_process() -> None:
+    """What a training process needs before JAX runs anything: called first thing by main/sweep."""
+    probe_logger = logging.getLogger("jax._src.xla_bridge")
+    if _DROP_BACKEND_PROBE_FAILURES not in probe_logger.filters:
+        probe_logger.addFilter(_DROP_BACKEND_PROBE_FAILURES)
+    tune_host_allocator()
+    if not fast.COMPILER_OPTIONS:
+        absl_logging.info("jaxlib %s predates the XLA:CPU option %s; convolutions use XLA's "
+                          "default CPU library (slower on CPU, the same numerics)",
+                          ".".join(map(str, fast.JAXLIB_VERSION)), fast.YNN_OPTION)
+    logs.quiet_orbax_logging()
+    workdir.quiet_storage_logging()
+
+
+def enable_compilation_cache(cache_dir: str) -> str:
+    """Turns on JAX's persistent compilation cache in `cache_dir` (config.compilation_cache_dir):
+    'auto' is $JAX_COMPILATION_CACHE_DIR, else ~/.cache/mnist_flax/jax; '' turns it off. Returns
+    the directory ('' when off). Every jit is cached, however fast it compiled, so a second run of
+    a config recompiles nothing (`train` logs the step's hit)."""
+    if cache_dir == "auto":
+        cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR") or "~/.cache/mnist_flax/jax"
+    if cache_dir and not cache_dir.startswith("gs://"):
+        cache_dir = os.path.expanduser(cache_dir)
+    jax.config.update("jax_compilation_cache_dir", cache_dir or None)
+    jax.config.update("jax_enable_compilation_cache", bool(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return cache_dir
+
+class CompileCacheLog:
+    """Says, after the first training dispatch, whether the step was compiled or loaded from JAX's
+    persistent compilation cache. `start()` before that dispatch, `report()` after it."""
+
+    _events = {"/jax/compilation_cache/cache_hits": 0, "/jax/compilation_cache/cache_misses": 0}
+    _listening = False
+
+    @classmethod
+    def _count(cls, event: str, **kwargs) -> None:
+        if event in cls._events:
+            cls._events[event] += 1
+
+    def start(self) -> None:
+        if not CompileCacheLog._listening:
+            jax.monitoring.register_event_listener(CompileCacheLog._count)
+            CompileCacheLog._listening = True
+        self._before, self._start = dict(self._events), time.perf_counter()
+
+    def report(self) -> None:
+        hits, misses = (self._events[e] - self._before[e] for e in self._events)
+        seconds, cache_dir = time.perf_counter() - self._start, jax.config.jax_compilation_cache_dir
+        if not hits and not misses and cache_dir:
+            absl_logging.info("Training step: already compiled in this process")
+        elif hits and not misses:
+            absl_logging.info("Training step: compile-cache hit, loaded from %s in %.2f s (not "
+                              "recompiled)", cache_dir, seconds)
+        else:
+            absl_logging.info("Training step: compiled in %.2f s (persistent compilation cache: "
+                              "%s)", seconds, f"miss, saved to {cache_dir}" if cache_dir else "off")
+
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+
+
+def tune_host_allocator() -> bool:
+    """Keeps big host allocations in glibc's heap, so XLA:CPU stops page-faulting every step.
+
+    XLA:CPU allocates each step's large temporaries afresh; glibc serves them with mmap and gives
+    them back on free, so every step faults the same pages in again. mallopt (no mmap, no trim,
+    one arena) keeps them. A process-wide setting, so only entry points (main, sweep, benchmarks)
+    call it, first thing: threads that already own an arena keep it. Returns whether the settings
+    are in effect (False off Linux/glibc, or if mallopt fails).
+    """
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    except (OSError, AttributeError):
+        return False
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 64 << 20),
+                (_M_ARENA_MAX, 1))
+    return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+    """`jax.distributed.initialize`: TPU pods and SLURM are detected by JAX itself; elsewhere all
+    three settings must be given (one line says which are missing)."""
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+             "process_id": process_id}
+    if any(v is not None for v in given.values()):
+        missing = [f"--{k}" for k, v in given.items() if v is None]
+        if missing:
+            raise configs.ConfigError(f"--multihost: also pass {', '.join(missing)} (or none of "
+                                      "the three, on a TPU pod or under SLURM)")
+        jax.distributed.initialize(**given)
+        return
+    try:
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+        raise configs.ConfigError(
+            f"--multihost: JAX found no cluster here ({checkpoints.error_line(e, 120)}); on a TPU "
+            "pod or under SLURM it needs nothing more, elsewhere pass --coordinator_address="
+            "HOST:PORT --num_processes=N --process_id=I") from None

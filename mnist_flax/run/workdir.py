@@ -1,0 +1,249 @@
+"""The workdir as a place: its path (local or gs://), whether it can be used, its storage's errors.
+
+Every path under a workdir goes through `etils.epath`, the path layer orbax uses, so a local
+directory and a `gs://` bucket behave the same (gcsfs underneath, from the `gcs` extra). With
+several processes (a pod slice), `check_shared` stops a run whose hosts do not all see the same
+workdir.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging as std_logging
+import os
+import re
+import secrets
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from mnist_flax import checkpoints
+from mnist_flax.checkpoints import error_line
+from mnist_flax.run import lease as lease_lib
+
+LOCK_FILE = ".lock"  # Held by the run using the workdir; holds that run's pid (or its lease).
+SHARED_CHECK_FILE = ".shared_check"  # Written by process 0, read by all: do they share the dir?
+# How long a gs:// workdir stays locked after its run dies without releasing it (kill -9, a lost
+# VM); a live run renews its lease every third of it. docs/tpu.md says why a lease.
+LEASE_TTL_S = lease_lib.DEFAULT_TTL_S
+GCS_EXTRA = "pip install 'mnist_flax[gcs]'"
+
+
+class WorkdirError(ValueError):
+    """A workdir that cannot be used (a file, not writable, busy, unreadable config); one line."""
+
+
+def path(workdir: str | os.PathLike) -> epath.Path:
+    """The workdir as an epath: absolute when local, unchanged when a URL such as gs://."""
+    text = os.fspath(workdir)
+    if is_remote(text):
+        check_client(text)
+    return checkpoints.path(text)
+
+
+def is_remote(workdir: str | os.PathLike) -> bool:
+    return "://" in os.fspath(workdir)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # A parent package (google.cloud) is missing.
+        return False
+
+
+def check_client(workdir: str) -> None:
+    """One line if `workdir` is a URL we cannot write: not gs://, or the `gcs` extra is missing.
+
+    Without it epath, tensorboardX and orbax each fail differently (and tensorboardX prints a
+    traceback from a destructor), so every entry point asks here first.
+    """
+    if not is_remote(workdir):
+        return
+    if not workdir.startswith("gs://"):
+        raise WorkdirError(f"--workdir={workdir}: only local directories and gs:// URLs are "
+                           "supported")
+    missing = [m for m in ("gcsfs", "google.cloud.storage") if not _installed(m)]
+    if missing:
+        raise WorkdirError(f"--workdir={workdir}: a gs:// workdir needs {' and '.join(missing)}, "
+                           f"which the gcs extra installs: {GCS_EXTRA}")
+
+
+def prepare(workdir: str) -> None:
+    """Creates the workdir if needed; refuses a path that is a file or cannot be written.
+
+    In a bucket, mkdir succeeds even when the bucket does not exist: only the probe write shows
+    a missing bucket (FileNotFoundError) or missing permission.
+    """
+    if not workdir:
+        raise WorkdirError("--workdir is empty; pass a directory, e.g. --workdir=runs/")
+    root = path(workdir)
+    try:
+        # is_file, not "exists and not is_dir": on a pod every host runs this at once, and in a
+        # bucket a prefix holding only another host's probe exists, then is gone by is_dir.
+        if root.is_file():
+            raise WorkdirError(f"--workdir={workdir}: exists and is not a directory; pick another "
+                               "path")
+        root.mkdir(parents=True, exist_ok=True)
+        # Random: every host of a pod probes the same bucket, and their pids may coincide.
+        probe = root / f".write_test.{os.getpid()}.{secrets.token_hex(4)}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        if is_remote(workdir):
+            bucket = workdir[len("gs://"):].split("/")[0]
+            if is_storage_error(e):
+                raise WorkdirError(storage_unreachable_line(workdir, e)) from None
+            if _forbidden(e):
+                raise WorkdirError(f"--workdir={workdir}: cannot write there ("
+                                   f"{_forbidden_reason(e, bucket)}") from None
+            reason = (f"bucket {bucket} does not exist" if isinstance(e, FileNotFoundError)
+                      else error_line(e))
+            raise WorkdirError(f"--workdir={workdir}: cannot write there ({reason}); create the "
+                               "bucket (gcloud storage buckets create gs://BUCKET) or pick one "
+                               "this machine's service account can write") from None
+        raise WorkdirError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); "
+                           "pick a writable directory") from None
+
+
+def _forbidden(e: OSError) -> bool:
+    """Whether the bucket refused a write (HTTP 403); gcsfs raises OSError('Forbidden: ...')."""
+    return isinstance(e, PermissionError) or str(e).startswith("Forbidden")
+
+
+def _forbidden_reason(e: OSError, bucket: str) -> str:
+    """Who may not write to the bucket, and the fix, from GCS's answer to a 403 ('PRINCIPAL does
+    not have storage.objects.create access to ...')."""
+    found = re.search(r"(\S+) does not have (storage\.[\w.]+) access", str(e))
+    if found:
+        principal, permission = found.groups()
+        reason = f"{principal} lacks {permission} on bucket {bucket}"
+        member = (f"serviceAccount:{principal}" if principal.endswith(".gserviceaccount.com")
+                  else f"user:{principal}")
+    else:
+        reason = f"this machine's credentials may not write to bucket {bucket}"
+        member = "PRINCIPAL"
+    return (f"403 Forbidden: {reason}); grant write access (gcloud storage buckets "
+            f"add-iam-policy-binding gs://{bucket} --member={member} "
+            "--role=roles/storage.objectAdmin) or pick another bucket")
+
+
+# Where the clients of a gs:// workdir (google-cloud-storage, gcsfs) raise from when the network
+# or the bucket goes away, after their own retries.
+_STORAGE_ERROR_MODULES = ("google.api_core.", "google.auth.", "aiohttp.", "requests.", "urllib3.")
+
+
+def is_storage_error(e: BaseException) -> bool:
+    return isinstance(e, ConnectionError | TimeoutError) or any(
+        type(e).__module__.startswith(m) for m in _STORAGE_ERROR_MODULES)
+
+
+def storage_unreachable_line(workdir: str, e: BaseException) -> str:
+    """The one-line error for a workdir whose storage does not answer (network, endpoint)."""
+    return (f"--workdir={workdir}: its storage did not answer ({error_line(e)}); check the "
+            "network and the bucket, then run again")
+
+
+def storage_stopped_line(why: str) -> str:
+    """The one-line error for a run whose workdir's storage stopped answering mid-run."""
+    return (f"the workdir's storage stopped answering ({why}); the last committed checkpoint is "
+            "intact; run the same command again when it answers")
+
+
+class _DropGcsfsGivingUp(std_logging.Filter):
+    """gcsfs logs each request it gives up on with a traceback, then raises the error, which
+    becomes our one-line error: the log record only repeats it."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "out of retries on exception" not in record.getMessage()
+
+
+_DROP_GCSFS_GIVING_UP = _DropGcsfsGivingUp()
+
+
+def quiet_storage_logging() -> None:
+    """For the entry points: a gs:// workdir logs no tracebacks that a one-line error already
+    says, and no INFO line per file read (fsspec's read-ahead cache). Idempotent."""
+    logger = std_logging.getLogger("gcsfs")
+    if _DROP_GCSFS_GIVING_UP not in logger.filters:
+        logger.addFilter(_DROP_GCSFS_GIVING_UP)
+    std_logging.getLogger("fsspec.caching").setLevel(std_logging.WARNING)
+
+
+def on_every_process(ok: bool) -> bool:
+    """True if `ok` holds on every process (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def check_shared(workdir: str) -> None:
+    """With several processes, stops unless all of them see the same workdir (a collective).
+
+    Process 0 writes a random token; after a barrier every process reads it back. Hosts of a pod
+    slice share no disk, so a local workdir would give each host its own checkpoints (and process
+    0's lock would guard only its own): the fix is a bucket. A gs:// workdir is shared already.
+    """
+    if jax.process_count() == 1 or is_remote(workdir):
+        return
+    from jax.experimental import multihost_utils
+
+    probe = path(workdir) / SHARED_CHECK_FILE
+    if jax.process_index() == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(str(secrets.randbits(31)))
+    multihost_utils.sync_global_devices("mnist_flax.workdir.check_shared: written")
+    try:
+        token = int(probe.read_text())
+    except (OSError, ValueError):
+        token = -1
+    tokens = np.asarray(multihost_utils.process_allgather(np.int32(token))).ravel()
+    blind = [i for i, t in enumerate(tokens) if t != tokens[0]]
+    if jax.process_index() == 0:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise WorkdirError(
+            f"--workdir={workdir} is not shared by the {len(tokens)} processes: process(es) "
+            f"{', '.join(map(str, blind))} cannot see what process 0 writes there, so they would "
+            "not see its checkpoints; use a bucket all hosts reach, e.g. "
+            "--workdir=gs://BUCKET/runs/NAME")
+
+
+
+def config_path(workdir: str) -> epath.Path:
+    return path(workdir) / checkpoints.CONFIG_FILE
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """workdir/config.json; WorkdirError naming the file when it is missing or not a config."""
+    source = config_path(workdir)
+    try:
+        fields = checkpoints.read_config(workdir)
+    except FileNotFoundError:
+        raise WorkdirError(f"{source}: not found; is {workdir} a training workdir?") from None
+    except IsADirectoryError:
+        raise WorkdirError(f"{source}: is a directory, not the run's config; move it "
+                           "aside") from None
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not even UTF-8 (damaged).
+        raise WorkdirError(f"{source}: unreadable ({error_line(e)})") from None
+    if not isinstance(fields, dict) or not fields:
+        raise WorkdirError(f"{source}: holds {type(fields).__name__} {str(fields)[:40]!r}, not a "
+                           "run's config (a JSON object of its fields); move it aside")
+    return ml_collections.ConfigDict(fields)
+
+
+def config_changes(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+    """'name: old -> new' for every field that differs from the config stored in the workdir."""
+    if not config_path(workdir).exists():
+        return []
+    old = read_config(workdir).to_dict()
+    new = json.loads(config.to_json())
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
