@@ -39,6 +39,11 @@ IDX_MAGIC = {"images": 2051, "labels": 2049}  # 0x0803: ubyte, 3 dims; 0x0801: u
 
 
 def _read_bytes(path: str) -> bytes:
+    # A pipe or device would block read() forever (or never end): refuse it before opening.
+    if not os.path.isfile(path):
+        what = "a directory" if os.path.isdir(path) else "a pipe or device"
+        raise DataError(f"{path}: not a regular file ({what}); put the IDX file itself there "
+                        "(or a symlink to it)")
     try:
         if path.endswith(".gz"):
             with gzip.open(path, "rb") as f:
@@ -99,20 +104,26 @@ def read_idx(
     """Reads a (possibly gzipped) IDX file.
 
     When it stands for the MNIST file `mnist_name` and has that file's full size, its bytes must
-    also match the canonical md5 (unless `verify_checksum` is off, for other IDX data sets).
+    also match the canonical md5 (unless `verify_checksum` is off, for other IDX data sets); bytes
+    with the md5 of another of the four files (train and test swapped) are refused too.
     """
     data = _read_bytes(path)
     array = parse_idx(data, kind, path)
     name = mnist_name or os.path.basename(path).removesuffix(".gz")
+    if not verify_checksum or name not in MNIST_MD5 or len(array) not in MNIST_SIZES.values():
+        return array
+    digest = hashlib.md5(data).hexdigest()
+    other = next((n for n, md5 in MNIST_MD5.items() if md5 == digest and n != name), None)
+    if other:  # train-* and t10k-* swapped would train on the 10,000 and test on the 60,000.
+        raise DataError(f"{path}: holds MNIST's {other} (its md5); the train and test files are "
+                        "swapped: rename them")
     canonical_size = MNIST_SIZES["train" if name.startswith("train") else "test"]
-    if verify_checksum and name in MNIST_MD5 and len(array) == canonical_size:
-        digest = hashlib.md5(data).hexdigest()
-        if digest != MNIST_MD5[name]:
-            raise DataError(
-                f"{path}: md5 {digest} is not the canonical MNIST {MNIST_MD5[name]}: the file is "
-                "corrupt (re-download it) or not MNIST (for other IDX data, e.g. Fashion-MNIST, "
-                "set --config.verify_checksums=False)"
-            )
+    if len(array) == canonical_size and digest != MNIST_MD5[name]:
+        raise DataError(
+            f"{path}: md5 {digest} is not the canonical MNIST {MNIST_MD5[name]}: the file is "
+            "corrupt (re-download it) or not MNIST (for other IDX data, e.g. Fashion-MNIST, "
+            "set --config.verify_checksums=False)"
+        )
     return array
 
 

@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -43,6 +44,19 @@ class PredictError(ValueError):
 # Images -> MNIST-style 28x28 uint8.
 
 
+def _header_size(path: str) -> tuple[int, int]:
+    """(width, height) from the file's header alone: what PIL's DecompressionBombError omits.
+
+    PIL's limit is a module global: it is lifted only while the header is read (nothing decoded).
+    """
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(path) as image:
+            return image.size
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def read_image(path: str) -> Image.Image:
     if not os.path.exists(path):
         raise PredictError(f"{path}: no such file")
@@ -50,17 +64,57 @@ def read_image(path: str) -> Image.Image:
         raise PredictError(f"{path}: is a directory, not an image")
     if os.path.getsize(path) == 0:
         raise PredictError(f"{path}: empty file")
+    limit = Image.MAX_IMAGE_PIXELS
     try:
-        image = Image.open(path)
-        image.load()
+        with warnings.catch_warnings():  # Over the limit PIL only warns, then decodes it all.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        width, height = _header_size(path)
+        raise PredictError(f"{path}: too large ({width} x {height} pixels, over PIL's limit of "
+                           f"{limit:,}); scale it down first (a digit needs a few hundred "
+                           "pixels a side)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         detail = "not an image PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
         raise PredictError(f"{path}: unreadable ({detail}); use a PNG or JPEG") from None
     return ImageOps.exif_transpose(image)  # Phone photos store their rotation in EXIF.
 
 
+def to_255(pixels: np.ndarray) -> np.ndarray:
+    """float32 pixels on MNIST's 0-255 scale, whatever their type, so contrast means the same.
+
+    uint8 stays as it is, bool is x255 and uint16 is /257 (its full range: 65535 -> 255). Wider
+    integers and floats go by their values: within 0-255 as they are; floats within [0, 1] x255;
+    integers within 0-65535 /257 (16-bit data in a 32-bit "I" image, as Pillow before 10 opened a
+    16-bit PNG); anything else is stretched from its own min..max to 0-255.
+    """
+    pixels = np.asarray(pixels)
+    if pixels.dtype == np.uint8 or pixels.size == 0:
+        return pixels.astype(np.float32)
+    if pixels.dtype == np.bool_:
+        return pixels.astype(np.float32) * 255
+    if pixels.dtype.kind == "u" and pixels.dtype.itemsize == 2:
+        return pixels.astype(np.float32) / 257
+    low, high = float(pixels.min()), float(pixels.max())
+    values, is_float = pixels.astype(np.float64), pixels.dtype.kind == "f"
+    if is_float and low >= 0 and high <= 1:
+        values = values * 255
+    elif not is_float and low >= 0 and 255 < high <= 65535:
+        values = values / 257
+    elif low < 0 or high > 255:  # No known scale: its own range (a constant image stays blank).
+        values = (values - low) * (255 / (high - low) if high > low else 0.0)
+    return values.astype(np.float32)
+
+
 def to_grayscale(image: Image.Image) -> np.ndarray:
-    """float32 (H, W) in [0, 255]; transparent pixels become white paper."""
+    """float32 (H, W) in [0, 255]; transparent pixels become white paper.
+
+    16-bit ("I;16", "I;16B", ...), 32-bit integer ("I") and float ("F") images are scaled by
+    `to_255`, not clipped to 8 bits as convert("L") does (a digit would keep two grey levels).
+    """
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        return to_255(np.asarray(image))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         paper = Image.new("RGBA", rgba.size, "white")
@@ -75,10 +129,13 @@ def _border(pixels: np.ndarray) -> np.ndarray:
 def preprocess(image: Image.Image | np.ndarray, name: str = "image") -> np.ndarray:
     """Any digit picture -> (28, 28) uint8, white ink on black, as MNIST's digits are.
 
-    Raises PredictError for an empty or blank (no ink) image. `name` goes into the message.
+    An array is scaled to 0-255 by `to_255` (floats in [0, 1] x255), as images are. Raises
+    PredictError for an empty or blank (no ink) image. `name` goes into the message.
     """
-    pixels = to_grayscale(image) if isinstance(image, Image.Image) else np.asarray(
-        image, np.float32).squeeze()
+    if isinstance(image, Image.Image):
+        pixels = to_grayscale(image)
+    else:
+        pixels = to_255(np.asarray(image).squeeze())
     if pixels.ndim != 2 or pixels.size == 0:
         raise PredictError(f"{name}: empty image (shape {pixels.shape})")
     if np.median(_border(pixels)) > 127:  # Light background: dark ink on paper.
@@ -248,5 +305,14 @@ def run(argv: list[str]) -> int:
     return 1 if len(images) < len(paths) else 0
 
 
+def main() -> None:
+    """The console script and `python -m mnist_flax.predict`, inside the one error boundary."""
+    from mnist_flax.run import boundary
+
+    with boundary.one_line_errors():
+        code = run(sys.argv)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(run(sys.argv))
+    main()

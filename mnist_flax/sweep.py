@@ -6,14 +6,17 @@
 Each value (each combination, for several --sweep flags) trains in `workdir/key=value[/...]` with
 `train.train_and_evaluate`, one after the other, so `tensorboard --logdir=workdir` overlays them.
 The summary table, and the optional JSON, give each run's final test accuracy, its wall time and the
-machine; the JSON is rewritten after every run, so an interrupted sweep keeps what it measured.
+machine, and the mean ± std over the seeds of each combination of the other swept values; the JSON
+is rewritten after every run, so an interrupted sweep keeps what it measured.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import itertools
 import json
+import logging as python_logging
 import os
 import platform
 import re
@@ -103,7 +106,13 @@ def parse_sweep(spec: str, config: ml_collections.ConfigDict) -> list[tuple[str,
     texts = split_values(values)
     if any(not t for t in texts):
         raise ConfigError(f"--sweep={spec}: empty value in the list")
-    return [(key, parse_value(key, t, config[key]), t) for t in texts]
+    axis = [(key, parse_value(key, t, config[key]), t) for t in texts]
+    for i, (_, value, text) in enumerate(axis):  # Twice would be one run counted twice in a mean.
+        earlier = [t for _, v, t in axis[:i] if v == value]
+        if earlier:
+            same = "" if earlier[0] == text else f" (as {earlier[0]} and {text})"
+            raise ConfigError(f"--sweep {key}: {text} is given twice{same}")
+    return axis
 
 
 def expand(specs: list[str], config: ml_collections.ConfigDict) -> list[Assignment]:
@@ -131,13 +140,30 @@ def run_name(assignment: Assignment) -> str:
 _DATA_SIZES = re.compile(r"([\d,]+) train / ([\d,]+) test images")
 
 
+@contextlib.contextmanager
+def _quiet_tensorboard_reader():
+    """TensorBoard's reader logs "No path found after <events file>" (INFO, through the
+    "tensorboard" logger to absl's handler) for each file it reads: noise under the sweep's table.
+    Its warnings and errors still pass, and the level is restored after the read."""
+    from tensorboard.util import tb_logging
+
+    logger = tb_logging.get_logger()
+    level = logger.level
+    logger.setLevel(max(level, python_logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def read_text(logdir: str, tag: str) -> str | None:
     """The last text written under `tag` in `logdir`'s own run, read with TensorBoard's reader."""
     from tensorboard.backend.event_processing import event_accumulator
 
     events = event_accumulator.EventAccumulator(logdir,
                                                 size_guidance={event_accumulator.TENSORS: 0})
-    events.Reload()
+    with _quiet_tensorboard_reader():
+        events.Reload()
     name = f"{tag}/text_summary"  # tensorboardX's name for a text summary.
     if name not in events.Tags()["tensors"]:
         return None
@@ -150,7 +176,6 @@ def read_data_sizes(logdir: str) -> tuple[int, int] | None:
     return (int(match[1].replace(",", "")), int(match[2].replace(",", ""))) if match else None
 
 
-
 def read_scalars(logdir: str, tag: str) -> list[tuple[int, float]]:
     """(step, value) of `tag` in `logdir`'s event files, read with TensorBoard's own reader.
 
@@ -161,7 +186,8 @@ def read_scalars(logdir: str, tag: str) -> list[tuple[int, float]]:
 
     events = event_accumulator.EventAccumulator(logdir,
                                                 size_guidance={event_accumulator.SCALARS: 0})
-    events.Reload()
+    with _quiet_tensorboard_reader():
+        events.Reload()
     if tag not in events.Tags()["scalars"]:
         return []
     return [(e.step, e.value) for e in events.Scalars(tag)]
@@ -197,7 +223,12 @@ def process_seconds() -> float | None:
     return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
+def group_name(assignment: Assignment) -> str:
+    """The run's name without its seed: the runs of a group differ only in the seed."""
+    return run_name(tuple(a for a in assignment if a[0] != "seed"))
+
+
+def _stats(results: list[dict[str, Any]]) -> dict[str, float]:
     accuracies = [r["test_accuracy"] for r in results]
     return {
         "runs": len(accuracies),
@@ -207,15 +238,44 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Test accuracy mean and sample std over the seeds of each group (runs that differ only in
+    `seed`), under "groups". The top-level mean and std, which experiments/plot.py and the README
+    table read, are given only when all runs form one group: over learning rates they mean nothing.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(r["group"], []).append(r)
+    summary: dict[str, Any] = _stats(results)
+    if len(groups) > 1:
+        del summary["test_accuracy_mean"], summary["test_accuracy_std"]
+    summary["groups"] = [
+        {"group": name, **_stats(runs),
+         "overrides": {k: v for k, v in runs[0]["overrides"].items() if k != "seed"}}
+        for name, runs in groups.items()]
+    return summary
+
+
+def _accuracy_line(group: dict[str, Any]) -> str:
+    mean, std, runs = group["test_accuracy_mean"], group["test_accuracy_std"], group["runs"]
+    if runs == 1:
+        return f"test accuracy {100 * mean:.2f}% (1 run)"
+    return f"test accuracy {100 * mean:.2f} ± {100 * std:.2f}% (mean ± sample std over {runs} runs)"
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
+    """One row per run, then one accuracy line per group (its seeds' mean ± std)."""
     width = max([len("run")] + [len(r["name"]) for r in results])
     lines = [f"{'run':<{width}}  test acc  test loss  epochs  seconds"]
     for r in results:
         lines.append(f"{r['name']:<{width}}  {r['test_accuracy']:8.4f}  {r['test_loss']:9.4f}  "
                      f"{r['epochs']:6d}  {r['run_seconds']:7.1f}")
-    s = summarize(results)
-    lines.append(f"test accuracy {100 * s['test_accuracy_mean']:.2f} ± "
-                 f"{100 * s['test_accuracy_std']:.2f}% (mean ± sample std over {s['runs']} runs)")
+    groups = summarize(results)["groups"]
+    if len(groups) == 1:
+        lines.append(_accuracy_line(groups[0]))
+        return "\n".join(lines)
+    width = max(len(g["group"]) for g in groups) + 1
+    lines.extend(f"{g['group'] + ':':<{width}} {_accuracy_line(g)}" for g in groups)
     return "\n".join(lines)
 
 
@@ -237,6 +297,7 @@ def run_sweep(config: ml_collections.ConfigDict, parent: str, specs: list[str],
             _, metrics = train.train_and_evaluate(cfg, logdir, hooks)
         results.append({
             "name": run_name(assignment),
+            "group": group_name(assignment),
             "overrides": {key: value for key, value, _ in assignment},
             "test_accuracy": metrics["test/accuracy"],
             "test_loss": metrics["test/loss"],
@@ -277,6 +338,7 @@ def main(argv: list[str]) -> None:
             write_results(FLAGS.results, config, results, command)
     with boundary.one_line_errors(FLAGS.workdir):
         process.setup_process()
+        process.start_jax()
         results = run_sweep(config, FLAGS.workdir, FLAGS.sweep, on_result)
         print(format_table(results))
 

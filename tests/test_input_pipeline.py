@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gzip
 import http.server
+import os
 import socket
 import threading
 import time
@@ -98,6 +99,54 @@ def test_canonical_size_file_must_match_md5(tmp_path):
         mnist_idx.read_idx(str(path), "labels")
     labels = mnist_idx.read_idx(str(path), "labels", verify_checksum=False)
     assert len(labels) == 10_000
+
+
+@pytest.mark.parametrize("kind", ["pipe", "directory"])
+def test_a_pipe_or_directory_where_an_idx_file_should_be_is_refused_not_read(idx_dir, kind):
+    """open() of a FIFO blocks until a writer comes: the check must come before it, in one line."""
+    (idx_dir / "t10k-labels-idx1-ubyte.gz").unlink()
+    path = idx_dir / "t10k-labels-idx1-ubyte"
+    if kind == "pipe":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    outcome = {}
+
+    def load():
+        try:
+            mnist_idx.load_dir(str(idx_dir))
+        except DataError as e:
+            outcome["error"] = str(e)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():  # Blocked in open(): a writer's open and close let it go.
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(timeout=10)
+        pytest.fail(f"load_dir hung reading {path}")
+    what = "a pipe or device" if kind == "pipe" else "a directory"
+    assert outcome == {"error": f"{path}: not a regular file ({what}); put the IDX file itself "
+                                "there (or a symlink to it)"}
+
+
+@pytest.mark.parametrize("swapped", [("images", "labels"), ("labels",)], ids=["both", "labels"])
+def test_swapped_train_and_test_files_are_refused_by_their_md5(shared_mnist, tmp_path, swapped):
+    """Each real MNIST file is known by its md5: under the other split's name it is refused,
+    instead of training on the 10,000 test images and testing on the 60,000 training ones."""
+    names = {"images": "idx3-ubyte", "labels": "idx1-ubyte"}
+    for kind, suffix in names.items():
+        train, test = f"train-{kind}-{suffix}.gz", f"t10k-{kind}-{suffix}.gz"
+        if kind in swapped:
+            train, test = test, train
+        (tmp_path / f"train-{kind}-{suffix}.gz").symlink_to(shared_mnist / train)
+        (tmp_path / f"t10k-{kind}-{suffix}.gz").symlink_to(shared_mnist / test)
+    first = f"train-{swapped[0]}-{names[swapped[0]]}"
+    with pytest.raises(DataError) as info:
+        mnist_idx.load_dir(str(tmp_path))
+    assert str(info.value) == (
+        f"{tmp_path}/{first}.gz: holds MNIST's {first.replace('train', 't10k')} (its md5); "
+        "the train and test files are swapped: rename them")
 
 
 @hypothesis.settings(max_examples=300, deadline=None)

@@ -107,6 +107,40 @@ def test_colour_transparency_and_jpeg_give_the_same_digit(digits, tmp_path):
         assert np.corrcoef(result.ravel(), reference.ravel())[0, 1] > 0.95
 
 
+def _png16(pixels: np.ndarray, tmp_path) -> Image.Image:
+    """A 16-bit grayscale PNG, read back as predict reads files."""
+    Image.fromarray(pixels.astype(np.uint16)).save(tmp_path / "digit16.png")
+    image = predict.read_image(str(tmp_path / "digit16.png"))
+    assert np.asarray(image).max() > 255  # Really 16 bits in the file.
+    return image
+
+
+# The same picture in each deep form; 8 bits `d` (uint8) is what each must come back as.
+DEEP_FORMS = {
+    "I;16": lambda d, _: Image.fromarray(d.astype(np.uint16) * 257),
+    "I;16B": lambda d, _: Image.frombytes("I;16B", d.shape[::-1],
+                                          (d.astype(">u2") * 257).tobytes(), "raw", "I;16B"),
+    "16-bit PNG": lambda d, tmp_path: _png16(d.astype(np.uint16) * 257, tmp_path),
+    "I, 16-bit values": lambda d, _: Image.fromarray(d.astype(np.int32) * 257),
+    "I, any range": lambda d, _: Image.fromarray(d.astype(np.int32) * 1000 - 100_000),
+    "F in [0, 1]": lambda d, _: Image.fromarray(d.astype(np.float32) / 255),
+    "F in 0-255": lambda d, _: Image.fromarray(d.astype(np.float32)),
+    "float array in [0, 1]": lambda d, _: d / np.float64(255),
+    "uint16 array": lambda d, _: d.astype(np.uint16) * 257,
+}
+
+
+@pytest.mark.parametrize("form", list(DEEP_FORMS))
+def test_16_bit_32_bit_and_float_images_are_scaled_not_clipped_to_8_bits(digits, tmp_path, form):
+    """Deeper images are scaled to 0-255 by their type's range (floats in [0, 1] x255), so a
+    digit keeps its grey levels and is not called blank; clipping left two levels, 0 and 255."""
+    for digit in digits[:3]:
+        assert np.array_equal(predict.preprocess(DEEP_FORMS[form](digit, tmp_path)), digit)
+        photo = np.asarray(photograph(digit))  # Through the crop-fit-centre path too.
+        assert np.array_equal(predict.preprocess(DEEP_FORMS[form](photo, tmp_path)),
+                              predict.preprocess(Image.fromarray(photo)))
+
+
 @settings(max_examples=25, deadline=None)
 @given(height=st.integers(3, 300), width=st.integers(3, 300), light=st.booleans(),
        top=st.floats(0, 1), left=st.floats(0, 1))
@@ -210,6 +244,24 @@ def test_cli_bad_images_are_one_line_errors_and_the_rest_still_predicted(workdir
     assert results[0] == {"image": images[key], "error": f"{images[key]}: {message}", "step": 12}
     assert results[1]["image"] == images["raw"] and 0 <= results[1]["digit"] <= 9
     assert sum(results[1]["probabilities"]) == pytest.approx(1, abs=1e-3)
+
+
+@pytest.mark.parametrize("limit", [5_000, 8_000])  # Over 2x the limit PIL raises; over 1x it warns.
+def test_cli_too_large_image_is_one_line_error_and_the_rest_still_predicted(workdir, images,
+                                                                           monkeypatch, limit):
+    """A decompression bomb (more pixels than PIL's MAX_IMAGE_PIXELS) is refused before decoding,
+    in one line naming its size; the 112x112 test image stands in for one under a low limit."""
+    path, _, _ = workdir
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    status, out, err = run_cli(f"--workdir={path}", "--json", images[0], images["raw"])
+    assert status == 1
+    message = (f"{images[0]}: too large (112 x 112 pixels, over PIL's limit of {limit:,}); "
+               "scale it down first (a digit needs a few hundred pixels a side)")
+    assert err == f"error: {message}\n"
+    results = [json.loads(line) for line in out.splitlines()]
+    assert results[0] == {"image": images[0], "error": message, "step": 12}
+    assert results[1]["image"] == images["raw"] and 0 <= results[1]["digit"] <= 9
+    assert Image.MAX_IMAGE_PIXELS == limit  # Lifted only while the header was read.
 
 
 def test_cli_missing_workdir_or_checkpoint_is_one_line(tmp_path, images):
