@@ -5,7 +5,8 @@
 
 Reads experiments/results/*.json, which `mnist_flax.sweep --results=...` fills with each run's
 per-epoch test accuracy as read back from its TensorBoard event files. Each experiment is drawn as
-its mean over seeds, with every seed as a thin line.
+its mean over seeds, with every seed as a thin line. Plotting needs matplotlib, which the plots
+extra installs (pip install 'mnist_flax[plots]'); --table does not.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+PLOTS_EXTRA = "pip install 'mnist_flax[plots]'"
 
 HERE = pathlib.Path(__file__).resolve().parent
 PLOTTED = [HERE / "results" / f"{name}.json" for name in ("default", "best", "fast")]
@@ -33,7 +33,21 @@ def curves(path: pathlib.Path) -> np.ndarray:
     return 100 * np.array([r["test_accuracy_per_epoch"] for r in runs])
 
 
+def pyplot():
+    """matplotlib.pyplot, drawing to files; without matplotlib, exits with one line saying how to
+    install it (the `plots` extra), not a traceback. `--table` needs no matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit(f"error: plotting needs matplotlib, which the plots extra installs: {PLOTS_EXTRA}")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot(paths: list[pathlib.Path], out: pathlib.Path) -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for path, color in zip(paths, ("tab:blue", "tab:red", "tab:green", "tab:purple"),
                            strict=False):
@@ -79,6 +93,8 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, default=HERE / "test_accuracy.png")
     parser.add_argument("--table", action="store_true", help="print the Markdown table instead")
     args = parser.parse_args()
+    if not args.table:
+        pyplot()  # Says how to get matplotlib before anything else.
     paths = args.results or [p for p in (TABULATED if args.table else PLOTTED) if p.exists()]
     if not paths:
         raise SystemExit("error: no results JSON found; run the sweeps in experiments/README.md")

@@ -1,11 +1,19 @@
-"""The package as users install it: a wheel that carries its default config and sample, and whose
-`main` runs from any directory; importing serving code pulls in no training code."""
+"""The package as users install it: a wheel that carries its default config, its sample and the
+licences, and whose `main` runs from any directory; importing serving code pulls in no training
+code; its version, console scripts, extras and dependencies as pip users expect them."""
 
 from __future__ import annotations
 
+import ast
+import configparser
+import importlib.metadata
 import os
+import pathlib
+import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 
 import pytest
@@ -69,3 +77,145 @@ def test_importing_every_module_changes_nothing_process_wide():
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["False", "0", "False"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata, licences, console scripts and extras, as pip users expect them.
+
+SCRIPTS = {"mnist-flax-train": "mnist_flax.main:run",
+           "mnist-flax-predict": "mnist_flax.predict:main",
+           "mnist-flax-sweep": "mnist_flax.sweep:run"}
+BLOCK_MATPLOTLIB = """
+import runpy, sys
+class NoMatplotlib:  # As if matplotlib were not installed.
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "matplotlib":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoMatplotlib())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _setup_cfg() -> configparser.ConfigParser:
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    return config
+
+
+def test_version_is_the_installed_metadata_which_is_setup_cfgs():
+    import mnist_flax
+
+    assert mnist_flax.__version__ == importlib.metadata.version("mnist_flax")
+    assert mnist_flax.__version__ == _setup_cfg()["metadata"]["version"]
+
+
+def test_version_without_installed_metadata_is_0_unknown():
+    script = ("import importlib.metadata as m\n"
+              "def version(name):\n"
+              "    raise m.PackageNotFoundError(name)\n"
+              "m.version = version\n"
+              "import mnist_flax; print(mnist_flax.__version__)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "0+unknown"
+
+
+def test_the_wheel_carries_the_licences(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    text = zipfile.ZipFile(wheel).read(metadata).decode()
+    assert "License-File: LICENSE" in text.splitlines()
+    assert "License-File: mnist_flax/data/README.md" in text.splitlines()
+    dist_info = metadata.rsplit("/", 1)[0]
+    assert any(n.startswith(dist_info) and n.endswith("/LICENSE") for n in names), names
+    assert "mnist_flax/data/README.md" in names
+    license_text = (REPO / "LICENSE").read_text()
+    assert "Apache License\n                           Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
+    assert "Copyright 2026 The mnist_flax authors" in license_text
+
+
+def test_the_packaged_samples_readme_states_its_licence_and_authors():
+    text = " ".join((REPO / "mnist_flax" / "data" / "README.md").read_text().split())
+    for needed in ("CC BY-SA 3.0", "https://creativecommons.org/licenses/by-sa/3.0/",
+                   "Yann LeCun, Corinna Cortes and Christopher J.C. Burges",
+                   "http://yann.lecun.com/exdb/mnist/", "not the code's Apache-2.0"):
+        assert needed in text, needed
+
+
+def test_the_console_scripts_are_declared_and_on_the_venvs_path():
+    declared = {ep.name: ep for ep in importlib.metadata.entry_points(group="console_scripts")
+                if ep.dist is not None and ep.dist.name.replace("_", "-") == "mnist-flax"}
+    assert {name: ep.value for name, ep in declared.items()} == SCRIPTS
+    for name, ep in declared.items():
+        assert callable(ep.load()), name
+        scripts = sysconfig.get_path("scripts")
+        assert shutil.which(name, path=scripts), (
+            f"{name} is not in {scripts}; reinstall: pip install -e '.[test]'")
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_each_console_script_answers_help_with_exit_0(name):
+    script = shutil.which(name, path=sysconfig.get_path("scripts"))
+    assert script, f"{name} is not installed; reinstall: pip install -e '.[test]'"
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "usage" in result.stdout.lower(), result.stdout[-3000:]
+
+
+def test_plot_without_matplotlib_is_one_line_naming_the_plots_extra(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_MATPLOTLIB, str(REPO / "experiments" / "plot.py"),
+         f"--out={tmp_path / 'plot.png'}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "pip install 'mnist_flax[plots]'" in line
+    assert not (tmp_path / "plot.png").exists()
+    table = subprocess.run(  # The Markdown table needs no matplotlib.
+        [sys.executable, "-c", BLOCK_MATPLOTLIB, str(REPO / "experiments" / "plot.py"),
+         "--table"], capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert table.stdout.startswith("| experiment |")
+
+
+def _imported_top_level_modules(root: pathlib.Path) -> set[str]:
+    modules = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name.partition(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.partition(".")[0])
+    return modules - set(sys.stdlib_module_names) - {"mnist_flax"}
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\s\[<>=!;~]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_what_the_package_imports_is_what_it_declares():
+    """Every third-party module mnist_flax imports comes from a declared distribution (the gcs
+    extra's included), and every runtime requirement is imported: none unused, none missing."""
+    requires = importlib.metadata.requires("mnist_flax")
+    declared = {_name(r) for r in requires}
+    runtime = {_name(r) for r in requires if "extra ==" not in r}
+    providers = importlib.metadata.packages_distributions()
+    imported = set()
+    for module in _imported_top_level_modules(REPO / "mnist_flax"):
+        dists = {d.lower().replace("_", "-") for d in providers.get(module, [])}
+        assert dists & declared, f"mnist_flax imports {module} ({dists}); no requirement has it"
+        if len(dists) == 1:
+            imported |= dists
+    assert runtime - imported == set(), "declared in install_requires, never imported"
+
+
+def test_the_cuda12_extra_has_the_same_bounds_as_jax():
+    extras = _setup_cfg()["options.extras_require"]
+    requires = [r.strip() for r in _setup_cfg()["options"]["install_requires"].splitlines()]
+    jax = next(r for r in requires if _name(r) == "jax")
+    assert extras["cuda12"].split() == [jax.replace("jax", "jax[cuda12]", 1)]
+    assert _setup_cfg()["options"]["python_requires"] == ">=3.11"
