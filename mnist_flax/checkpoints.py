@@ -7,7 +7,6 @@ mid-save keeps the previous one. `run.integrity` adds checksums and walks past d
 
 import contextlib
 import errno
-import json
 import os
 from typing import Any
 
@@ -189,8 +188,3 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
             tmp.replace(target)  # Atomic: a reader never sees half a file.
         finally:
             tmp.unlink(missing_ok=True)
-
-
-def read_config(workdir: str) -> dict[str, Any]:
-    """workdir/config.json as a dict; OSError or ValueError if it is missing or not JSON."""
-    return json.loads((path(workdir) / CONFIG_FILE).read_text())

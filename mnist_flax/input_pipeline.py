@@ -43,7 +43,6 @@ class Dataset:
                 f"{len(self.test_labels):,} test images")
 
 
-# ---------------------------------------------------------------------------------------------
 # The packaged sample.
 
 SAMPLE_FILE = "mnist_sample.npz"  # In mnist_flax/data/; its README gives origin and licence.
@@ -61,7 +60,6 @@ def load_packaged_sample() -> Dataset:
     )
 
 
-# ---------------------------------------------------------------------------------------------
 # Choosing a source.
 
 
@@ -94,7 +92,6 @@ def load_dataset(config) -> Dataset:
     return dataset
 
 
-# ---------------------------------------------------------------------------------------------
 # Which batch comes at step N.
 
 

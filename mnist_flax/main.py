@@ -45,9 +45,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     with boundary.one_line_errors(FLAGS.workdir):
         process.setup_process()
-        if FLAGS.multihost:
-            process.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                           FLAGS.process_id)
+        process.start_jax(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes,
+                          FLAGS.process_id)
         config = FLAGS.config
         config_checks.validate(config, jax.device_count())
         process.enable_compilation_cache(config.compilation_cache_dir)
@@ -67,9 +66,14 @@ def next_steps(workdir_path: str) -> str:
     """Where the results are and what to run next; on stderr, so the tutorial's `Test accuracy:`
     stays the last line of stdout."""
     quoted = shlex.quote(workdir_path)
+    # The parent: with the run itself as the logdir, HParams names it "." and finds no metrics.
+    head, sep, _ = workdir_path.rstrip("/").rpartition("/")
+    parent = head if sep and head and not head.endswith(":/") else (
+        workdir_path if "://" in workdir_path else "/" if workdir_path.startswith("/") else ".")
+    remote = " --load_fast=false" if "://" in workdir_path else ""  # Else TensorBoard shows none.
     return (f"\nResults in {workdir_path}: TensorBoard events (train/, test/), checkpoints, "
             f"config.json. Next:\n"
-            f"  tensorboard --logdir={quoted}\n"
+            f"  tensorboard --logdir={shlex.quote(parent)}{remote}\n"
             f"  python -m mnist_flax.predict --workdir={quoted} my_digit.png")
 
 

@@ -14,8 +14,8 @@ import optax
 from absl import logging
 
 
-class TrainingDivergedError(RuntimeError):
-    """The loss or the parameters became NaN or Inf."""
+class TrainingDivergedError(RuntimeError):  # The loss or the parameters became NaN or Inf.
+    pass
 
 
 def check_finite(losses: list[float], last_step: int) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from tensorboard.plugins.hparams import api_pb2 as hparams_api
 from tensorboard.plugins.hparams import plugin_data_pb2 as hparams_data
 from tensorboardX import SummaryWriter
@@ -65,11 +66,19 @@ def open_writers(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
     with contextlib.ExitStack() as stack:
         def open_one(logdir: str) -> SummaryWriter:
             writer = SummaryWriter(logdir=logdir, flush_secs=10, purge_step=purge_step)
-            stack.callback(writer.close)
+            stack.callback(_close, writer)
             return writer
 
         yield Writers(open_one(workdir), *(open_one(f"{workdir.rstrip('/')}/{run}")
                                            for run in RUNS))
+
+
+def _close(writer: SummaryWriter) -> None:
+    """Closes a writer; one that cannot (a full disk) costs its last events, not the run's error."""
+    try:
+        writer.close()
+    except Exception as e:  # noqa: BLE001 (tensorboardX raises whatever its file system does)
+        logging.warning("TensorBoard events after the last flush are lost (%r)", e)
 
 
 def config_text(config: ml_collections.ConfigDict) -> str:
@@ -103,11 +112,9 @@ def write_run_info(writers: Writers | None, config: ml_collections.ConfigDict,
 def hparam_values(config: ml_collections.ConfigDict) -> dict[str, bool | float | str]:
     """Every config field as an HParams value: floats and bools as they are, the rest as text
     (integers too: as doubles the table prints batch size "128.00"; as text, "128")."""
-    values = {}
-    for name, value in sorted(config.to_dict().items()):
-        ok = isinstance(value, bool | float | str)
-        values[name] = value if ok else str(tuple(value) if isinstance(value, list) else value)
-    return values
+    return {name: value if isinstance(value, bool | float | str) else str(
+        tuple(value) if isinstance(value, list) else value)
+        for name, value in sorted(config.to_dict().items())}
 
 
 def experiment_summary(values: dict[str, bool | float | str]) -> Summary:

@@ -36,7 +36,6 @@ from mnist_flax import progress as progress_lib
 from mnist_flax.fast import dispatch
 
 Batch = dict[str, jax.Array]
-TrainingDivergedError = progress_lib.TrainingDivergedError
 
 
 class TrainState(train_state.TrainState):
@@ -105,8 +104,7 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array,
                                           config.augment_max_rotation, config.augment_max_scale))
 
 
-def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+cross_entropy_loss = optax.softmax_cross_entropy_with_integer_labels
 
 
 def train_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
@@ -160,12 +158,11 @@ def eval_batches(state: TrainState, batches: Batch,
 def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, batch_size: int,
              mesh: jax.sharding.Mesh) -> dict[str, float]:
     """Loss and accuracy over every image; the last batch is padded and masked, never dropped."""
-    n, pad = len(labels), -len(labels) % batch_size
-    batches = {"image": np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
-               "label": np.pad(labels, (0, pad)),
-               "mask": np.pad(np.ones(n, np.float32), (0, pad))}
-    batches = {k: sharding.put_replicated(mesh, v.reshape(-1, batch_size, *v.shape[1:]))
-               for k, v in batches.items()}
+    pad = -len(labels) % batch_size
+    batches = {k: sharding.put_replicated(mesh, np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1))
+                                          .reshape(-1, batch_size, *v.shape[1:]))
+               for k, v in (("image", images), ("label", labels),
+                            ("mask", np.ones(len(labels), np.float32)))}
     totals = {k: float(np.sum(v)) for k, v in jax.device_get(eval_batches(state, batches,
                                                                           mesh)).items()}
     return {"loss": totals["loss"] / totals["count"],

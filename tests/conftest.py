@@ -153,3 +153,21 @@ def snapshot_but_lock(directory) -> dict[str, tuple[int, int]]:
     """`snapshot` without the workdir's `.lock`, which every run that takes the lock rewrites
     with its pid (it is taken before the workdir is read)."""
     return {name: stat for name, stat in snapshot(directory).items() if name != ".lock"}
+
+
+def one_line(result: subprocess.CompletedProcess, code: int = 1) -> str:
+    """The last stderr line of a command that must fail with `code` and print no traceback; on
+    failure the assertion shows the command's last stderr lines."""
+    tail = result.stderr[-3000:]
+    assert result.returncode == code, tail
+    assert "Traceback" not in result.stderr, tail
+    last = (result.stderr.strip().splitlines() or [""])[-1]
+    assert last.startswith("error: ") or code in (130, 143), tail
+    return last
+
+
+def tiny_main_flags(data_dir, workdir, *extra: str) -> list[str]:
+    """main's flags for a seconds-long run of TINY_MODEL on a synthetic IDX directory."""
+    return [f"--workdir={workdir}", f"--config.data_dir={data_dir}", "--config.num_epochs=1",
+            "--config.batch_size=32", "--config.verify_checksums=False",
+            "--config.conv_features=(4,8)", "--config.dense_features=16", *extra]

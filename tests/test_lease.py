@@ -146,7 +146,10 @@ def test_renewal_keeps_the_lease_past_its_ttl(gcs_bucket_path):  # noqa: F811
         assert not held.lost.is_set()
 
 
-def test_a_killed_runs_lease_runs_out_and_is_taken_over(gcs_emulator, gcs_bucket_path):  # noqa: F811
+def test_a_killed_runs_lease_is_taken_over_at_once_on_its_host_and_runs_out_elsewhere(
+        gcs_emulator, gcs_bucket_path):  # noqa: F811
+    """`kill -9`, then the same command on the same host: the lease's pid is gone there, so it
+    does not wait out the lease. Seen from another host the same lease holds until it expires."""
     script = textwrap.dedent(f"""
         import time
         from mnist_flax.run import lease
@@ -163,12 +166,19 @@ def test_a_killed_runs_lease_runs_out_and_is_taken_over(gcs_emulator, gcs_bucket
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
-    with pytest.raises(lease.LeaseError, match=f"pid {child.pid}"):
+    blob = _lock_blob(gcs_bucket_path)
+    owner = json.loads(blob.download_as_text())
+    assert owner["pid"] == child.pid
+    with lease.acquire(gcs_bucket_path, ttl_s=2.0) as held:  # At once: its process is gone.
+        assert json.loads(blob.download_as_text())["pid"] == os.getpid()
+        assert not held.lost.is_set()
+
+    # Released; now another host's run holds it, with the same (there meaningless) pid.
+    lease._write(blob, {**owner, "host": "another-host", "expires": time.time() + 2.0}, 0, 10)
+    with pytest.raises(lease.LeaseError, match=f"host another-host, pid {child.pid}"):
         lease.acquire(gcs_bucket_path, ttl_s=2.0)
     time.sleep(2.5)
-    with lease.acquire(gcs_bucket_path, ttl_s=2.0) as held:
-        assert json.loads(_lock_blob(gcs_bucket_path).download_as_text())["pid"] == os.getpid()
-        assert not held.lost.is_set()
+    lease.acquire(gcs_bucket_path, ttl_s=2.0).release()  # Expired: taken over.
 
 
 def test_a_lease_taken_over_by_another_run_is_lost(gcs_bucket_path):  # noqa: F811

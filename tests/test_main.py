@@ -34,7 +34,7 @@ def test_tiny_run_writes_events_tensorboard_can_read(tmp_path, idx_dir):
     assert lines[-2].startswith("Test loss:") and lines[-1].startswith("Test accuracy:")
     # The end of the log says where the results are and what to run next.
     assert f"Results in {workdir}" in result.stderr
-    assert f"tensorboard --logdir={workdir}" in result.stderr
+    assert f"tensorboard --logdir={workdir.parent}\n" in result.stderr  # The run's parent.
     assert f"python -m mnist_flax.predict --workdir={workdir}" in result.stderr
     assert "Unable to initialize backend" not in result.stderr  # JAX's probe of absent TPUs.
     assert "Variant folder" not in result.stderr  # TFDS's probe of a folder that is not there.
@@ -54,8 +54,8 @@ def test_tiny_run_writes_events_tensorboard_can_read(tmp_path, idx_dir):
 
 
 def test_help_lists_the_config_flag():
-    result = run_main("--help")  # absl prints the help and exits 1, as every absl program.
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    result = run_main("--help")  # absl exits 1 after its help; parse_flags makes it 0.
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "--config" in result.stdout and "--workdir" in result.stdout
 
 

@@ -40,7 +40,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.context import RequestContext
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from mnist_flax import checkpoints, input_pipeline, mnist_tfds, train
+from mnist_flax import checkpoints, input_pipeline, mnist_tfds, progress, train
 from mnist_flax.input_pipeline import DataError
 from mnist_flax.run import config_checks, operations
 from mnist_flax.run import lock as lock_lib
@@ -182,12 +182,13 @@ def test_bad_input_on_an_existing_workdir_changes_nothing_in_it(base, nan_run):
 def test_a_nan_parameter_with_a_finite_loss_is_not_saved_either():
     state = types.SimpleNamespace(params={"Dense_0": {"kernel": np.ones((3, 2), np.float32)}})
     losses = [{"loss": np.float32(0.5)}, {"loss": np.float32(np.inf)}]
-    with pytest.raises(train.TrainingDivergedError, match="became inf at step 10;"):
+    with pytest.raises(progress.TrainingDivergedError, match="became inf at step 10;"):
         operations.check_savable(state, losses, step=10)
     operations.check_savable(state, losses[:1], step=10)  # All finite: no error.
     poisoned = types.SimpleNamespace(params={"Dense_0": {"kernel": np.full((3, 2), np.nan,
                                                                           np.float32)}})
-    with pytest.raises(train.TrainingDivergedError, match="parameters became NaN or Inf at step 4"):
+    with pytest.raises(progress.TrainingDivergedError,
+                       match="parameters became NaN or Inf at step 4"):
         operations.check_savable(poisoned, losses[:1], step=4)
 
 

@@ -68,9 +68,9 @@ def train_steps(step_fn: StepFn, state: Any, data: Batch, order: jax.Array, num_
     return lax.scan(one, state, length=num_steps)
 
 
-@functools.cache  # One jit per step function, as a module-level jit would be.
-def _jitted(step_fn: StepFn) -> StepFn:
-    return jax.jit(step_fn, donate_argnums=0, compiler_options=COMPILER_OPTIONS)
+# One jit per step function, as a module-level jit would be.
+_jitted = functools.cache(lambda step_fn: jax.jit(step_fn, donate_argnums=0,
+                                                  compiler_options=COMPILER_OPTIONS))
 
 
 def run(step_fn: StepFn, state: Any, data: Batch, order: jax.Array, *, num_steps: int,

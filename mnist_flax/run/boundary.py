@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -82,6 +83,7 @@ def describe(error: BaseException) -> str | None:
 @contextlib.contextmanager
 def one_line_errors(workdir_hint: str | None = None) -> Iterator[None]:
     """The boundary: every exception becomes one line and an exit status (see the module)."""
+    threading.excepthook = _thread_failed
     try:
         yield
     except SystemExit:
@@ -102,6 +104,17 @@ def one_line_errors(workdir_hint: str | None = None) -> Iterator[None]:
             with contextlib.suppress(Exception):
                 print(f"error: {line}", file=sys.stderr)
         _leave(1, log_path)
+
+
+def _thread_failed(args: threading.ExceptHookArgs) -> None:
+    """A background thread's uncaught error (a TensorBoard writer on a full disk, say): one log
+    line and its traceback in a file; the main thread reports what it means for the run."""
+    if args.exc_value is None or isinstance(args.exc_value, SystemExit):
+        return
+    path = _traceback_file(args.exc_value, None)
+    logging.getLogger("mnist_flax").warning(
+        "background thread %s failed: %s (traceback in %s)",
+        getattr(args.thread, "name", "?"), checkpoints.error_line(args.exc_value), path)
 
 
 def _exit_bad_config(e: Exception) -> None:
@@ -145,8 +158,11 @@ def parse_flags(argv: list[str]) -> list[str]:
             config_checks.check_schema(config)
     except SystemExit as e:  # absl's --help prints the help, then exits 1.
         sys.exit(0 if {"--help", "-h", "--helpfull", "-?"} & set(argv) else e.code)
-    except flags.Error as e:
-        sys.exit(f"error: {e}")
+    except flags.Error as e:  # A config file that raised is a traceback in the message: its end.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        sys.exit(f"error: {lines[0]}" if len(lines) < 2 else
+                 f"error: --config: cannot load the config file ({lines[-1]}); pass a Python file "
+                 "that defines get_config(), e.g. --config=experiments/best.py")
     except configs.ConfigError as e:
         sys.exit(f"error: {e}")
     except _CONFIG_ERRORS as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from typing import Any
 
 import jax
@@ -21,6 +22,7 @@ from etils import epath
 
 from mnist_flax import checkpoints
 from mnist_flax.checkpoints import CheckpointError, checkpoint_dir
+from mnist_flax.run import lock
 
 CHECKSUM_KEY = "sha256"  # In the position JSON: state_checksum of the tree and the position.
 DAMAGED_PREFIX = "damaged-"  # checkpoints/damaged-<step>-<reason>: set aside, never deleted.
@@ -127,7 +129,9 @@ def _walk_back(workdir: str, read: Any) -> tuple[Any, int, list[tuple[int, str]]
                 except CheckpointError:
                     raise
                 except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many kinds)
-                    if not where.exists():
+                    time.sleep(0.2)  # A live run's prune deletes file by file, then the dir.
+                    manager.reload()
+                    if step not in manager.all_steps() or not where.exists():
                         break  # Pruned while we read it: list again.
                     reason = str(e) if isinstance(e, _Damaged) else _read_error(e)
                     logging.warning("%s: skipping the damaged checkpoint at step %d: %s", where,
@@ -138,6 +142,10 @@ def _walk_back(workdir: str, read: Any) -> tuple[Any, int, list[tuple[int, str]]
         finally:
             manager.close()
     skipped = ", ".join(str(step) for step, _ in damaged)
+    writer = lock.holder(workdir)
+    if writer is not None:  # What failed may be a save or a prune in flight, not damage.
+        raise CheckpointError(f"{directory}: a run (pid {writer}) is writing it and no checkpoint "
+                              f"read back whole (step {skipped}); try again once it has saved")
     raise CheckpointError(
         f"{directory}: no intact checkpoint (damaged: step {skipped}); move that directory "
         f"aside to start afresh, or restore {workdir} from a backup")

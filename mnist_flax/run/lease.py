@@ -182,6 +182,20 @@ class Lease:
         return True
 
 
+def _dead(owner: dict[str, Any]) -> bool:
+    """Whether the lease's owner ran on this host and its process is gone (killed with -9): its
+    lease is as good as expired, and waiting for it would only hold up the same command."""
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # Alive, another user's.
+        return False
+    return False
+
+
 def acquire(workdir: str, ttl_s: float = DEFAULT_TTL_S) -> Lease:
     """Takes the lease on `workdir` (gs://BUCKET/PATH) for `ttl_s` seconds, renewed in the
     background until released; raises LeaseError if another run holds it."""
@@ -196,7 +210,7 @@ def acquire(workdir: str, ttl_s: float = DEFAULT_TTL_S) -> Lease:
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": secrets.token_hex(8)}
     for _ in range(3):
         current = _read(blob, REQUEST_TIMEOUT_S)
-        if current is not None and current[1]["expires"] > time.time():
+        if current is not None and current[1]["expires"] > time.time() and not _dead(current[1]):
             owner_then = current[1]
             left = owner_then["expires"] - time.time()
             raise LeaseError(
@@ -204,7 +218,10 @@ def acquire(workdir: str, ttl_s: float = DEFAULT_TTL_S) -> Lease:
                 f"{owner_then.get('pid', '?')}) holds the lease on --workdir={workdir} until "
                 f"{utc_text(owner_then['expires'])} (in {left:.0f} s unless it renews it); "
                 "wait for it or use another workdir")
-        if current is not None:
+        if current is not None and current[1]["expires"] > time.time():  # Its process is gone.
+            log.warning("taking over the lease on %s of a process that is gone (host %s, pid %s)",
+                        workdir, current[1].get("host"), current[1].get("pid"))
+        elif current is not None:
             log.warning("taking over the expired lease on %s (host %s, pid %s, ran out at %s)",
                         workdir, current[1].get("host"), current[1].get("pid"),
                         utc_text(current[1]["expires"]))

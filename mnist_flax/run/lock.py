@@ -125,23 +125,50 @@ def _stop_when_lost(lease: lease_lib.Lease) -> Iterator[None]:
         ended.set()
 
 
+def holder(workdir: str) -> str | None:
+    """The pid (as text) of another run holding a local `workdir`, or None when none does (or
+    this process holds it: main restores under its own lock)."""
+    root = path(workdir)
+    if is_remote(workdir) or not root.is_dir():
+        return None
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        pid = holder_pid(root)
+        return None if pid == str(os.getpid()) else pid
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _flock(workdir: str) -> Iterator[None]:
+    """The kernel's flock on the workdir directory itself, which nobody deletes as stale (a
+    deleted .lock file would let a second run in); `.lock` only names the holder's pid."""
     root = path(workdir)
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_FILE, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            pid = f.read().strip() or "unknown"
-            raise WorkdirError(f"another run (pid {pid}) is using --workdir={workdir}; wait "
-                               "for it or use another workdir") from None
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = holder_pid(root)
+        raise WorkdirError(f"another run (pid {pid}) is using --workdir={workdir}; wait "
+                           "for it or use another workdir") from None
+    try:
+        with open(root / LOCK_FILE, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def holder_pid(root) -> str:
+    try:
+        return (root / LOCK_FILE).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
 

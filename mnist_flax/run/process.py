@@ -116,6 +116,24 @@ def tune_host_allocator() -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings)
 
 
+def start_jax(multihost: bool = False, coordinator_address: str | None = None,
+              num_processes: int | None = None, process_id: int | None = None) -> None:
+    """Starts JAX's runtime (`multihost`: the distributed one first) and its backend, so that a
+    platform that is not there is one line here, not a bare AssertionError from inside JAX."""
+    if multihost:
+        initialize_distributed(coordinator_address, num_processes, process_id)
+    try:
+        jax.devices()
+    except Exception as e:  # noqa: BLE001 (JAX raises RuntimeError or a bare AssertionError)
+        platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
+        what = f"JAX_PLATFORMS={platforms}" if platforms else "its backend"
+        raise configs.ConfigError(
+            f"JAX could not start {what} ("
+            f"{checkpoints.error_line(e, 120) if str(e) else 'no such device here'}); "
+            "unset JAX_PLATFORMS to use what this machine has, or install JAX for the device "
+            "(pip install -e '.[cuda12]' for NVIDIA GPUs)") from None
+
+
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
                            process_id: int | None) -> None:
     """`jax.distributed.initialize`: TPU pods and SLURM are detected by JAX itself; elsewhere all

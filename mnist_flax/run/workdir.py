@@ -92,6 +92,8 @@ def prepare(workdir: str) -> None:
         probe = root / f".write_test.{os.getpid()}.{secrets.token_hex(4)}"
         probe.write_text("")
         probe.unlink()
+        if not is_remote(workdir):
+            check_layout(root)
     except OSError as e:
         if is_remote(workdir):
             bucket = workdir[len("gs://"):].split("/")[0]
@@ -107,6 +109,24 @@ def prepare(workdir: str) -> None:
                                "this machine's service account can write") from None
         raise WorkdirError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); "
                            "pick a writable directory") from None
+
+
+# What a run keeps in its workdir: name -> (a directory?, what it is), for `check_layout`.
+LAYOUT = {LOCK_FILE: (False, "lock"), checkpoints.CONFIG_FILE: (False, "config"),
+          checkpoints.CHECKPOINT_DIR: (True, "checkpoints"), "train": (True, "train events"),
+          "test": (True, "test events")}
+
+
+def check_layout(root: epath.Path) -> None:
+    """One line, before anything is written, for a local workdir whose own entries are in the
+    way: a file where the run keeps a directory, or the reverse, or a file it cannot rewrite."""
+    for name, (directory, what) in LAYOUT.items():
+        entry = root / name
+        wrong = entry.is_file() if directory else entry.is_dir()
+        if wrong or (not directory and entry.exists() and not os.access(entry, os.W_OK)):
+            kind = ("a file" if directory else "a directory") if wrong else "not writable"
+            raise WorkdirError(f"{entry}: is {kind}, where the run keeps its {what}; move it "
+                               "aside (or fix its permissions), or use another --workdir")
 
 
 def _forbidden(e: OSError) -> bool:
@@ -223,7 +243,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     """workdir/config.json; WorkdirError naming the file when it is missing or not a config."""
     source = config_path(workdir)
     try:
-        fields = checkpoints.read_config(workdir)
+        fields = json.loads(source.read_text())
     except FileNotFoundError:
         raise WorkdirError(f"{source}: not found; is {workdir} a training workdir?") from None
     except IsADirectoryError:

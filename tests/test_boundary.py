@@ -1,0 +1,216 @@
+"""The mechanisms that keep bad input and faults to one line (issue categories 1-7, 11):
+the config schema, the error boundary of each entry point, the workdir's layout check, the lock
+on the workdir directory, readers that do not cry wolf, and misdiagnoses fixed at their cause.
+docs/reliability.md lists which test pins which category."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import REPO, one_line, run_module, snapshot, tiny_main_flags, train_as_main
+
+from mnist_flax import checkpoints
+from mnist_flax.run import boundary, integrity
+from mnist_flax.run import lock as lock_lib
+from mnist_flax.run import workdir as workdir_lib
+
+
+def main(*args: str, env: dict | None = None, timeout: int = 300):
+    return run_module("main", *args, env={"JAX_PLATFORMS": "cpu", **(env or {})},
+                      timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1, 2. Config files that misbehave, and values of the right field but the wrong shape.
+
+CONFIG_FILES = {
+    "get_config raises": ("def get_config():\n    return undefined_name\n", "undefined_name"),
+    "raises at import": ("raise RuntimeError('broken at import')\n", "broken at import"),
+    "returns None": ("def get_config():\n    return None\n", "returned NoneType"),
+    "returns a dict": ("def get_config():\n    return {'learning_rate': 1.0}\n",
+                       "returned dict"),
+    "misses fields": ("import ml_collections\n"
+                      "def get_config():\n"
+                      "    c = ml_collections.ConfigDict()\n    c.learning_rate = 0.1\n"
+                      "    return c\n", "has no field"),
+    "a typo'd field": ("from mnist_flax.configs import default\n"
+                       "def get_config():\n    c = default.get_config()\n"
+                       "    c.learning_rat = 0.1\n    return c\n",
+                       "sets 'learning_rat', which is not a field of the config; did you mean "
+                       '"learning_rate"?'),
+    "a value of the wrong type": ("from mnist_flax.configs import default\n"
+                                  "def get_config():\n    c = default.get_config()\n"
+                                  "    c.batch_size = '128'\n    return c\n",
+                                  "Could not override field 'batch_size'"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_FILES)
+def test_a_misbehaving_config_file_is_one_line(tmp_path, case):
+    text, expected = CONFIG_FILES[case]
+    path = tmp_path / "config.py"
+    path.write_text(text)
+    result = main(f"--workdir={tmp_path / 'run'}", f"--config={path}")
+    assert expected in one_line(result)
+    assert not (tmp_path / "run").exists()  # Nothing written.
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--config.dropout_rates=(0.25,'a')", "--config.dropout_rates="),
+    ("--config.seed=99999999999999999999", "--config.seed="),
+])
+def test_a_value_of_the_wrong_shape_is_one_line_in_main_and_sweep(tmp_path, flag, expected):
+    assert expected in one_line(main(f"--workdir={tmp_path / 'run'}", flag))
+    sweep = run_module("sweep", f"--workdir={tmp_path / 'sweep'}", "--sweep=learning_rate=1e-3",
+                       flag)
+    assert expected in one_line(sweep)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The workdir's own files in the way.
+
+@pytest.mark.parametrize("name, make", [
+    (".lock", "dir"), ("config.json", "dir"), ("train", "file"), ("checkpoints", "file")])
+def test_the_workdirs_own_entries_in_the_way_are_one_line_and_nothing_is_written(
+        tmp_path, idx_dir, name, make):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / name).mkdir() if make == "dir" else (workdir / name).write_text("x")
+    before = snapshot(workdir)
+    last = one_line(main(*tiny_main_flags(idx_dir, workdir)))
+    assert f"{workdir / name}: is a {'directory' if make == 'dir' else 'file'}" in last
+    assert "move it aside" in last
+    assert snapshot(workdir) == before  # No config.json.tmp.PID, no event file.
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", "null", '"text"'])
+def test_a_config_json_that_is_not_an_object_is_one_line_for_predict(tmp_path, content):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(workdir_lib.WorkdirError, match="not a run's config"):
+        workdir_lib.read_config(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Readers racing a writer; a deleted .lock.
+
+def test_a_deleted_lock_file_does_not_let_a_second_run_in(tmp_path):
+    with lock_lib.lock(str(tmp_path)):
+        (tmp_path / ".lock").unlink()  # "Stale", a user thinks.
+        with pytest.raises(workdir_lib.WorkdirError, match="another run"):
+            with lock_lib.lock(str(tmp_path)):
+                pass
+        assert lock_lib.holder(str(tmp_path)) is not None
+    assert lock_lib.holder(str(tmp_path)) is None
+
+
+def test_a_reader_of_a_workdir_a_live_run_holds_is_told_to_retry_not_to_move_it(tmp_path, idx_dir):
+    config = _tiny_config(idx_dir)
+    train_as_main(config, tmp_path)
+    for step_dir in (tmp_path / "checkpoints").glob("[0-9]*"):  # What a save in flight looks like
+        for f in step_dir.rglob("*"):                           # to a reader: nothing reads.
+            if f.is_file() and f.stat().st_size > 1000:
+                f.write_bytes(b"")
+    script = "import sys, time\nfrom mnist_flax.run import lock\nwith lock.lock(sys.argv[1]):\n" \
+             "    print('locked', flush=True)\n    time.sleep(300)\n"
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(checkpoints.CheckpointError) as error:
+            integrity.restore_params(str(tmp_path), _expected_params(config))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"a run (pid {holder.pid}) is writing it" in str(error.value)
+    assert "move" not in str(error.value)
+    with pytest.raises(checkpoints.CheckpointError, match="move that directory aside"):
+        integrity.restore_params(str(tmp_path), _expected_params(config))  # Nothing writes now.
+
+
+def _tiny_config(idx_dir):
+    from conftest import tiny_config
+
+    return tiny_config(data_dir=str(idx_dir), num_epochs=1, batch_size=32,
+                       verify_checksums=False)
+
+
+def _expected_params(config):
+    import jax
+    import numpy as np
+
+    from mnist_flax import models
+
+    model = models.create_model(config)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 28, 28, 1)),
+                                             train=False))["params"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Misdiagnoses, fixed at their cause.
+
+def test_num_classes_below_the_labels_is_named_not_a_nan(tmp_path, idx_dir):
+    last = one_line(main(*tiny_main_flags(idx_dir, tmp_path / "run", "--config.num_classes=5")))
+    assert "--config.num_classes=5 but the data has label 9" in last and "nan" not in last
+
+
+def test_a_closed_stdout_is_not_a_storage_error(tmp_path, idx_dir):
+    command = [sys.executable, "-m", "mnist_flax.main", *tiny_main_flags(idx_dir, tmp_path / "r")]
+    result = subprocess.run(f"{shlex.join(command)} | head -c 0", shell=True, cwd=REPO, text=True,
+                            capture_output=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu", "MNIST_DATA_DIR": ""})
+    assert "storage" not in result.stderr and "Traceback" not in result.stderr, (
+        result.stderr[-3000:])
+    assert checkpoints.latest_step(str(tmp_path / "r")) == 8  # The run itself finished.
+
+
+def test_x64_mode_reads_an_intact_checkpoint_as_intact(tmp_path, idx_dir):
+    train_as_main(_tiny_config(idx_dir), tmp_path)
+    script = textwrap.dedent(f"""
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        from conftest import tiny_config
+        from mnist_flax import checkpoints, train
+        from mnist_flax.run import integrity
+        config = tiny_config(data_dir={str(idx_dir)!r}, num_epochs=1, batch_size=32,
+                             verify_checksums=False)
+        state = train.create_train_state(config, jax.random.key(0), 8)
+        position = checkpoints.data_position(0, 8, config, 256)
+        restored, damaged = integrity.restore_intact({str(tmp_path)!r}, state, position)
+        assert int(restored.step) == 8 and not damaged, damaged
+        print("intact")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO / "tests", text=True,
+                            capture_output=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0 and "intact" in result.stdout, result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Environment and signals; an unknown error is still one line, its traceback in a file.
+
+def test_a_backend_that_is_not_there_is_one_line(tmp_path):
+    last = one_line(main(f"--workdir={tmp_path}", env={"JAX_PLATFORMS": "cuda"}))
+    assert "JAX_PLATFORMS=cuda" in last and "unset JAX_PLATFORMS" in last
+
+
+def test_multihost_off_a_pod_says_what_to_pass(tmp_path):
+    last = one_line(main(f"--workdir={tmp_path}", "--multihost"))
+    assert "--coordinator_address=HOST:PORT --num_processes=N --process_id=I" in last
+
+
+def test_an_unknown_error_is_one_line_naming_its_traceback_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as leave, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(boundary, "_leave", lambda code, log=None: sys.exit(code))
+        with boundary.one_line_errors(str(tmp_path)):
+            raise ZeroDivisionError("a bug of ours")
+    assert leave.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: ZeroDivisionError: a bug of ours (full traceback in ")
+    path = line.split("full traceback in ")[1].split(")")[0]
+    assert path.startswith(str(tmp_path / "errors")) and "Traceback" in open(path).read()
