@@ -73,10 +73,15 @@ def test_importing_every_module_changes_nothing_process_wide():
               "print(any(f in flags.FLAGS for f in ('workdir', 'config', 'sweep', 'multihost')),\n"
               "      len(logging.get_absl_logger().filters), "
               "xla_bridge.backends_are_initialized())\n")
+    assert _python(script).split() == ["False", "0", "False"]
+
+
+def _python(script: str) -> str:
+    """`python -c script`'s stdout; it must exit 0 (else its stderr's end is the message)."""
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["False", "0", "False"]
+    return result.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,10 +121,7 @@ def test_version_without_installed_metadata_is_0_unknown():
               "    raise m.PackageNotFoundError(name)\n"
               "m.version = version\n"
               "import mnist_flax; print(mnist_flax.__version__)\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "0+unknown"
+    assert _python(script).strip() == "0+unknown"
 
 
 def test_the_wheel_carries_the_licences(wheel):
