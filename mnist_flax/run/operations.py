@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mnist_flax import hooks, pictures, progress
+from mnist_flax import checkpoints, hooks, pictures, progress
 from mnist_flax.run import integrity, lock, signals, workdir
 from mnist_flax.run.process import CompileCacheLog
 
@@ -112,7 +112,7 @@ class Operations(hooks.Hooks):
         check_savable(state, pending, position["step"])
         if self.held is not None:
             self.held.check()  # A run that lost its gs:// lease must not save over another's.
-        tree = integrity.checkpoints.state_tree(state)
+        tree = checkpoints.state_tree(state)
         return {**position, integrity.CHECKSUM_KEY: integrity.state_checksum(tree, position)}
 
     def after_training(self, state, dataset, writers) -> None:
