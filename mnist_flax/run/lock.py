@@ -55,9 +55,9 @@ def lock(workdir: str, lease_seconds: float = LEASE_TTL_S) -> Iterator[Held]:
 
     Locally: an exclusive flock on the workdir directory (`.lock` names the holder's pid), which
     the kernel drops when the process dies, so a SIGKILLed run never blocks the next one. In a
-    bucket: a lease on workdir/.lock that a live run renews and a killed run's runs out after `lease_seconds`; a run that loses it stops
-    (`_stop_when_lost`). Only process 0 locks (it alone writes the config and events); all
-    processes agree on whether it got the lock.
+    bucket: a lease on workdir/.lock that a live run renews and a killed run's runs out after
+    `lease_seconds`; a run that loses it stops (`_stop_when_lost`). Only process 0 locks (it
+    alone writes the config and events); all processes agree on whether it got the lock.
     """
     held = Held(workdir)
     with contextlib.ExitStack() as stack:
