@@ -1,8 +1,11 @@
 """A pod slice whose hosts share no disk: 2 processes x 2 CPU devices over loopback, each in its
 own mount namespace with a private tmpfs scratch directory, sharing only a gs:// workdir on the
-GCS emulator. Preempted (SIGTERM to one host), then killed with SIGKILL mid-epoch, and rerun each
-time, they end with the parameters of an uninterrupted single-process run; with a local workdir
-they stop at once with one line."""
+GCS emulator. Each host runs the command a user runs where no cluster manager tells JAX the other
+hosts, `python -m mnist_flax.main --multihost --coordinator_address=127.0.0.1:PORT
+--num_processes=2 --process_id=N`, with its 2 CPU devices from XLA_FLAGS in its environment.
+Preempted (SIGTERM to one host), then killed with SIGKILL mid-epoch, and rerun each time, they
+end with the parameters of an uninterrupted single-process run; with a local workdir they stop at
+once with one line."""
 
 from __future__ import annotations
 
@@ -22,8 +25,12 @@ from gcs_emulator import gcs_bucket_path, gcs_emulator  # noqa: F401 (fixtures)
 pytest.importorskip("gcsfs")
 pytest.importorskip("google.cloud.storage")
 
-WORKER = os.path.join(os.path.dirname(__file__), "pod_worker.py")
+MAIN = [sys.executable, "-m", "mnist_flax.main"]
 LEASE_TTL_S = 4.0  # So that the rerun after SIGKILL waits seconds, not a minute.
+# Sized for a machine 3x slower than a busy 2-core one, where a pod's start to its second
+# checkpoint took 85 s and each start of the pod, or the single-process run, 65-90 s.
+WAIT_S = 600  # Start to a checkpoint.
+RUN_S = 900  # A whole start, to its exit.
 
 
 def _unshare_works() -> bool:
@@ -52,23 +59,33 @@ def _config(idx_dir, epochs: int) -> list[str]:
             "--config.checkpoint_every_steps=1", "--config.checkpoint_keep=2"]
 
 
+def _host_env(devices: int) -> dict[str, str]:
+    """A CPU host with `devices` devices (what a GPU or TPU host has by itself), and gloo for the
+    CPU collectives across processes (JAX's default today; named so that a change of default
+    cannot break the pod)."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "MNIST_DATA_DIR": ""}
+
+
 def _start_pod(scratch, env: dict, workdir: str, config: list[str]) -> list[subprocess.Popen]:
-    """Two hosts: each mounts a fresh tmpfs on `scratch` (its own; the other cannot see it)."""
+    """Two hosts: each mounts a fresh tmpfs on `scratch` (its own; the other cannot see it) and
+    runs main as a user would start it on each host of a cluster without a cluster manager."""
     port = _port()
     procs = []
     for process_id in range(2):
         command = ["unshare", "-m", "--propagation", "private", "sh", "-c",
                    'mount -t tmpfs scratch "$0" && exec "$@"', str(scratch),
-                   sys.executable, WORKER, "--devices=2", "--num_processes=2",
-                   f"--process_id={process_id}", f"--port={port}",
-                   "--", f"--workdir={workdir}", f"--lease_seconds={LEASE_TTL_S}", *config]
+                   *MAIN, "--multihost", f"--coordinator_address=127.0.0.1:{port}",
+                   "--num_processes=2", f"--process_id={process_id}", f"--workdir={workdir}",
+                   f"--lease_seconds={LEASE_TTL_S}", *config]
         procs.append(subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-            env={**os.environ, **env, "TMPDIR": str(scratch), "MNIST_DATA_DIR": ""}))
+            env={**_host_env(devices=2), **env, "TMPDIR": str(scratch)}))
     return procs
 
 
-def _finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
+def _finish(procs: list[subprocess.Popen], timeout: float = RUN_S) -> list[tuple[int, str, str]]:
     outputs = [p.communicate(timeout=timeout) for p in procs]
     return [(p.returncode, *output) for p, output in zip(procs, outputs, strict=True)]
 
@@ -110,10 +127,16 @@ def _checksums(params) -> list[float]:
 
 
 def _wait_for_step(procs: list[subprocess.Popen], workdir: str, step: int) -> None:
-    deadline = time.monotonic() + 240
+    """Until a checkpoint at `step` or later is committed; a host that exits first, or no such
+    checkpoint within WAIT_S, fails with every host's stderr."""
+    deadline = time.monotonic() + WAIT_S
     while not [s for s in _steps(workdir) if s >= step]:
-        assert all(p.poll() is None for p in procs), _finish(procs)
-        assert time.monotonic() < deadline, f"no checkpoint at step {step} or later in 240 s"
+        assert all(p.poll() is None for p in procs), _tails(_finish(procs))
+        if time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"no checkpoint at step {step} or later in {WAIT_S} s\n"
+                        f"{_tails(_finish(procs))}")
         time.sleep(0.2)
 
 
@@ -156,9 +179,9 @@ def test_pod_on_a_bucket_survives_sigterm_and_sigkill_and_matches_one_process(
     assert step == 16
 
     single = f"{gcs_bucket_path}/single"
-    result = subprocess.run([sys.executable, WORKER, "--devices=1", "--", f"--workdir={single}",
-                             *config], capture_output=True, text=True, timeout=300, cwd=REPO,
-                            env={**os.environ, **gcs_emulator.env, "MNIST_DATA_DIR": ""})
+    result = subprocess.run([*MAIN, f"--workdir={single}", *config], capture_output=True,
+                            text=True, timeout=RUN_S, cwd=REPO,
+                            env={**_host_env(devices=1), **gcs_emulator.env})
     assert result.returncode == 0, result.stderr[-3000:]
     single_params, single_step = _params(single)
     assert single_step == 16
@@ -169,8 +192,7 @@ def test_pod_with_a_local_workdir_the_hosts_do_not_share_stops_with_one_line(idx
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     workdir = scratch / "run"  # Each host sees its own tmpfs here.
-    results = _finish(_start_pod(scratch, {}, str(workdir), _config(idx_dir, epochs=1)),
-                      timeout=180)
+    results = _finish(_start_pod(scratch, {}, str(workdir), _config(idx_dir, epochs=1)))
     expected = (f"error: --workdir={workdir} is not shared by the 2 processes: process(es) 1 "
                 "cannot see what process 0 writes there, so they would not see its checkpoints; "
                 "use a bucket all hosts reach, e.g. --workdir=gs://BUCKET/runs/NAME")
