@@ -2,8 +2,10 @@
 
 Keras's layout: the `train/` and `test/` sub-runs carry the same tags (`loss`, `accuracy`), so
 TensorBoard's first screen overlays train and test; the workdir's own run holds what is written
-once (texts, one HParams row). Only process 0 writes (`open_writers` yields None elsewhere, and
-every function accepts None). Tag names are an API, pinned by tests/test_summaries.py.
+once per start (texts, one HParams row), replacing the previous start's, so it describes the
+config and data the run ended with (TensorBoard keeps a run's first HParams, whatever follows).
+Only process 0 writes (`open_writers` yields None elsewhere, and every function accepts None).
+Tag names are an API, pinned by tests/test_summaries.py.
 """
 
 import contextlib
@@ -14,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from tensorboard.plugins.hparams import api_pb2 as hparams_api
 from tensorboard.plugins.hparams import plugin_data_pb2 as hparams_data
 from tensorboardX import SummaryWriter
@@ -38,8 +41,13 @@ RUNS = ("train", "test")
 TEXT_TAGS = ("config", "data", "model/num_params", "model/summary")
 # The metric columns of TensorBoard's HParams table: the last value of each (sub-run, tag).
 HPARAM_METRICS = (("test", "accuracy"), ("test", "loss"), ("train", "accuracy"), ("train", "loss"))
+# The HParams column of the data the run used, and from where (`Dataset.describe()`): the sample
+# and full MNIST otherwise look alike there.
+DATA_HPARAM = "data"
 # The five hyperparameters the HParams dashboard shows first (marked `differs`).
-KEY_HPARAMS = ("learning_rate", "num_epochs", "batch_size", "seed", "lr_schedule")
+KEY_HPARAMS = ("learning_rate", "num_epochs", "batch_size", "seed", DATA_HPARAM)
+# The event files of one writer; the workdir's own run holds those of its latest start only.
+EVENTS_GLOB = "events.out.tfevents.*"
 
 
 @dataclasses.dataclass
@@ -49,6 +57,7 @@ class Writers:
     run: SummaryWriter
     train: SummaryWriter
     test: SummaryWriter
+    start_step: int = 0  # Where this start of the run began (a resumed run: its checkpoint's).
 
     def flush(self) -> None:
         for writer in (self.run, self.train, self.test):
@@ -58,11 +67,13 @@ class Writers:
 @contextlib.contextmanager
 def open_writers(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
     """The run's event writers (None off process 0), closed when the block ends. A resumed run
-    (`start_step` > 0) purges what the interrupted run logged after its checkpoint's step."""
+    (`start_step` > 0) purges what the interrupted run logged after its checkpoint's step. The
+    workdir's own run starts empty: `write_run_info`, called next, writes all it holds."""
     if jax.process_index() != 0:
         yield None
         return
     purge_step = start_step + 1 if start_step else None
+    remove_run_events(workdir)
     with contextlib.ExitStack() as stack:
         def open_one(logdir: str) -> SummaryWriter:
             writer = SummaryWriter(logdir=logdir, flush_secs=10, purge_step=purge_step)
@@ -70,7 +81,15 @@ def open_writers(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
             return writer
 
         yield Writers(open_one(workdir), *(open_one(f"{workdir.rstrip('/')}/{run}")
-                                           for run in RUNS))
+                                           for run in RUNS), start_step=start_step)
+
+
+def remove_run_events(workdir: str) -> None:
+    """Deletes the event files of the workdir's own run (train/ and test/ keep theirs): TensorBoard
+    takes a tag's metadata from its first event only, and the HParams row is metadata, so an
+    earlier start's file would keep its config in the table after a resume with new values."""
+    for events in epath.Path(workdir).glob(EVENTS_GLOB):
+        events.unlink()
 
 
 def _close(writer: SummaryWriter) -> None:
@@ -98,7 +117,8 @@ def _code(text: str) -> str:
 
 def write_run_info(writers: Writers | None, config: ml_collections.ConfigDict,
                    dataset: input_pipeline.Dataset, model, params) -> None:
-    """The config, the data, the model's size and layer table and the hparams, written once."""
+    """The config, the data, the model's size and layer table and the hparams: on every start,
+    into the workdir's own run that `open_writers` emptied, so they are this start's."""
     if writers is None:
         return
     writers.run.add_text("config", _code(config_text(config)), 0)
@@ -106,15 +126,22 @@ def write_run_info(writers: Writers | None, config: ml_collections.ConfigDict,
     num_params = sum(np.size(p) for p in jax.tree.leaves(params))
     writers.run.add_text("model/num_params", f"{num_params:,}", 0)
     writers.run.add_text("model/summary", _code(model_summary(model)), 0)
-    write_hparams(writers, config)
+    write_hparams(writers, config, dataset.describe())
+    # A finished run restarted trains nothing and writes no final summaries (`train`), so its row
+    # is marked ended here, as the start that finished it did.
+    if writers.start_step >= len(dataset.train_labels) // config.batch_size * config.num_epochs:
+        writers.run.file_writer.add_summary(tbx_summary.hparams({}, {})[2])
 
 
-def hparam_values(config: ml_collections.ConfigDict) -> dict[str, bool | float | str]:
+def hparam_values(config: ml_collections.ConfigDict,
+                  data: str) -> dict[str, bool | float | str]:
     """Every config field as an HParams value: floats and bools as they are, the rest as text
-    (integers too: as doubles the table prints batch size "128.00"; as text, "128")."""
-    return {name: value if isinstance(value, bool | float | str) else str(
+    (integers too: as doubles the table prints batch size "128.00"; as text, "128"); and the
+    data used (DATA_HPARAM), which data_source="auto" alone does not say."""
+    values = {name: value if isinstance(value, bool | float | str) else str(
         tuple(value) if isinstance(value, list) else value)
-        for name, value in sorted(config.to_dict().items())}
+        for name, value in config.to_dict().items()}
+    return dict(sorted({**values, DATA_HPARAM: data}.items()))
 
 
 def experiment_summary(values: dict[str, bool | float | str]) -> Summary:
@@ -135,12 +162,14 @@ def experiment_summary(values: dict[str, bool | float | str]) -> Summary:
     return Summary(value=[Summary.Value(tag="_hparams_/experiment", metadata=metadata)])
 
 
-def write_hparams(writers: Writers | None, config: ml_collections.ConfigDict) -> None:
-    """The config as one row of TensorBoard's HParams table, whose metric columns are the last
-    values of the train/ and test/ curves (HPARAM_METRICS), as Keras's hparams callback does."""
+def write_hparams(writers: Writers | None, config: ml_collections.ConfigDict,
+                  data: str) -> None:
+    """The config and `data` (`Dataset.describe()`) as one row of TensorBoard's HParams table,
+    whose metric columns are the last values of the train/ and test/ curves (HPARAM_METRICS), as
+    Keras's hparams callback does."""
     if writers is None:
         return
-    values = hparam_values(config)
+    values = hparam_values(config, data)
     _, session_start, _ = tbx_summary.hparams(values, {})
     writers.run.file_writer.add_summary(experiment_summary(values))
     writers.run.file_writer.add_summary(session_start)

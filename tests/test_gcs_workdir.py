@@ -72,6 +72,14 @@ def test_train_keep_resume_predict_and_tensorboard_on_gs(gcs_emulator, gcs_bucke
     events.Reload()
     assert sorted(events.Runs()) == [".", "test", "train"]  # The run and its Keras-style halves.
     assert [e.step for e in events.Scalars("test", "accuracy")] == [8, 16, 24]
+    # HParams: one row, the values the run ended with (not its first start's), and its data.
+    from tensorboard.plugins.hparams import metadata as hparams_metadata
+
+    assert len(list(root.glob("events.out.tfevents.*"))) == 1  # The last start's only.
+    start = hparams_metadata.parse_session_start_info_plugin_data(events.SummaryMetadata(
+        ".", hparams_metadata.SESSION_START_INFO_TAG).plugin_data.content)
+    assert start.hparams["num_epochs"].string_value == "3"
+    assert start.hparams["data"].string_value.startswith(f"idx ({idx_dir}): ")
 
     result = run_module("predict", f"--workdir={workdir}", str(_digit_png(tmp_path)), "--json",
                         env=gcs_emulator.env)

@@ -24,6 +24,7 @@ from conftest import load_config
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.context import RequestContext
+from tensorboard.plugins.hparams import api_pb2 as hparams_api
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from mnist_flax import input_pipeline, models, pictures, summaries, sweep
@@ -34,6 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def fake_dataset(n: int = 60) -> input_pipeline.Dataset:
+    """`n` random images labelled 0-9 in turn, the same ones as train and test set."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, 28, 28, 1)).astype(np.uint8)
     labels = (np.arange(n) % 10).astype(np.int32)
@@ -145,38 +147,81 @@ def test_model_summary_is_a_layer_table_with_parameter_counts(logdir):
     assert b"Total Parameters: 1,199,882" in event.tensor_proto.string_val[0]
 
 
-def test_hparams_reach_tensorboards_hparams_plugin(logdir):
-    """Read through the data provider TensorBoard's HParams dashboard itself uses."""
+def hparams_series(logdir: str) -> dict[str, dict]:
+    """{run: {tag: time series}} of the HParams plugin, read through the data provider that
+    TensorBoard's HParams dashboard itself uses (it takes each tag's first metadata)."""
     multiplexer = plugin_event_multiplexer.EventMultiplexer()
     multiplexer.AddRunsFromDirectory(logdir)
     multiplexer.Reload()
     provider = data_provider.MultiplexerDataProvider(multiplexer, logdir)
-    series = provider.list_tensors(RequestContext(), experiment_id="",
-                                   plugin_name=hparams_metadata.PLUGIN_NAME)
+    return provider.list_tensors(RequestContext(), experiment_id="",
+                                 plugin_name=hparams_metadata.PLUGIN_NAME)
+
+
+def session_start(tags: dict):
+    """The HParams row's values: the run's session start info."""
+    return hparams_metadata.parse_session_start_info_plugin_data(
+        tags[hparams_metadata.SESSION_START_INFO_TAG].plugin_content)
+
+
+def test_hparams_reach_tensorboards_hparams_plugin(logdir):
+    """Read through the data provider TensorBoard's HParams dashboard itself uses."""
+    series = hparams_series(logdir)
     assert list(series) == ["."]  # The workdir's own run: train/ and test/ hold its metrics.
     tags = series["."]
     assert {hparams_metadata.EXPERIMENT_TAG, hparams_metadata.SESSION_START_INFO_TAG,
             hparams_metadata.SESSION_END_INFO_TAG} <= set(tags)
 
-    start = hparams_metadata.parse_session_start_info_plugin_data(
-        tags[hparams_metadata.SESSION_START_INFO_TAG].plugin_content)
+    start = session_start(tags)
     assert start.hparams["learning_rate"].number_value == pytest.approx(1e-3)
     assert start.hparams["batch_size"].string_value == "128"  # Not "128.00".
     assert start.hparams["conv_features"].string_value == "(32, 64)"
+    assert start.hparams[summaries.DATA_HPARAM].string_value == "fake: 60 train / 60 test images"
     experiment = hparams_metadata.parse_experiment_plugin_data(
         tags[hparams_metadata.EXPERIMENT_TAG].plugin_content)
     assert [(m.name.group, m.name.tag) for m in experiment.metric_infos] == list(
         summaries.HPARAM_METRICS)
-    assert {h.name for h in experiment.hparam_infos} == set(default_config().keys())
+    assert {h.name for h in experiment.hparam_infos} == {*default_config().keys(),
+                                                         summaries.DATA_HPARAM}
     # The dashboard shows the first five columns, `differs` ones first: the key hyperparameters.
     shown = [h.name for h in sorted(experiment.hparam_infos, key=lambda h: not h.differs)][:5]
     assert set(shown) == set(summaries.KEY_HPARAMS) >= {"learning_rate", "num_epochs",
-                                                         "batch_size", "seed"}
+                                                         "batch_size", "seed", "data"}
+
+
+def test_hparams_after_a_resume_are_the_last_starts_and_a_finished_run_stays_ended(tmp_path):
+    """TensorBoard keeps a run's first HParams metadata: each start must replace the previous
+    start's row, so a resume with more epochs shows the new num_epochs; a finished run that is
+    started again (it trains nothing, writes no final summaries) still shows as ended."""
+    workdir, dataset, config = str(tmp_path / "run"), fake_dataset(1024), default_config()
+    assert len(dataset.train_labels) // config.batch_size == 8  # Steps per epoch.
+
+    def start(num_epochs: int, start_step: int) -> dict:
+        config.num_epochs = num_epochs
+        time.sleep(1.1 if start_step else 0)  # tensorboardX names event files by the second.
+        with summaries.open_writers(workdir, start_step) as writers:
+            summaries.write_run_info(writers, config, dataset, models.CNN(), {"w": np.zeros(3)})
+            for step in range(start_step + 8, 8 * num_epochs + 1, 8):
+                summaries.write_scalars(writers, step, dict.fromkeys(summaries.SCALAR_TAGS, 0.5))
+        return hparams_series(workdir)["."]
+
+    start(num_epochs=1, start_step=0)  # Interrupted before its end: no final summaries.
+    tags = start(num_epochs=2, start_step=8)  # Resumed with a second epoch.
+    assert session_start(tags).hparams["num_epochs"].string_value == "2"
+    assert session_start(tags).hparams[summaries.DATA_HPARAM].string_value == (
+        "fake: 1,024 train / 1,024 test images")
+    assert hparams_metadata.SESSION_END_INFO_TAG not in tags  # Running (never finished here).
+    tags = start(num_epochs=2, start_step=16)  # Finished: started again, trains nothing.
+    assert session_start(tags).hparams["num_epochs"].string_value == "2"
+    end = hparams_metadata.parse_session_end_info_plugin_data(
+        tags[hparams_metadata.SESSION_END_INFO_TAG].plugin_content)
+    assert end.status == hparams_api.STATUS_SUCCESS
+    assert len(accumulator(workdir).Tensors("config/text_summary")) == 1  # This start's only.
 
 
 def test_nothing_is_written_off_process_zero():
     for write in (lambda: summaries.write_scalars(None, 1, {"a": 1.0}),
-                  lambda: summaries.write_hparams(None, default_config()),
+                  lambda: summaries.write_hparams(None, default_config(), "fake"),
                   lambda: summaries.write_run_info(None, default_config(), fake_dataset(),
                                                    models.CNN(), {})):
         write()  # Accepts None (what open_writer gives on other processes).
@@ -199,10 +244,15 @@ def test_a_resumed_run_keeps_the_metrics_of_its_checkpoint_step(idx_dir, tmp_pat
             f"{workdir}/{run}", size_guidance={event_accumulator.SCALARS: 0})
         events.Reload()
         assert [e.step for e in events.Scalars("accuracy")] == [8, 16], run
+    # HParams shows the config the run ended with, and which data it used.
+    start = session_start(hparams_series(workdir)["."])
+    assert start.hparams["num_epochs"].string_value == "2"
+    assert start.hparams[summaries.DATA_HPARAM].string_value.startswith(f"idx ({idx_dir}): ")
 
     caplog.set_level(logging.INFO)
     train_as_main(config, workdir)  # Finished: evaluates, trains nothing.
     assert "finished all 2 epochs" in caplog.text and "epoch 3" not in caplog.text
+    assert hparams_metadata.SESSION_END_INFO_TAG in hparams_series(workdir)["."]
     events = event_accumulator.EventAccumulator(
         f"{workdir}/test", size_guidance={event_accumulator.IMAGES: 0})
     events.Reload()
@@ -255,17 +305,22 @@ def get_json(url: str, body: dict | None = None):
 
 
 def test_tensorboard_serves_train_and_test_curves_and_the_key_hparams(tmp_path):
-    """What a user's browser gets from `tensorboard --logdir=runs/` (README), over HTTP."""
+    """What a user's browser gets from `tensorboard --logdir=runs/` (README), over HTTP, for a
+    run of 8 steps an epoch stopped after its first epoch and resumed with num_epochs=2."""
     workdir = str(tmp_path / "run")
-    dataset = fake_dataset()
+    dataset = fake_dataset(1024)
     config = default_config()
-    with summaries.open_writers(workdir) as writer:
-        summaries.write_run_info(writer, config, dataset, models.CNN(), {"w": np.zeros((3, 4))})
-        for epoch, step in enumerate((8, 16), start=1):
+    for epoch, step in enumerate((8, 16), start=1):
+        config.num_epochs = epoch
+        time.sleep(1.1 if epoch > 1 else 0)  # tensorboardX names event files by the second.
+        with summaries.open_writers(workdir, start_step=step - 8) as writer:
+            summaries.write_run_info(writer, config, dataset, models.CNN(),
+                                     {"w": np.zeros((3, 4))})
             summaries.write_scalars(writer, step, {**dict.fromkeys(summaries.SCALAR_TAGS, 0.5),
                                                    "epoch": epoch})
-        pictures.write_final(writer, 16, dataset, fake_probabilities(len(dataset.test_labels)),
-                              config.num_classes)
+            if epoch == 2:  # The run's end.
+                pictures.write_final(writer, step, dataset, fake_probabilities(len(
+                    dataset.test_labels)), config.num_classes)
 
     with tensorboard_server(str(tmp_path), {"run", "run/train", "run/test"}) as url:
         assert set(get_json(f"{url}/data/runs")) == {"run", "run/train", "run/test"}
@@ -296,6 +351,8 @@ def test_tensorboard_serves_train_and_test_curves_and_the_key_hparams(tmp_path):
             "startIndex": 0, "sliceSize": 10})
         [group] = groups["sessionGroups"]
         assert group["hparams"]["batch_size"] == "128"  # Shown as 128, not 128.00.
+        assert group["hparams"]["num_epochs"] == "2"  # The resumed run's, not its first start's.
+        assert group["hparams"][summaries.DATA_HPARAM] == dataset.describe()
         assert {(m["name"]["group"], m["name"]["tag"]): (m["trainingStep"], m["value"])
                 for m in group["metricValues"]} == dict.fromkeys(summaries.HPARAM_METRICS,
                                                                  (16, 0.5))
