@@ -187,7 +187,8 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
 
     It takes uint8 (0-255) or float (0-1) arrays of shape (N, 28, 28) or (N, 28, 28, 1), white
     ink on black, as MNIST (use `preprocess` for other pictures). `predict.step` is the
-    checkpoint's step.
+    checkpoint's step. A library call: orbax's notices that its readers are read only (two per
+    manager opened) are kept out of the caller's log; its other warnings are not.
     """
     try:
         root = workdir_lib.path(workdir)  # A gs:// workdir without the gcs extra: one line.
@@ -197,7 +198,9 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
             raise PredictError(f"--workdir={workdir}: no such directory") from None
         if not root.is_dir():
             raise PredictError(f"--workdir={workdir}: not a directory")
-        if checkpoints.latest_step(workdir) is None:
+        with integrity.read_only_notices_dropped():
+            no_checkpoint = checkpoints.latest_step(workdir) is None
+        if no_checkpoint:
             raise PredictError(f"{checkpoints.checkpoint_dir(workdir)}: no checkpoint; train "
                                f"first with python -m mnist_flax.main --workdir={workdir}")
         config = workdir_lib.read_config(workdir)

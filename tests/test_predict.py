@@ -300,3 +300,20 @@ def test_help_works_and_names_the_flags():
     result = subprocess.run([sys.executable, "-m", "mnist_flax.predict", "--help"],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0 and "--workdir" in result.stdout, result.stderr[-2000:]
+
+
+def test_load_logs_no_orbax_warnings(workdir, caplog, monkeypatch):
+    """`load` is the library's Python API (README): no entry point's log filters are in place,
+    so whatever orbax logs at WARNING reaches the caller. It must log none: reading a checkpoint
+    is not a warning. The absl logger's filters are emptied first, so that the CLI tests' global
+    ones (`logs.quiet_orbax_logging`) cannot hide what load itself would log."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    monkeypatch.setattr(absl_logging.get_absl_logger(), "filters", [])
+    caplog.set_level(logging.WARNING)
+    predict.load(workdir[0])
+    orbax = [record.getMessage() for record in caplog.records
+             if f"{os.sep}orbax{os.sep}" in record.pathname and record.levelno >= logging.WARNING]
+    assert not orbax, orbax
