@@ -2,12 +2,15 @@
 run's config (workdir/config.json). Paths go through `etils.epath`: local or gs://.
 
 Orbax writes a checkpoint into a temporary directory and renames it when complete, so a run killed
-mid-save keeps the previous one. `run.integrity` adds checksums and walks past damaged ones.
+mid-save keeps the previous one. Saves are asynchronous: the loop waits only while the arrays are
+copied off the device, and the files are written in a background thread while it trains on.
+`run.integrity` adds checksums and walks past damaged ones.
 """
 
 import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"  # Under the workdir.
@@ -86,11 +90,15 @@ def check_shapes(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[in
 
 
 def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
-    """Keeps the newest `keep` checkpoints; saves only when told (the loop decides when). Saves
-    are synchronous: the next step donates (overwrites) the arrays a save would still read."""
+    """Keeps the newest `keep` checkpoints; saves only when told (the loop decides when).
+
+    Saves are asynchronous (see `save`). The blocking part copies the arrays to host memory, so
+    the next step may donate (overwrite) them; an older checkpoint is pruned only once the newer
+    one is committed.
+    """
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-        enable_async_checkpointing=False,
+        enable_async_checkpointing=not read_only,
         cleanup_tmp_directories=not read_only,  # Half-written saves of a killed run.
         create=not read_only, read_only=read_only)
     # Handlers named up front, so a fresh manager can read metadata before any save or restore.
@@ -107,19 +115,52 @@ def latest_step(workdir: str) -> int | None:
         return manager.latest_step()
 
 
+@contextlib.contextmanager
+def open_manager(workdir: str, keep: int) -> Iterator[ocp.CheckpointManager]:
+    """The run's manager. Leaving waits for the save in flight, so a run ends (or stops on a
+    signal) with its last checkpoint committed, and a failure of that save is the one-line
+    CheckpointError; after another error it is only logged, and the first error goes on."""
+    manager = create_manager(workdir, keep)
+    try:
+        yield manager
+    except BaseException:
+        try:
+            finish(manager)
+        except CheckpointError as e:
+            logging.error("%s", e)
+        raise
+    else:
+        finish(manager)
+    finally:
+        try:
+            manager.close()
+        except Exception as e:  # noqa: BLE001 (a failed save raises again here: reported above)
+            logging.info("Closing the checkpoint manager: %s", error_line(e))
+
+
 def save(manager: ocp.CheckpointManager, state, position: dict[str, Any]) -> bool:
-    """Writes the checkpoint for `position['step']` with `position` as its JSON (once: a second
-    call at the same step is a no-op)."""
+    """Starts writing the checkpoint for `position['step']` with `position` as its JSON (once: a
+    second call at the same step is a no-op), after the previous save: if that one failed, its
+    failure is raised here, naming its step. Returns once the arrays are copied to the host."""
     step = position["step"]
     if manager.latest_step() == step:
         return False
+    finish(manager)
     try:
-        saved = manager.save(step, force=True, args=ocp.args.Composite(
+        return manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state_tree(state)), position=ocp.args.JsonSave(position)))
-        manager.wait_until_finished()
-    except (OSError, ValueError) as e:  # tensorstore reports a full disk as a ValueError.
+    except Exception as e:  # noqa: BLE001 (orbax, tensorstore and storage clients raise many kinds)
         raise CheckpointError(_save_failed(manager, step, e)) from None
-    return saved
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+    """Waits until the save in flight, if any, is committed; its failure becomes the one-line
+    CheckpointError naming its step (orbax lists a step from the moment its save starts)."""
+    step = manager.latest_step()
+    try:
+        manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 (whatever the background write raised)
+        raise CheckpointError(_save_failed(manager, step, e)) from None
 
 
 def _save_failed(manager: ocp.CheckpointManager, step: int, e: Exception) -> str:

@@ -6,7 +6,6 @@ optax.adam update. The state holds all the step needs, so a run resumes exactly 
 `hooks.Hooks` are what main's operations (`run.Operations`) add; the defaults train bare.
 """
 
-import contextlib
 import functools
 
 import jax
@@ -196,8 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         start_step = step = int(state.step)
         progress = progress_lib.Progress(config, num_steps, steps_per_epoch,
                                          learning_rate_schedule(config, steps_per_epoch), step)
-        with (contextlib.closing(checkpoints.create_manager(workdir, config.checkpoint_keep))
-              as manager, summaries.open_writers(workdir, start_step) as writers):
+        with (checkpoints.open_manager(workdir, config.checkpoint_keep) as manager,
+              summaries.open_writers(workdir, start_step) as writers):
             checkpoints.write_config(workdir, config)
             summaries.write_run_info(writers, config, dataset, models.create_model(config),
                                      state.params)

@@ -298,7 +298,9 @@ def test_sigkill_at_any_step_then_resume_is_bit_identical(resume_setup):
     assert rc == -signal.SIGKILL, log[-3000:]
     assert "Test accuracy" not in log  # It really was stopped mid-run.
 
-    assert 6 <= resume_to_the_end(command, base / "killed", expected) < NUM_STEPS
+    # Saves are asynchronous: the one at step 6 may still be in flight at step 8, but the one
+    # before it is committed (a save starts only once the previous one is).
+    assert 3 <= resume_to_the_end(command, base / "killed", expected) < NUM_STEPS
 
 
 def test_sigterm_saves_exits_143_then_resume_is_bit_identical(resume_setup):

@@ -99,3 +99,61 @@ def test_storage_that_does_not_answer_from_the_start_is_one_line(idx_dir, tmp_pa
         assert last.startswith(f"error: --workdir={workdir}: its storage did not answer ("), last
         assert last.endswith("); check the network and the bucket, then run again"), last
     assert not (REPO / "gs:").exists()  # Nothing was written as a local path.
+
+
+def test_a_lease_taken_over_during_async_saves_stops_the_run_and_nothing_lands_after(
+        idx_dir, tmp_path):
+    """With a save into gs:// in flight at every step, another run takes the lease over: the run
+    stops with one line once it sees that, and no save of its own starts after that moment (the
+    one in flight then may land: a save is checked against the lease before it starts)."""
+    import datetime
+    import json
+
+    from google.cloud import storage
+
+    emulator = start(tmp_path / "emulator.log")
+    workdir = f"gs://{emulator.bucket}/run"
+    env = {**os.environ, "MNIST_DATA_DIR": "", **emulator.env}
+    command = [*_command(workdir, idx_dir), "--config.checkpoint_every_steps=1"]
+    process = subprocess.Popen(command, cwd=REPO, text=True, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = []
+    try:
+        for line in process.stderr:  # Checkpoints are being saved, one per step.
+            log.append(line)
+            if re.search(r"step ([4-9]|\d\d+)/", line):
+                break
+        else:
+            pytest.fail("".join(log[-30:]))
+        for name, value in emulator.env.items():
+            os.environ.setdefault(name, value)
+        bucket = storage.Client().bucket(emulator.bucket)
+        # What another run does when it judges the lease expired (its clock runs ahead, say).
+        bucket.blob("run/.lock").upload_from_string(json.dumps(
+            {"host": "elsewhere", "pid": 1, "token": "other", "expires": time.time() + 600}))
+        for line in process.stderr:
+            log.append(line)
+            if "lost the lease on " in line:  # The run has seen it: nothing of its own after.
+                seen = datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017
+                break
+        _, rest = process.communicate(timeout=120)
+        time.sleep(2)  # Anything still in flight would land now.
+        blobs = [b for b in bucket.list_blobs(prefix="run/") if b.name != "run/.lock"]
+    finally:
+        process.kill()
+        emulator.stop()
+        for name in emulator.env:
+            os.environ.pop(name, None)
+    log = "".join(log) + rest
+    assert process.returncode == 1, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert log.strip().splitlines()[-1] == (
+        f"error: another run took over the lease on --workdir={workdir}; this run saves no more "
+        "and stops; its last committed checkpoint is intact"), log[-3000:]
+    steps: dict[str, list[datetime.datetime]] = {}
+    for blob in blobs:
+        steps.setdefault(blob.name.split("/")[2] if "/checkpoints/" in blob.name else blob.name,
+                         []).append(blob.updated)
+    late = {step: times for step, times in steps.items() if max(times) > seen}
+    assert len(late) <= 1, late  # At most the save in flight when the run saw the loss ...
+    assert all(min(times) < seen for times in late.values()), late  # ... which started before.

@@ -224,3 +224,38 @@ def test_gs_workdir_without_the_gcs_extra_is_one_line(module, tmp_path):
         "google.cloud.storage, which the gcs extra installs: pip install 'mnist_flax[gcs]'")
     assert "Traceback" not in result.stderr
 
+
+
+def test_sigterm_while_an_async_save_is_in_flight_saves_it_and_resumes_bit_identically(
+        gcs_bucket_path, idx_dir, tmp_path):  # noqa: F811
+    """Saves are asynchronous: SIGTERM arriving while one is written still exits as preempted
+    (143) with the step it stopped at committed, and the rerun ends bit-identical."""
+    import signal
+
+    import jax
+    from conftest import assert_trees_identical, tiny_config, train_as_main
+
+    from mnist_flax import checkpoints, train
+    from mnist_flax.run import operations, signals
+
+    config = tiny_config(data_source="idx", data_dir=str(idx_dir), batch_size=32, num_epochs=1,
+                         checkpoint_every_steps=1, verify_checksums=False)
+    expected, _ = train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
+    in_flight = []
+
+    class SigtermDuringASave(operations.Operations):
+        def before_dispatch(self, state, step, num_steps):
+            if step == 3:  # The save at step 3 has started (a save into gs:// takes ~1 s).
+                in_flight.append(checkpoints.latest_step(gcs_bucket_path) != 3)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().before_dispatch(state, step, num_steps)
+
+    with pytest.raises(signals.Preempted) as stopped, SigtermDuringASave(config) as hooks:
+        train.train_and_evaluate(config, gcs_bucket_path, hooks)
+    assert in_flight == [True]  # The signal came while the save at step 3 was being written.
+    assert (stopped.value.step, stopped.value.exit_code) == (4, 143)
+    assert checkpoints.latest_step(gcs_bucket_path) == 4  # Committed before it returned.
+
+    state, _ = train_as_main(config, gcs_bucket_path)
+    host = jax.tree.map(np.asarray, checkpoints.state_tree(state))
+    assert_trees_identical(host, jax.tree.map(np.asarray, checkpoints.state_tree(expected)))

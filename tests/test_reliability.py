@@ -214,9 +214,10 @@ _MAIN_WITH_FULL_DISK = textwrap.dedent("""
     real_save, real_write_text = checkpoints.save, epath.gpath._GPath.write_text
     full = []
 
-    def save(*args):
-        saved = real_save(*args)
-        full.append(True)  # The disk is full from now on.
+    def save(manager, *args):
+        saved = real_save(manager, *args)
+        checkpoints.finish(manager)  # Committed (saves are asynchronous) ...
+        full.append(True)  # ... and the disk is full from now on.
         return saved
 
     def write_text(self, *args, **kwargs):
