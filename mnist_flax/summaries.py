@@ -94,10 +94,19 @@ def remove_run_events(workdir: str) -> None:
 
 def _close(writer: SummaryWriter) -> None:
     """Closes a writer; one that cannot (a full disk) costs its last events, not the run's error."""
+    file_writers = list((writer.all_writers or {}).values())  # close() forgets them.
     try:
         writer.close()
     except Exception as e:  # noqa: BLE001 (tensorboardX raises whatever its file system does)
         logging.warning("TensorBoard events after the last flush are lost (%r)", e)
+    # tensorboardX's gs:// file uploads its whole buffer again when garbage-collected, even
+    # closed: at a notebook's exit, over a newer run's file, or for minutes of retries once the
+    # storage is gone. Closed is final here.
+    for file_writer in file_writers:
+        records = getattr(getattr(getattr(file_writer.event_writer, "_ev_writer", None),
+                                  "_py_recordio_writer", None), "_writer", None)
+        if type(records).__name__ == "GCSRecordWriter":
+            records.close = lambda: None
 
 
 def config_text(config: ml_collections.ConfigDict) -> str:
