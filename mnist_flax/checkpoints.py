@@ -120,6 +120,10 @@ def open_manager(workdir: str, keep: int) -> Iterator[ocp.CheckpointManager]:
     """The run's manager. Leaving waits for the save in flight, so a run ends (or stops on a
     signal) with its last checkpoint committed, and a failure of that save is the one-line
     CheckpointError; after another error it is only logged, and the first error goes on."""
+    if jax.process_count() > 1:  # Process 0 creates checkpoints/ now: not while another reads.
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("mnist_flax.checkpoints.open_manager")
     manager = create_manager(workdir, keep)
     try:
         yield manager

@@ -1,16 +1,21 @@
 """SIGTERM (a preemption) and SIGINT (Ctrl-C): the loop finishes its step, saves and stops; on a
-pod every process stops after the same step."""
+pod every process stops after the same step, agreed on the devices one dispatch late, so that
+the host never waits for them to agree."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import signal
 import threading
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
-
-from mnist_flax.run.workdir import on_every_process
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # Exit status of a run stopped by SIGTERM after saving its checkpoint: 128 + SIGTERM, what a
 # shell reports for a process SIGTERM ended, so job systems see "terminated" and can restart it.
@@ -46,6 +51,7 @@ class StopFlag:
     requested: threading.Event = dataclasses.field(default_factory=threading.Event)
     signum: int | None = None
     _previous: dict[int, Any] = dataclasses.field(default_factory=dict)
+    _in_flight: jax.Array | None = None  # The agreement the last `agreed` call started.
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -73,12 +79,35 @@ class StopFlag:
     def agreed(self) -> bool:
         """Whether any process got a stop signal. On a pod every process must stop after the same
         step, or the others wait for it in the save's collectives; a process stopped by a peer
-        exits as preempted (143). One small all-gather per call when there are several processes.
+        exits as preempted (143).
+
+        With several processes, each call (one per dispatch, on every process) starts an
+        all-reduce of the flags on the devices, queued behind the dispatch just made, and reads
+        the one the previous call started: the devices have run it by the time the host would
+        wait for the previous dispatch anyway, so the host never idles them to agree. Every
+        process reads the same result, so all stop after the same step, one dispatch after the
+        signal.
         """
-        anywhere = not on_every_process(not self.is_set())
+        if jax.process_count() == 1:
+            return self.is_set()
+        previous, self._in_flight = self._in_flight, _any_process(self.is_set())
+        anywhere = previous is not None and bool(previous.addressable_data(0))
         if anywhere and self.signum is None:
             self.signum = signal.SIGTERM
         return anywhere
+
+
+def _any_process(flag: bool) -> jax.Array:
+    """Whether `flag` holds on any process, as a replicated device scalar (not waited for)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("process",))
+    local = np.full(jax.local_device_count(), flag, np.int32)
+    flags = jax.make_array_from_process_local_data(NamedSharding(mesh, P("process")), local)
+    return _any(flags, NamedSharding(mesh, P()))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _any(flags: jax.Array, replicated: NamedSharding) -> jax.Array:
+    return jax.lax.with_sharding_constraint(jnp.any(flags > 0), replicated)
 
 
 def stop_message(step: int, signum: int) -> str:
