@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -233,10 +234,16 @@ def run_to_end(command, log_path) -> str:
     return output
 
 
-def _sigint_as_in_a_terminal() -> None:
-    """In the child before exec: a shell starts background jobs (and so maybe this test) with
-    SIGINT ignored, and a child inherits that; a terminal's foreground job has the default."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@contextlib.contextmanager
+def _sigint_as_in_a_terminal() -> Iterator[None]:
+    """While starting a child: a shell starts background jobs (and so maybe this test) with
+    SIGINT ignored, and a child inherits that; a handled one is the default after exec, as in a
+    terminal's foreground job. (Not preexec_fn: a fork of a process running JAX's threads.)"""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_and_interrupt(command, log_path, sig: int, after_step: int,
@@ -244,9 +251,9 @@ def run_and_interrupt(command, log_path, sig: int, after_step: int,
     """Starts `command`, sends `sig` once its log reports `after_step` steps (and again
     `again_after` seconds later, if given); returns rc, log."""
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   env=run_env(log_path.parent / "jax_cache"), cwd=ROOT,
-                                   preexec_fn=_sigint_as_in_a_terminal)
+        with _sigint_as_in_a_terminal():
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                       env=run_env(log_path.parent / "jax_cache"), cwd=ROOT)
         try:
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline and process.poll() is None:

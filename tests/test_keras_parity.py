@@ -80,7 +80,10 @@ def _train_keras(keras, params: dict, images, labels) -> dict:
     x, y = models.normalize(images), keras.utils.to_categorical(labels, 10)
     for _ in range(STEPS):
         model.train_on_batch(x, y)
-    return {name: {"kernel": layer.get_weights()[0], "bias": layer.get_weights()[1]}
+    # The variables' values (JAX arrays), not get_weights(): that converts each Keras Variable with
+    # np.array(), and its __array__ takes no `copy` (Keras 3.15), which NumPy 2 deprecates.
+    return {name: dict(zip(("kernel", "bias"), (np.asarray(w.value) for w in layer.weights),
+                           strict=True))
             for layer, name in zip(weighted, LAYERS, strict=True)}
 
 
