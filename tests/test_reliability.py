@@ -15,6 +15,8 @@ share one compilation cache.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,10 +59,10 @@ def small_config(data_dir, **overrides):
     return tiny_config(**{**TINY, "data_dir": str(data_dir), **overrides})
 
 
-def tiny_flags(data_dir, workdir, *extra: str) -> list[str]:
-    """The command line that gives `small_config(data_dir)`."""
+def tiny_flags(data_dir, workdir, *extra: str, **overrides) -> list[str]:
+    """The command line that gives `small_config(data_dir, **overrides)`."""
     flags = [f"--config.{k}={'(' + ','.join(map(str, v)) + ')' if isinstance(v, tuple) else v}"
-             for k, v in TINY.items()]
+             for k, v in {**TINY, **overrides}.items()]
     return [f"--workdir={workdir}", f"--config.data_dir={data_dir}", *flags, *extra]
 
 
@@ -254,6 +256,61 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint_and_the_run_resumes(
     expected, expected_metrics = reference
     assert_trees_identical(host_tree(state), expected)
     assert metrics["test/accuracy"] == expected_metrics["test/accuracy"]
+
+
+def _private_tmpfs_works(directory) -> bool:
+    """Whether a test may mount a tmpfs of its own (root, or user namespaces), as test_pod does."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                            'mount -t tmpfs -o size=64k probe "$0"', str(directory)],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+# The run on a small tmpfs mounted in a private mount namespace (nobody else sees it), then a copy
+# of its workdir out to the real disk before the namespace, and the tmpfs with it, goes away.
+_ON_A_SMALL_DISK = ('mount -t tmpfs -o size=600k full "$DISK" || exit 99; "$@"; code=$?; '
+                    'cp -a "$DISK/run" "$COPY"; exit $code')
+
+
+def test_a_real_full_disk_is_one_line_and_the_copied_workdir_resumes(base, tmp_path):
+    """A full file system, not a simulated write error: 600 KiB hold the tiny model's first
+    checkpoints (a checkpoint every step, none pruned) and not a later one. The run's one line is
+    all it says of it: none of the tracebacks and E-lines of orbax's and TensorBoard's threads
+    that each reported the same ENOSPC. Its workdir, copied out, resumes from the checkpoint the
+    line calls intact."""
+    disk, copy = tmp_path / "disk", tmp_path / "copy"
+    disk.mkdir()
+    if not _private_tmpfs_works(disk):
+        pytest.skip("needs `unshare -m` and mount (root or user namespaces) for a private tmpfs")
+    flags = tiny_flags(base / "data", disk / "run", checkpoint_every_steps=1,
+                       checkpoint_keep=NUM_STEPS)
+    command = ["unshare", "-m", "--propagation", "private", "sh", "-c", _ON_A_SMALL_DISK, "sh",
+               sys.executable, "-m", "mnist_flax.main", *flags]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "MNIST_DATA_DIR": "", "DISK": str(disk),
+           "COPY": str(copy), "JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache")}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env=env)
+    tail = result.stderr[-3000:]
+    assert result.returncode == 1, tail
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, tail
+    saved = re.search(r"saving the checkpoint at step (\d+) failed \(no space left on device\); "
+                      r"the checkpoint at step (\d+) is intact; free space and run the same "
+                      r"command to resume$", errors[0])
+    assert saved and 0 < int(saved[2]) < int(saved[1]) < NUM_STEPS, tail
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, tail
+    assert not re.search(r"^E\d{4} ", result.stderr, re.MULTILINE), tail  # absl's ERROR lines.
+    intact = int(saved[2])
+    assert checkpoints.latest_step(str(copy)) == intact
+
+    # Space is back (the same files on a disk with room): the same command resumes from there.
+    resumed = run_main(base, *tiny_flags(base / "data", copy, checkpoint_every_steps=1,
+                                         checkpoint_keep=NUM_STEPS))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from the checkpoint at step {intact} " in resumed.stderr
+    assert checkpoints.latest_step(str(copy)) == NUM_STEPS
 
 
 def test_a_failed_save_of_any_kind_is_one_line(tmp_path, monkeypatch):

@@ -10,11 +10,19 @@ from typing import Any
 
 from absl import logging
 
+# What orbax's threads log of an error they hand on: the thread that waits for them raises the
+# same exception (a save's `wait_until_finished`, and so `checkpoints.save`, which is one line).
+_HANDED_ON = ("_SignalingThread.run() raised an exception",  # futures.future, each worker thread
+              "Handler Commit operations or the Commit callback",  # async_checkpointer's commit
+              "[wait_until_finished] Save Finalize thread")  # checkpoint_manager's finalize
+
 
 def _drop_orbax_info(record: std_logging.LogRecord) -> bool:
     """Orbax logs ~30 INFO lines per save through absl, and warns that a read-only manager (ours,
     for restoring) is read-only; keep its other warnings and errors, except the one its metadata
-    thread logs when a second Ctrl-C stopped a save and the process is exiting (cli says so)."""
+    thread logs when a second Ctrl-C stopped a save and the process is exiting (cli says so), and
+    the ones its threads log of an error the waiting thread raises (a full disk's E-lines, one
+    per thread, before the run's one line)."""
     if f"{os.sep}orbax{os.sep}" not in record.pathname:
         return True
     if record.exc_info:  # A failed save (e.g. a full disk): `save` reports it in one line.
@@ -22,7 +30,7 @@ def _drop_orbax_info(record: std_logging.LogRecord) -> bool:
     message = record.getMessage()
     return record.levelno >= std_logging.WARNING and "read only" not in message and (
         "read_only=True" not in message) and "cannot schedule new futures after shutdown" not in (
-        message)
+        message) and not any(text in message for text in _HANDED_ON)
 
 
 def _orbax_aftermath(unraisable: Any) -> bool:
