@@ -10,12 +10,15 @@ from __future__ import annotations
 import shlex
 import sys
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from mnist_flax.run import startup
 
-from mnist_flax import summaries, train
-from mnist_flax.run import boundary, config_checks, operations, process, workdir
+with startup.one_line_interrupts():  # Seconds of imports before the boundary exists.
+    import jax
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    from mnist_flax import summaries, train
+    from mnist_flax.run import boundary, config_checks, operations, process, workdir
 
 FLAGS = flags.FLAGS
 
@@ -79,8 +82,9 @@ def next_steps(workdir_path: str) -> str:
 
 def run() -> None:
     """The console script and `python -m mnist_flax.main`."""
-    define_flags()
-    app.run(main, flags_parser=boundary.parse_flags)
+    with startup.one_line_interrupts():  # Defining and parsing the flags loads the config file.
+        define_flags()
+        app.run(main, flags_parser=boundary.parse_flags)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,19 @@ import sys
 import warnings
 from collections.abc import Callable
 
-import jax
-import numpy as np
-from absl import flags
-from PIL import Image, ImageOps, UnidentifiedImageError
+from mnist_flax.run import startup
 
-from mnist_flax import checkpoints, input_pipeline, models
-from mnist_flax.run import integrity, logs
-from mnist_flax.run import workdir as workdir_lib
+# Seconds of imports before the command's boundary exists; a caller that imports this module
+# (a notebook) still gets its KeyboardInterrupt.
+with startup.one_line_interrupts(startup.PREDICT_INTERRUPTED_LINE):
+    import jax
+    import numpy as np
+    from absl import flags
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from mnist_flax import checkpoints, input_pipeline, models
+    from mnist_flax.run import integrity, logs
+    from mnist_flax.run import workdir as workdir_lib
 
 BOX = 20  # MNIST fits the digit's longer side into 20 px ...
 SIZE = 28  # ... and centres it by mass in 28x28.
@@ -310,10 +315,14 @@ def run(argv: list[str]) -> int:
 
 def main() -> None:
     """The console script and `python -m mnist_flax.predict`, inside the one error boundary."""
-    from mnist_flax.run import boundary
+    with startup.one_line_interrupts(startup.PREDICT_INTERRUPTED_LINE):
+        from mnist_flax.run import boundary
 
-    with boundary.one_line_errors():
+    with boundary.one_line_errors(interrupted_line=startup.PREDICT_INTERRUPTED_LINE):
         code = run(sys.argv)
+        if sys.stdout is not None:  # None when started with stdout closed (`>&-`).
+            sys.stdout.flush()  # Here, so a reader that left (`| head`) ends quietly, not in a
+            # BrokenPipeError traceback from the flush at exit.
     sys.exit(code)
 
 

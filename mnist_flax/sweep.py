@@ -26,13 +26,16 @@ import sys
 import time
 from typing import Any
 
-import jax
-import ml_collections
-from absl import app, flags, logging
+from mnist_flax.run import startup
 
-from mnist_flax import train
-from mnist_flax.configs import ConfigError
-from mnist_flax.run import boundary, config_checks, operations, process, workdir
+with startup.one_line_interrupts():  # Seconds of imports before the boundary exists.
+    import jax
+    import ml_collections
+    from absl import app, flags, logging
+
+    from mnist_flax import train
+    from mnist_flax.configs import ConfigError
+    from mnist_flax.run import boundary, config_checks, operations, process, workdir
 
 FLAGS = flags.FLAGS
 
@@ -345,8 +348,9 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """The console script and `python -m mnist_flax.sweep`."""
-    define_flags()
-    app.run(main, flags_parser=boundary.parse_flags)
+    with startup.one_line_interrupts():  # Defining and parsing the flags loads the config file.
+        define_flags()
+        app.run(main, flags_parser=boundary.parse_flags)
 
 
 if __name__ == "__main__":

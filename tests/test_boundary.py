@@ -5,17 +5,22 @@ docs/reliability.md lists which test pins which category."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import Iterator
 
 import pytest
 from conftest import REPO, one_line, run_module, snapshot, tiny_main_flags, train_as_main
 
 from mnist_flax import checkpoints
-from mnist_flax.run import boundary, integrity
+from mnist_flax.run import boundary, integrity, startup
 from mnist_flax.run import lock as lock_lib
 from mnist_flax.run import workdir as workdir_lib
 
@@ -214,3 +219,145 @@ def test_an_unknown_error_is_one_line_naming_its_traceback_file(tmp_path, capsys
     assert line.startswith("error: ZeroDivisionError: a bug of ours (full traceback in ")
     path = line.split("full traceback in ")[1].split(")")[0]
     assert path.startswith(str(tmp_path / "errors")) and "Traceback" in open(path).read()
+
+
+# Ctrl-C at a few moments of start-up and of predict, as a terminal sends it. Where the moment
+# must be exact, the process sends SIGINT to itself from a sitecustomize.py (which Python runs
+# before the entry module): when a module starts importing, or when JAX first traces a function.
+_SITECUSTOMIZE = '''
+import os, signal, sys
+
+where = os.environ.get("INTERRUPT_AT", "")
+
+
+def interrupt(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+class _Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name == where.removeprefix("import:"):
+            sys.meta_path.remove(self)
+            interrupt()
+        return None
+
+
+if where.startswith("import:"):
+    sys.meta_path.insert(0, _Finder())
+elif where == "trace":
+    from jax import monitoring
+
+    monitoring.register_event_duration_secs_listener(
+        lambda event, *a, **k: event == "/jax/core/compile/jaxpr_trace_duration" and interrupt())
+'''
+
+
+@contextlib.contextmanager
+def _sigint_as_in_a_terminal() -> Iterator[None]:
+    """While starting a child: a background job (pytest may be one) has SIGINT ignored, which a
+    child inherits; a handled one is the default after exec, as in a terminal's foreground job.
+    (Not preexec_fn: a fork of a process running JAX's threads.)"""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted(tmp_path, at: str, module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m mnist_flax.<module> ARGS`, sent Ctrl-C at the moment `at` (see above)."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    with _sigint_as_in_a_terminal():
+        return subprocess.run([sys.executable, "-m", f"mnist_flax.{module}", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu", "MNIST_DATA_DIR": "",
+                                   "PYTHONPATH": path, "INTERRUPT_AT": at})
+
+
+def _only_line(result: subprocess.CompletedProcess, line: str) -> None:
+    """Exit 130 and `line` as all of stderr: no traceback, no 'Exception ignored', no output."""
+    assert result.returncode == 130 and result.stderr.strip() == line, (
+        f"exit {result.returncode}\n{result.stderr[-3000:]}")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("module, at", [
+    ("main", "import:jax"),  # The first of the entry module's slow imports: right after start.
+    ("main", "import:orbax.checkpoint"),  # Seconds into them.
+    ("sweep", "import:jax"),
+])
+def test_ctrl_c_while_an_entry_point_imports_is_one_line_and_130(tmp_path, idx_dir, module, at):
+    args = [*tiny_main_flags(idx_dir, tmp_path / "run")]
+    if module == "sweep":
+        args.append("--sweep=seed=0")
+    _only_line(_interrupted(tmp_path, at, module, *args), startup.INTERRUPTED_LINE)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_after_the_first_log_line_is_one_line_and_130(tmp_path, idx_dir):
+    """A Ctrl-C as a user presses it on seeing the run start: whether it lands in the data's
+    loading, the compilation or a step, the run stops with one line and 130, and what it saved
+    resumes."""
+    command = [sys.executable, "-m", "mnist_flax.main", *tiny_main_flags(idx_dir, tmp_path / "r")]
+    with _sigint_as_in_a_terminal():
+        process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True,
+                                   stdout=subprocess.DEVNULL,
+                                   env={**os.environ, "JAX_PLATFORMS": "cpu", "MNIST_DATA_DIR": ""})
+    watchdog = threading.Timer(300, process.kill)  # A run that hangs fails, not the session.
+    watchdog.start()
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if re.match(r"[IWE]\d{4} ", line):  # absl's first log line.
+                process.send_signal(signal.SIGINT)
+                break
+        lines += process.stderr.readlines()
+        process.wait(timeout=120)
+    finally:
+        watchdog.cancel()
+        process.kill()
+    stderr = "".join(lines)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    assert "Interrupted (Ctrl-C)" in stderr.strip().splitlines()[-1], stderr[-3000:]
+    again = main(*tiny_main_flags(idx_dir, tmp_path / "r"))
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished tiny run's workdir, and a digit image to predict."""
+    from conftest import synthetic_digits, write_idx_dir
+    from PIL import Image
+
+    base = tmp_path_factory.mktemp("trained")
+    train_as_main(_tiny_config(write_idx_dir(base / "data")), base / "run")
+    image = base / "digit.png"
+    Image.fromarray(synthetic_digits(1)[0][0, ..., 0]).save(image)
+    return base / "run", image
+
+
+@pytest.mark.parametrize("at", ["import:jax", "trace"])
+def test_ctrl_c_during_predict_is_one_line_and_130(tmp_path, trained, at):
+    """While predict imports, and while it builds the model and predicts (JAX's first trace)."""
+    workdir, image = trained
+    result = _interrupted(tmp_path, at, "predict", f"--workdir={workdir}", str(image))
+    _only_line(result, startup.PREDICT_INTERRUPTED_LINE)
+
+
+@pytest.mark.parametrize("redirect", ["| head -c 0", ">&-"])
+def test_a_closed_stdout_in_predict_is_no_traceback(trained, redirect):
+    """Piped into a reader that has left, or with stdout closed: no traceback, no error line."""
+    workdir, image = trained
+    command = shlex.join([sys.executable, "-m", "mnist_flax.predict", f"--workdir={workdir}",
+                          str(image)])
+    result = subprocess.run(f"{command} {redirect}", shell=True, cwd=REPO, text=True,
+                            capture_output=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, (
+        result.stderr[-3000:])
+    assert "error:" not in result.stderr, result.stderr[-3000:]

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -24,7 +25,7 @@ from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 from mnist_flax import checkpoints, configs, input_pipeline, progress
-from mnist_flax.run import config_checks, lease, signals, workdir
+from mnist_flax.run import config_checks, lease, signals, startup, workdir
 
 DEFAULT_CONFIG = configs.DEFAULT
 _CONFIG_ERRORS = (AttributeError, KeyError, OSError, ImportError, SyntaxError, TypeError,
@@ -32,13 +33,15 @@ _CONFIG_ERRORS = (AttributeError, KeyError, OSError, ImportError, SyntaxError, T
 # Bad input, or a run that cannot go on: printed as their own one line.
 USER_ERRORS = (configs.ConfigError, input_pipeline.DataError, checkpoints.CheckpointError,
                workdir.WorkdirError, progress.TrainingDivergedError, lease.LeaseError)
-INTERRUPTED_LINE = ("Interrupted (Ctrl-C): stopped at once without saving; the checkpoints "
-                    "already in the workdir are intact. Run the same command to resume.")
+INTERRUPTED_LINE = startup.INTERRUPTED_LINE  # Before the boundary exists, startup says it.
 
 
 def _leave(code: int, log_path: str | None = None) -> None:
     """Exits now with `code`, as a kill would, once what was printed is flushed: threads still
-    running and exit handlers write to `log_path` (or nowhere), never to the terminal."""
+    running and exit handlers write to `log_path` (or nowhere), never to the terminal, and a
+    second Ctrl-C cannot turn the exit into a traceback."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
@@ -81,8 +84,10 @@ def describe(error: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def one_line_errors(workdir_hint: str | None = None) -> Iterator[None]:
-    """The boundary: every exception becomes one line and an exit status (see the module)."""
+def one_line_errors(workdir_hint: str | None = None,
+                    interrupted_line: str = INTERRUPTED_LINE) -> Iterator[None]:
+    """The boundary: every exception becomes one line and an exit status (see the module); a
+    Ctrl-C that stopped at once is `interrupted_line`."""
     threading.excepthook = _thread_failed
     try:
         yield
@@ -91,7 +96,7 @@ def one_line_errors(workdir_hint: str | None = None) -> Iterator[None]:
     except signals.Preempted as e:  # The checkpoint is saved and logged; the same command resumes.
         _leave(e.exit_code)
     except KeyboardInterrupt:  # Orbax commits a checkpoint by renaming it: none is half-written.
-        print(INTERRUPTED_LINE, file=sys.stderr)
+        print(interrupted_line, file=sys.stderr)
         _leave(signals.INTERRUPTED_EXIT_CODE)
     except BaseException as e:  # noqa: BLE001 (the boundary: nothing passes it as a traceback)
         line = describe(e)
