@@ -99,6 +99,7 @@ def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.Chec
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=not read_only,
+        save_interval_steps=0 if read_only else 1,  # A reader saves nothing (orbax warns else).
         cleanup_tmp_directories=not read_only,  # Half-written saves of a killed run.
         create=not read_only, read_only=read_only)
     # Handlers named up front, so a fresh manager can read metadata before any save or restore.
