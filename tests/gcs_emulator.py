@@ -25,6 +25,7 @@ import dataclasses
 import importlib.util
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -152,3 +153,35 @@ def separate_emulator(tmp_path: os.PathLike, read_only: bool = False,
         yield emulator
     finally:
         emulator.stop()
+
+
+def main() -> None:
+    """`python tests/gcs_emulator.py [--data_dir=DIR] [--port=N]`: an emulator until Ctrl-C, and
+    the `export` lines that point main, predict, sweep and TensorBoard at it from another shell."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--data_dir", help="keep the objects here (default: in memory)")
+    parser.add_argument("--port", type=int, help="default: a free one")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill stops it as Ctrl-C does.
+    with tempfile.TemporaryDirectory() as tmp:
+        emulator = start(os.path.join(tmp, "emulator.log"), data_dir=args.data_dir,
+                         port=args.port)
+        try:
+            print(f"# gcp-storage-emulator at {emulator.url}, bucket gs://{emulator.bucket}; "
+                  "in another shell:")
+            for name, value in emulator.env.items():
+                print(f"export {name}={value}")
+            print(f"# python -m mnist_flax.main --workdir=gs://{emulator.bucket}/runs/a")
+            print("# Ctrl-C here stops the emulator.", flush=True)
+            emulator.process.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            emulator.stop()
+
+
+if __name__ == "__main__":
+    main()

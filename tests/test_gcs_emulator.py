@@ -73,3 +73,43 @@ def test_tensorboardx_events_read_by_tensorboard(gcs_emulator, gcs_bucket_path):
     accumulator.Reload()
     assert [(e.step, round(e.value, 3)) for e in accumulator.Scalars("loss")] == [
         (0, 1.0), (1, 0.5), (2, 0.333)]
+
+
+def test_the_developer_tool_prints_what_to_export_and_main_trains_on_it(idx_dir):
+    """`python tests/gcs_emulator.py`, as the README's Testing section says: its export lines
+    alone point main at the emulator; without TENSORSTORE_GCS_HTTP_URL main says what to export
+    (tensorstore would send the checkpoints to the real GCS and wait out its retries)."""
+    import re
+    import signal
+
+    from conftest import REPO, TINY_MODEL, one_line, run_module
+
+    tool = subprocess.Popen([sys.executable, str(REPO / "tests" / "gcs_emulator.py")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in tool.stdout:
+            lines.append(line)
+            if line.startswith("# Ctrl-C"):
+                break
+        exports = dict(line[len("export "):].strip().split("=", 1) for line in lines
+                       if line.startswith("export "))
+        assert set(exports) >= {"STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL"}, lines
+        workdir = f"{re.search(r'bucket (gs://[^;]+);', lines[0]).group(1)}/runs/tool"
+        flags = [f"--workdir={workdir}", f"--config.data_dir={idx_dir}", "--config.num_epochs=1",
+                 "--config.batch_size=32", "--config.verify_checksums=False",
+                 f"--config.conv_features={TINY_MODEL['conv_features']}",
+                 f"--config.dense_features={TINY_MODEL['dense_features']}"]
+        result = run_module("main", *flags, env=exports)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "Test accuracy" in result.stdout
+
+        half = {**exports, "TENSORSTORE_GCS_HTTP_URL": ""}
+        assert one_line(run_module("main", *flags, env=half)) == (
+            f"error: STORAGE_EMULATOR_HOST={exports['STORAGE_EMULATOR_HOST']} is set but "
+            "TENSORSTORE_GCS_HTTP_URL is not, so checkpoints would not go to the emulator; export "
+            f"TENSORSTORE_GCS_HTTP_URL={exports['STORAGE_EMULATOR_HOST']} (python "
+            "tests/gcs_emulator.py prints every variable to export)")
+    finally:
+        tool.send_signal(signal.SIGTERM)
+        tool.wait(timeout=30)

@@ -39,9 +39,9 @@ def test_storage_going_away_stops_the_run_with_one_line_and_it_resumes_later(idx
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = []
     try:
-        for line in process.stderr:  # Step 5 logged: the checkpoint at step 4 is committed.
-            log.append(line)
-            if re.search(r"step ([5-9]|\d\d+)/", line):
+        for line in process.stderr:  # Step 7 logged: the save at step 6 has started, so the
+            log.append(line)  # one at step 4 is committed (saves are asynchronous).
+            if re.search(r"step ([7-9]|\d\d+)/", line):
                 break
         else:
             pytest.fail("".join(log[-30:]))
@@ -102,7 +102,7 @@ def test_storage_that_does_not_answer_from_the_start_is_one_line(idx_dir, tmp_pa
 
 
 def test_a_lease_taken_over_during_async_saves_stops_the_run_and_nothing_lands_after(
-        idx_dir, tmp_path):
+        idx_dir, tmp_path, monkeypatch):
     """With a save into gs:// in flight at every step, another run takes the lease over: the run
     stops with one line once it sees that, and no save of its own starts after that moment (the
     one in flight then may land: a save is checked against the lease before it starts)."""
@@ -125,12 +125,13 @@ def test_a_lease_taken_over_during_async_saves_stops_the_run_and_nothing_lands_a
                 break
         else:
             pytest.fail("".join(log[-30:]))
-        for name, value in emulator.env.items():
-            os.environ.setdefault(name, value)
+        for name, value in emulator.env.items():  # Over a session emulator's, if any.
+            monkeypatch.setenv(name, value)
         bucket = storage.Client().bucket(emulator.bucket)
         # What another run does when it judges the lease expired (its clock runs ahead, say).
         bucket.blob("run/.lock").upload_from_string(json.dumps(
             {"host": "elsewhere", "pid": 1, "token": "other", "expires": time.time() + 600}))
+        seen = None
         for line in process.stderr:
             log.append(line)
             if "lost the lease on " in line:  # The run has seen it: nothing of its own after.
@@ -142,8 +143,6 @@ def test_a_lease_taken_over_during_async_saves_stops_the_run_and_nothing_lands_a
     finally:
         process.kill()
         emulator.stop()
-        for name in emulator.env:
-            os.environ.pop(name, None)
     log = "".join(log) + rest
     assert process.returncode == 1, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
@@ -154,6 +153,7 @@ def test_a_lease_taken_over_during_async_saves_stops_the_run_and_nothing_lands_a
     for blob in blobs:
         steps.setdefault(blob.name.split("/")[2] if "/checkpoints/" in blob.name else blob.name,
                          []).append(blob.updated)
+    assert seen is not None, log[-3000:]
     late = {step: times for step, times in steps.items() if max(times) > seen}
     assert len(late) <= 1, late  # At most the save in flight when the run saw the loss ...
     assert all(min(times) < seen for times in late.values()), late  # ... which started before.

@@ -80,6 +80,14 @@ def prepare(workdir: str) -> None:
     """
     if not workdir:
         raise WorkdirError("--workdir is empty; pass a directory, e.g. --workdir=runs/")
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if is_remote(workdir) and emulator and not os.environ.get("TENSORSTORE_GCS_HTTP_URL"):
+        # Every client but tensorstore (orbax's arrays) would use the emulator; its saves would
+        # go to the real GCS and wait out its retries.
+        raise WorkdirError(f"STORAGE_EMULATOR_HOST={emulator} is set but TENSORSTORE_GCS_HTTP_URL "
+                           "is not, so checkpoints would not go to the emulator; export "
+                           f"TENSORSTORE_GCS_HTTP_URL={emulator} (python tests/gcs_emulator.py "
+                           "prints every variable to export)")
     root = path(workdir)
     try:
         # is_file, not "exists and not is_dir": on a pod every host runs this at once, and in a
