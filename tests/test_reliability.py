@@ -316,20 +316,39 @@ def test_a_real_full_disk_is_one_line_and_the_copied_workdir_resumes(base, tmp_p
 def test_a_failed_save_of_any_kind_is_one_line(tmp_path, monkeypatch):
     class Manager:  # What checkpoints.save needs of a manager whose write fails.
         directory = tmp_path
+        in_flight = None  # The step whose asynchronous write is under way.
 
         def latest_step(self):
-            return None
+            return self.in_flight
 
-        def save(self, *args, **kwargs):
-            raise ValueError('RESOURCE_EXHAUSTED: Error writing "x/0": Failed to write 111167 '
-                             "bytes to file 11: No space left on device [os_error_code='28']")
+        def wait_until_finished(self):
+            if self.in_flight is not None:  # Its background write failed; orbax unlists it.
+                self.in_flight = None
+                raise RuntimeError("DEADLINE_EXCEEDED: the bucket stopped answering")
+
+        def save(self, step, **kwargs):
+            if step == 4:
+                raise ValueError('RESOURCE_EXHAUSTED: Error writing "x/0": Failed to write '
+                                 "111167 bytes to file 11: No space left on device "
+                                 "[os_error_code='28']")
+            self.in_flight = step
+            return True
 
     monkeypatch.setattr(checkpoints, "state_tree", lambda state: state)
-    with pytest.raises(checkpoints.CheckpointError) as error:
+    with pytest.raises(checkpoints.CheckpointError) as error:  # In the blocking part.
         checkpoints.save(Manager(), {}, {"step": 4})
     assert str(error.value) == (f"{tmp_path}: saving the checkpoint at step 4 failed (no space "
                                 "left on device); no checkpoint yet; free space and run the "
                                 "same command to resume")
+
+    manager = Manager()  # In the background: reported by the next save, naming its step.
+    assert checkpoints.save(manager, {}, {"step": 5})
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.save(manager, {}, {"step": 6})
+    assert str(error.value) == (f"{tmp_path}: saving the checkpoint at step 5 failed "
+                                "(RuntimeError: DEADLINE_EXCEEDED: the bucket stopped answering); "
+                                "no checkpoint yet; fix that (is the storage reachable?) and run "
+                                "the same command to resume")
 
 
 # ---------------------------------------------------------------------------------------------
