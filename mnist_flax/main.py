@@ -82,9 +82,7 @@ def next_steps(workdir_path: str) -> str:
 
 def run() -> None:
     """The console script and `python -m mnist_flax.main`."""
-    with startup.one_line_interrupts():  # Defining and parsing the flags loads the config file.
-        define_flags()
-        app.run(main, flags_parser=boundary.parse_flags)
+    boundary.run_app(define_flags, main)
 
 
 if __name__ == "__main__":

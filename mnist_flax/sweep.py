@@ -348,9 +348,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """The console script and `python -m mnist_flax.sweep`."""
-    with startup.one_line_interrupts():  # Defining and parsing the flags loads the config file.
-        define_flags()
-        app.run(main, flags_parser=boundary.parse_flags)
+    boundary.run_app(define_flags, main)
 
 
 if __name__ == "__main__":

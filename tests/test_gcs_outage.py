@@ -29,6 +29,14 @@ def _command(workdir: str, idx_dir) -> list[str]:
             f"--lease_seconds={LEASE_SECONDS}", *TINY]
 
 
+def _failed(process: subprocess.Popen, lines: list[str], rest: str) -> tuple[str, str]:
+    """(the whole log, its last line) of a run that must have failed with one line."""
+    log = "".join(lines) + rest
+    assert process.returncode == 1, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    return log, log.strip().splitlines()[-1]
+
+
 def test_storage_going_away_stops_the_run_with_one_line_and_it_resumes_later(idx_dir, tmp_path):
     data = tmp_path / "bucket"  # On disk, so that a restarted emulator serves the same objects.
     emulator = start(tmp_path / "emulator.log", data_dir=data)
@@ -52,10 +60,7 @@ def test_storage_going_away_stops_the_run_with_one_line_and_it_resumes_later(idx
     finally:
         process.kill()
         emulator.stop()
-    log = "".join(log) + rest
-    assert process.returncode == 1, log[-3000:]
-    assert "Traceback" not in log, log[-3000:]
-    last = log.strip().splitlines()[-1]
+    log, last = _failed(process, log, rest)
     assert last.startswith(f"error: the workdir's storage stopped answering (the lease on "
                            f"--workdir={workdir} could not be renewed before "), last
     assert last.endswith("the last committed checkpoint is intact; run the same command again "
@@ -143,10 +148,8 @@ def test_a_lease_taken_over_during_async_saves_stops_the_run_and_nothing_lands_a
     finally:
         process.kill()
         emulator.stop()
-    log = "".join(log) + rest
-    assert process.returncode == 1, log[-3000:]
-    assert "Traceback" not in log, log[-3000:]
-    assert log.strip().splitlines()[-1] == (
+    log, last = _failed(process, log, rest)
+    assert last == (
         f"error: another run took over the lease on --workdir={workdir}; this run saves no more "
         "and stops; its last committed checkpoint is intact"), log[-3000:]
     steps: dict[str, list[datetime.datetime]] = {}

@@ -19,9 +19,9 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from absl import flags
+from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
 from mnist_flax import checkpoints, configs, input_pipeline, progress
@@ -145,6 +145,14 @@ def define_config_flag(default: str | None) -> None:
             "tutorial recipe. Override any field with --config.NAME=VALUE.", lock_config=True)
     except _CONFIG_ERRORS as e:
         _exit_bad_config(e)
+
+
+def run_app(define_flags: Callable[[], None], main: Callable[[list[str]], None]) -> None:
+    """An entry point's `run()`: its flags defined and parsed (which loads the config file) by
+    `parse_flags`, then `main` under absl, a Ctrl-C in any of it one line."""
+    with startup.one_line_interrupts():
+        define_flags()
+        app.run(main, flags_parser=parse_flags)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
