@@ -259,3 +259,36 @@ def test_sigterm_while_an_async_save_is_in_flight_saves_it_and_resumes_bit_ident
     state, _ = train_as_main(config, gcs_bucket_path)
     host = jax.tree.map(np.asarray, checkpoints.state_tree(state))
     assert_trees_identical(host, jax.tree.map(np.asarray, checkpoints.state_tree(expected)))
+
+
+def test_the_next_commands_main_prints_work_as_printed_on_gs(gcs_emulator, gcs_bucket_path,  # noqa: F811
+                                                              idx_dir, tmp_path):
+    """main's closing `Next:` lines on a gs:// workdir, run as printed (a real digit for
+    my_digit.png; TensorBoard on a free port): TensorBoard serves the run with its HParams row,
+    and predict answers."""
+    import shlex
+
+    from test_summaries import get_json, tensorboard_server
+
+    workdir = f"{gcs_bucket_path}/run"
+    result = _main(gcs_emulator, f"--workdir={workdir}", f"--config.data_dir={idx_dir}",
+                   "--config.num_epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.endswith("Next:"))
+    tensorboard, predict = (shlex.split(line) for line in lines[start + 1:start + 3])
+    assert tensorboard[0] == "tensorboard" and "--load_fast=false" in tensorboard, tensorboard
+    with tensorboard_server("", {"run", "run/train", "run/test"}, timeout_s=120,
+                            args=tensorboard[1:]) as url:
+        groups = get_json(f"{url}/data/plugin/hparams/session_groups", {
+            "experimentName": "", "allowedStatuses": ["STATUS_SUCCESS"], "colParams": [],
+            "startIndex": 0, "sliceSize": 10})
+        [group] = groups["sessionGroups"]
+        assert group["hparams"]["num_epochs"] == "1", group
+        assert group["metricValues"], group  # Its metric columns are filled.
+
+    assert predict[:3] == ["python", "-m", "mnist_flax.predict"], predict
+    answer = run_module("predict", *predict[3:-1], str(_digit_png(tmp_path)),
+                        env=gcs_emulator.env)
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    assert answer.stdout.strip(), answer.stderr[-3000:]

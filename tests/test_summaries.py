@@ -266,13 +266,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def tensorboard_server(logdir: str, runs: set[str],
-                       timeout_s: float = 60.0) -> Iterator[str]:
-    """A real `tensorboard` on loopback, serving `logdir`; yields its URL once `runs` loaded."""
+def tensorboard_server(logdir: str, runs: set[str], timeout_s: float = 60.0,
+                       args: list[str] | None = None) -> Iterator[str]:
+    """A real `tensorboard` on loopback, serving `logdir` (or given the arguments `args` of a
+    printed command); yields its URL once `runs` loaded."""
     port = free_port()
+    args = args or [f"--logdir={logdir}", "--load_fast=false"]
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}", "--host=127.0.0.1",
-         f"--port={port}", "--load_fast=false", "--reload_interval=1"],
+        [sys.executable, "-m", "tensorboard.main", *args, "--host=127.0.0.1", f"--port={port}",
+         "--reload_interval=1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
