@@ -66,8 +66,10 @@ def test_a_misbehaving_config_file_is_one_line(tmp_path, case):
 
 
 @pytest.mark.parametrize("flag, expected", [
-    ("--config.dropout_rates=(0.25,'a')", "--config.dropout_rates="),
-    ("--config.seed=99999999999999999999", "--config.seed="),
+    ("--config.dropout_rates=(0.25,'a')", "--config.dropout_rates=(0.25, 'a'): must be a tuple "
+     "of float like the default's (0.25, 0.5), not a tuple of float, str"),
+    ("--config.seed=99999999999999999999", "--config.seed=99999999999999999999: must be an "
+     "integer in [0, 2**63)"),
 ])
 def test_a_value_of_the_wrong_shape_is_one_line_in_main_and_sweep(tmp_path, flag, expected):
     assert expected in one_line(main(f"--workdir={tmp_path / 'run'}", flag))

@@ -23,7 +23,11 @@ _NUMBER = (int, float)
 
 
 def _type_name(value) -> str:
-    return type(value).__name__
+    """'float', or for a sequence its elements' types too: 'tuple of float, str'."""
+    name = type(value).__name__
+    if isinstance(value, tuple | list) and value:
+        name += " of " + ", ".join(sorted({type(v).__name__ for v in value}))
+    return name
 
 
 def _fits(value, reference) -> bool:
