@@ -203,7 +203,7 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
             raise PredictError(f"--workdir={workdir}: no such directory") from None
         if not root.is_dir():
             raise PredictError(f"--workdir={workdir}: not a directory")
-        with integrity.read_only_notices_dropped():
+        with logs.read_only_notices_dropped():
             no_checkpoint = checkpoints.latest_step(workdir) is None
         if no_checkpoint:
             raise PredictError(f"{checkpoints.checkpoint_dir(workdir)}: no checkpoint; train "

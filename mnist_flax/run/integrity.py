@@ -9,14 +9,10 @@ while it is read was pruned by a run that is saving a newer one: busy, not damag
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging as std_logging
-import os
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -26,7 +22,7 @@ from etils import epath
 
 from mnist_flax import checkpoints
 from mnist_flax.checkpoints import CheckpointError, checkpoint_dir
-from mnist_flax.run import lock
+from mnist_flax.run import lock, logs
 
 CHECKSUM_KEY = "sha256"  # In the position JSON: state_checksum of the tree and the position.
 DAMAGED_PREFIX = "damaged-"  # checkpoints/damaged-<step>-<reason>: set aside, never deleted.
@@ -172,38 +168,12 @@ def restore_intact(workdir: str, state, position: dict[str, int]):
     return checkpoints.adopt(state, tree, saved_position, position, where), damaged
 
 
-def _read_only_notice(record: std_logging.LogRecord) -> bool:
-    """False for the WARNINGs orbax 0.12 logs on opening every manager with read_only=True ('Given
-    directory is read only', and 'read_only=True, setting save_interval_steps=0' for the
-    default it overrides): two per reader, about the setting a reader chose. The entry points'
-    log filters (`logs.quiet_orbax_logging`) drop them too; a library call has none in place."""
-    message = record.getMessage()
-    return not (f"{os.sep}orbax{os.sep}" in record.pathname
-                and record.levelno == std_logging.WARNING
-                and ("Given directory is read only" in message or "read_only=True" in message))
-
-
-@contextlib.contextmanager
-def read_only_notices_dropped() -> Iterator[None]:
-    """`_read_only_notice` on absl's logger (orbax logs through it) while the block runs; for
-    library calls that only read checkpoints (`predict.load`). Nests."""
-    logger = logging.get_absl_logger()
-    added = _read_only_notice not in logger.filters
-    if added:
-        logger.addFilter(_read_only_notice)
-    try:
-        yield
-    finally:
-        if added:
-            logger.removeFilter(_read_only_notice)
-
-
 def restore_params(workdir: str, expected_params: Any) -> tuple[Any, int]:
     """The newest intact checkpoint's params (shape-checked against `expected_params`) and its
     step; damaged ones are skipped with a warning, as in `restore_intact`, and left in place.
     Serving's path (`predict.load`, a library call): orbax's notices that its readers are read
     only stay out of the caller's log; its other warnings do not."""
-    with read_only_notices_dropped():
+    with logs.read_only_notices_dropped():
         return _restore_params(workdir, expected_params)
 
 

@@ -1,11 +1,14 @@
 """Log filters of the entry points: library records that a one-line error already says, and
-chatter no user needs. Each is added once (idempotent), by `run.boundary.setup_process`."""
+chatter no user needs. Each is added once (idempotent), by `run.boundary.setup_process`; and
+`read_only_notices_dropped`, the one a library call that reads checkpoints scopes itself."""
 
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
@@ -17,20 +20,51 @@ _HANDED_ON = ("_SignalingThread.run() raised an exception",  # futures.future, e
               "[wait_until_finished] Save Finalize thread")  # checkpoint_manager's finalize
 
 
+def _is_orbax(record: std_logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" in record.pathname
+
+
+def _is_read_only_notice(record: std_logging.LogRecord) -> bool:
+    """Orbax's warning on opening a manager with read_only=True ('Given directory is read only'):
+    about the setting a reader chose. (`checkpoints.create_manager` gives a reader no save
+    interval, so orbax's other read-only warning, about overriding it, does not come.)"""
+    return _is_orbax(record) and "read only" in record.getMessage()
+
+
+def _not_read_only_notice(record: std_logging.LogRecord) -> bool:
+    return not _is_read_only_notice(record)
+
+
+@contextlib.contextmanager
+def read_only_notices_dropped() -> Iterator[None]:
+    """No read-only notices on absl's logger (orbax logs through it) while the block runs: for
+    library calls that only read checkpoints (`predict.load`), where no entry point's filters
+    are in place. Nests."""
+    logger = logging.get_absl_logger()
+    added = _not_read_only_notice not in logger.filters
+    if added:
+        logger.addFilter(_not_read_only_notice)
+    try:
+        yield
+    finally:
+        if added:
+            logger.removeFilter(_not_read_only_notice)
+
+
 def _drop_orbax_info(record: std_logging.LogRecord) -> bool:
     """Orbax logs ~30 INFO lines per save through absl, and warns that a read-only manager (ours,
     for restoring) is read-only; keep its other warnings and errors, except the one its metadata
     thread logs when a second Ctrl-C stopped a save and the process is exiting (cli says so), and
     the ones its threads log of an error the waiting thread raises (a full disk's E-lines, one
     per thread, before the run's one line)."""
-    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+    if not _is_orbax(record):
         return True
     if record.exc_info:  # A failed save (e.g. a full disk): `save` reports it in one line.
         record.exc_info, record.exc_text = None, None
     message = record.getMessage()
-    return record.levelno >= std_logging.WARNING and "read only" not in message and (
-        "read_only=True" not in message) and "cannot schedule new futures after shutdown" not in (
-        message) and not any(text in message for text in _HANDED_ON)
+    return record.levelno >= std_logging.WARNING and not _is_read_only_notice(record) and (
+        "cannot schedule new futures after shutdown" not in message) and not any(
+        text in message for text in _HANDED_ON)
 
 
 def _orbax_aftermath(unraisable: Any) -> bool:
