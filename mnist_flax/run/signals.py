@@ -17,11 +17,13 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mnist_flax.run import startup
+
 # Exit status of a run stopped by SIGTERM after saving its checkpoint: 128 + SIGTERM, what a
 # shell reports for a process SIGTERM ended, so job systems see "terminated" and can restart it.
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 # Exit status of a run stopped by Ctrl-C (SIGINT), with or without saving: what a shell reports.
-INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+INTERRUPTED_EXIT_CODE = startup.INTERRUPTED_EXIT_CODE
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -97,12 +99,18 @@ class StopFlag:
         return anywhere
 
 
+@functools.cache
+def _shardings() -> tuple[NamedSharding, NamedSharding]:
+    """(one flag per device, replicated) over every device: built once, not per dispatch."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("process",))
+    return NamedSharding(mesh, P("process")), NamedSharding(mesh, P())
+
+
 def _any_process(flag: bool) -> jax.Array:
     """Whether `flag` holds on any process, as a replicated device scalar (not waited for)."""
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("process",))
+    per_device, replicated = _shardings()
     local = np.full(jax.local_device_count(), flag, np.int32)
-    flags = jax.make_array_from_process_local_data(NamedSharding(mesh, P("process")), local)
-    return _any(flags, NamedSharding(mesh, P()))
+    return _any(jax.make_array_from_process_local_data(per_device, local), replicated)
 
 
 @functools.partial(jax.jit, static_argnums=1)

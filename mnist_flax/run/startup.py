@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator
 from types import TracebackType
 
-# What a shell reports for a process Ctrl-C ended; the same as run.signals.INTERRUPTED_EXIT_CODE.
+# What a shell reports for a process Ctrl-C ended (run.signals uses this one too).
 INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 INTERRUPTED_LINE = ("Interrupted (Ctrl-C): stopped at once without saving; the checkpoints "
                     "already in the workdir are intact. Run the same command to resume.")
