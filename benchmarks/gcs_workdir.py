@@ -12,8 +12,9 @@
    progress line: the saves inside the epoch count) and the wall seconds of the whole run.
    The last line printed is one JSON object.
 
-The emulator is a single-threaded Python server on loopback: it measures the client-side work
-and round trips, not GCS's bandwidth or latency from a TPU VM.
+The emulator is a single-threaded Python server on loopback, on the same cores as training: this
+measures the client's work, round trips and the contention, not GCS's bandwidth or latency from a
+TPU VM.
 """
 
 from __future__ import annotations

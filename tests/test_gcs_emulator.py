@@ -54,6 +54,32 @@ def test_orbax_save_keep_restore(gcs_bucket_path):  # noqa: F811
     assert int(restored.state["step"]) == 3 and restored.position == {"step": 3}
 
 
+def test_an_upload_that_expects_100_continue_gets_it_before_sending_its_body(
+        gcs_emulator, gcs_bucket_path):  # noqa: F811
+    """curl (so tensorstore's checkpoint writes) sends `Expect: 100-continue` before an upload
+    over 1 MiB and holds the body back until the server answers; one that never answers costs
+    each save curl's one-second timeout."""
+    import socket
+    import urllib.parse
+
+    from etils import epath
+
+    url = urllib.parse.urlsplit(gcs_emulator.url)
+    name = urllib.parse.quote(f"{gcs_bucket_path.split('/', 3)[3]}/big.bin", safe="")
+    body = bytes(2 << 20)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as connection:
+        connection.sendall((
+            f"POST /upload/storage/v1/b/{gcs_emulator.bucket}/o?uploadType=media&name={name} "
+            f"HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n").encode())
+        interim = connection.recv(64)  # Without the answer: a timeout, the server awaits the body.
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
+        connection.sendall(body)
+        final = connection.makefile("rb").readline()
+    assert final.split()[1] == b"200", final
+    assert (epath.Path(gcs_bucket_path) / "big.bin").stat().length == len(body)
+
+
 def test_tensorboardx_events_read_by_tensorboard(gcs_emulator, gcs_bucket_path):  # noqa: F811
     # In a process of its own: tensorboardX keeps every writer alive (atexit) and its GCS writer
     # uploads the file again when finally collected; in this process that would be after the

@@ -245,7 +245,7 @@ def test_sigterm_while_an_async_save_is_in_flight_saves_it_and_resumes_bit_ident
 
     class SigtermDuringASave(operations.Operations):
         def before_dispatch(self, state, step, num_steps):
-            if step == 3:  # The save at step 3 has started (a save into gs:// takes ~1 s).
+            if step == 3:  # The save at step 3 has started (its commit takes ~0.3 s).
                 in_flight.append(checkpoints.latest_step(gcs_bucket_path) != 3)
                 os.kill(os.getpid(), signal.SIGTERM)
             return super().before_dispatch(state, step, num_steps)
