@@ -2,14 +2,16 @@
 
 Keras's layout: the `train/` and `test/` sub-runs carry the same tags (`loss`, `accuracy`), so
 TensorBoard's first screen overlays train and test; the workdir's own run holds what is written
-once per start (texts, one HParams row), replacing the previous start's, so it describes the
-config and data the run ended with (TensorBoard keeps a run's first HParams, whatever follows).
+once per start: texts at the start's step, and one HParams row that replaces the previous start's,
+so it describes the config and data the run ended with (TensorBoard keeps a run's first HParams,
+whatever follows). The earlier starts' texts are carried into each new start's file.
 Only process 0 writes (`open_writers` yields None elsewhere, and every function accepts None).
 Tag names are an API, pinned by tests/test_summaries.py.
 """
 
 import contextlib
 import dataclasses
+import uuid
 from collections.abc import Iterator
 
 import jax
@@ -17,10 +19,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.plugins.hparams import api_pb2 as hparams_api
 from tensorboard.plugins.hparams import plugin_data_pb2 as hparams_data
 from tensorboardX import SummaryWriter
 from tensorboardX import summary as tbx_summary
+from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 
 from mnist_flax import input_pipeline
@@ -37,7 +41,7 @@ SCALAR_TAGS = {
     "epoch": ("train", "progress/epoch"),
 }
 RUNS = ("train", "test")
-# In the workdir's own run, at step 0.
+# In the workdir's own run, at the step each start began from.
 TEXT_TAGS = ("config", "data", "model/num_params", "model/summary")
 # The metric columns of TensorBoard's HParams table: the last value of each (sub-run, tag).
 HPARAM_METRICS = (("test", "accuracy"), ("test", "loss"), ("train", "accuracy"), ("train", "loss"))
@@ -46,7 +50,7 @@ HPARAM_METRICS = (("test", "accuracy"), ("test", "loss"), ("train", "accuracy"),
 DATA_HPARAM = "data"
 # The five hyperparameters the HParams dashboard shows first (marked `differs`).
 KEY_HPARAMS = ("learning_rate", "num_epochs", "batch_size", "seed", DATA_HPARAM)
-# The event files of one writer; the workdir's own run holds those of its latest start only.
+# The event files of one writer; the workdir's own run holds one, its latest start's.
 EVENTS_GLOB = "events.out.tfevents.*"
 
 
@@ -67,29 +71,49 @@ class Writers:
 @contextlib.contextmanager
 def open_writers(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
     """The run's event writers (None off process 0), closed when the block ends. A resumed run
-    (`start_step` > 0) purges what the interrupted run logged after its checkpoint's step. The
-    workdir's own run starts empty: `write_run_info`, called next, writes all it holds."""
+    (`start_step` > 0) purges what the interrupted run logged after its checkpoint's step.
+
+    The workdir's own run gets a new file holding the earlier starts' texts (those before
+    `start_step`, as the purge keeps curves); the earlier files are deleted once it is written:
+    TensorBoard takes a tag's metadata from its first event only, and the HParams row is
+    metadata, so an earlier start's file would keep its config in the table after a resume with
+    new values. `write_run_info`, called next, writes this start's.
+    """
     if jax.process_index() != 0:
         yield None
         return
     purge_step = start_step + 1 if start_step else None
-    remove_run_events(workdir)
+    earlier = sorted(epath.Path(workdir).glob(EVENTS_GLOB))
+    texts = [event for events in earlier for event in _text_events(events)
+             if event.step < start_step]
     with contextlib.ExitStack() as stack:
         def open_one(logdir: str) -> SummaryWriter:
-            writer = SummaryWriter(logdir=logdir, flush_secs=10, purge_step=purge_step)
+            # A suffix of its own: tensorboardX names files by the second and host, so a start
+            # in the same second as the previous one would write over that one's file.
+            writer = SummaryWriter(logdir=logdir, flush_secs=10, purge_step=purge_step,
+                                   filename_suffix=f".{uuid.uuid4().hex[:8]}")
             stack.callback(_close, writer)
             return writer
 
-        yield Writers(open_one(workdir), *(open_one(f"{workdir.rstrip('/')}/{run}")
-                                           for run in RUNS), start_step=start_step)
+        run = open_one(workdir)
+        for event in texts:
+            run.file_writer.add_event(event, step=event.step, walltime=event.wall_time)
+        run.flush()
+        for events in earlier:
+            events.unlink()
+        yield Writers(run, *(open_one(f"{workdir.rstrip('/')}/{name}") for name in RUNS),
+                      start_step=start_step)
 
 
-def remove_run_events(workdir: str) -> None:
-    """Deletes the event files of the workdir's own run (train/ and test/ keep theirs): TensorBoard
-    takes a tag's metadata from its first event only, and the HParams row is metadata, so an
-    earlier start's file would keep its config in the table after a resume with new values."""
-    for events in epath.Path(workdir).glob(EVENTS_GLOB):
-        events.unlink()
+def _text_events(events: epath.Path) -> list[Event]:
+    """The TEXT_TAGS events in one event file (a truncated last record ends it quietly)."""
+    tags = {f"{tag}/text_summary" for tag in TEXT_TAGS}
+    found = []
+    for record in event_file_loader.RawEventFileLoader(str(events)).Load():
+        event = Event.FromString(record)
+        if event.HasField("summary") and {v.tag for v in event.summary.value} <= tags:
+            found.append(event)
+    return found
 
 
 def _close(writer: SummaryWriter) -> None:
@@ -127,14 +151,15 @@ def _code(text: str) -> str:
 def write_run_info(writers: Writers | None, config: ml_collections.ConfigDict,
                    dataset: input_pipeline.Dataset, model, params) -> None:
     """The config, the data, the model's size and layer table and the hparams: on every start,
-    into the workdir's own run that `open_writers` emptied, so they are this start's."""
+    into the workdir's own run, the texts at the step this start began from."""
     if writers is None:
         return
-    writers.run.add_text("config", _code(config_text(config)), 0)
-    writers.run.add_text("data", dataset.describe(), 0)
+    step = writers.start_step
+    writers.run.add_text("config", _code(config_text(config)), step)
+    writers.run.add_text("data", dataset.describe(), step)
     num_params = sum(np.size(p) for p in jax.tree.leaves(params))
-    writers.run.add_text("model/num_params", f"{num_params:,}", 0)
-    writers.run.add_text("model/summary", _code(model_summary(model)), 0)
+    writers.run.add_text("model/num_params", f"{num_params:,}", step)
+    writers.run.add_text("model/summary", _code(model_summary(model)), step)
     write_hparams(writers, config, dataset.describe())
     # A finished run restarted trains nothing and writes no final summaries (`train`), so its row
     # is marked ended here, as the start that finished it did.

@@ -192,13 +192,14 @@ def test_hparams_reach_tensorboards_hparams_plugin(logdir):
 def test_hparams_after_a_resume_are_the_last_starts_and_a_finished_run_stays_ended(tmp_path):
     """TensorBoard keeps a run's first HParams metadata: each start must replace the previous
     start's row, so a resume with more epochs shows the new num_epochs; a finished run that is
-    started again (it trains nothing, writes no final summaries) still shows as ended."""
+    started again (it trains nothing, writes no final summaries) still shows as ended. Each
+    start's config text stays, at the step it began from; starts in the same second (no sleep
+    here) write files of their own."""
     workdir, dataset, config = str(tmp_path / "run"), fake_dataset(1024), default_config()
     assert len(dataset.train_labels) // config.batch_size == 8  # Steps per epoch.
 
     def start(num_epochs: int, start_step: int) -> dict:
         config.num_epochs = num_epochs
-        time.sleep(1.1 if start_step else 0)  # tensorboardX names event files by the second.
         with summaries.open_writers(workdir, start_step) as writers:
             summaries.write_run_info(writers, config, dataset, models.CNN(), {"w": np.zeros(3)})
             for step in range(start_step + 8, 8 * num_epochs + 1, 8):
@@ -216,7 +217,13 @@ def test_hparams_after_a_resume_are_the_last_starts_and_a_finished_run_stays_end
     end = hparams_metadata.parse_session_end_info_plugin_data(
         tags[hparams_metadata.SESSION_END_INFO_TAG].plugin_content)
     assert end.status == hparams_api.STATUS_SUCCESS
-    assert len(accumulator(workdir).Tensors("config/text_summary")) == 1  # This start's only.
+    texts = {event.step: event.tensor_proto.string_val[0].decode()
+             for event in accumulator(workdir).Tensors("config/text_summary")}
+    assert sorted(texts) == [0, 8, 16]
+    assert ["num_epochs: 1" in texts[0], "num_epochs: 2" in texts[8]] == [True, True]
+    assert len(list(tmp_path.glob("run/events.out.tfevents.*"))) == 1
+    # The curves of all three starts, none written over: steps 8 (first) and 16 (second).
+    assert [s.step for s in accumulator(f"{workdir}/train").Scalars("loss")] == [8, 16]
 
 
 def test_nothing_is_written_off_process_zero():
