@@ -8,6 +8,7 @@ import contextlib
 import logging as std_logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,20 +36,27 @@ def _not_read_only_notice(record: std_logging.LogRecord) -> bool:
     return not _is_read_only_notice(record)
 
 
+_scoped_filter_lock = threading.Lock()
+_scoped_filter_users = 0  # Blocks inside `read_only_notices_dropped`, in any thread.
+
+
 @contextlib.contextmanager
 def read_only_notices_dropped() -> Iterator[None]:
     """No read-only notices on absl's logger (orbax logs through it) while the block runs: for
     library calls that only read checkpoints (`predict.load`), where no entry point's filters
-    are in place. Nests."""
+    are in place. Nests, and overlaps across threads: the filter goes when the last block ends."""
+    global _scoped_filter_users
     logger = logging.get_absl_logger()
-    added = _not_read_only_notice not in logger.filters
-    if added:
-        logger.addFilter(_not_read_only_notice)
+    with _scoped_filter_lock:
+        _scoped_filter_users += 1
+        logger.addFilter(_not_read_only_notice)  # Once: logging ignores a filter added again.
     try:
         yield
     finally:
-        if added:
-            logger.removeFilter(_not_read_only_notice)
+        with _scoped_filter_lock:
+            _scoped_filter_users -= 1
+            if not _scoped_filter_users:
+                logger.removeFilter(_not_read_only_notice)
 
 
 def _drop_orbax_info(record: std_logging.LogRecord) -> bool:
