@@ -363,3 +363,15 @@ def test_a_closed_stdout_in_predict_is_no_traceback(trained, redirect):
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, (
         result.stderr[-3000:])
     assert "error:" not in result.stderr, result.stderr[-3000:]
+
+
+def test_predict_into_a_full_device_says_so_in_one_line(trained):
+    """stdout on a full disk (`> /dev/full`): what happened and what to do, not an unknown error."""
+    workdir, image = trained
+    command = shlex.join([sys.executable, "-m", "mnist_flax.predict", f"--workdir={workdir}",
+                          str(image)])
+    result = subprocess.run(f"{command} > /dev/full", shell=True, cwd=REPO, text=True,
+                            capture_output=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert one_line(result) == ("error: writing the output: no space left on device (or over "
+                                "quota); free space and run the same command again")

@@ -10,6 +10,7 @@ traceback after it. SIGTERM and Ctrl-C stops exit 143 and 130, as a shell report
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -78,6 +79,11 @@ def describe(error: BaseException) -> str | None:
         return str(error)
     if isinstance(error, BrokenPipeError):
         return ""  # Output piped into a reader that left (`| head`): not an error to report.
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        # A write that no curated line covers (a save has its own): stdout on a full disk, say.
+        where = error.filename or "writing the output"
+        return (f"{where}: no space left on device (or over quota); free space and run the same "
+                "command again")
     if workdir.is_storage_error(error):
         return workdir.storage_stopped_line(checkpoints.error_line(error))
     return None
