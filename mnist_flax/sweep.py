@@ -5,6 +5,7 @@
 
 Each value (each combination, for several --sweep flags) trains in `workdir/key=value[/...]` with
 `train.train_and_evaluate`, one after the other, so `tensorboard --logdir=workdir` overlays them.
+A value's `%`, `/` and `\\` are written `%25`, `%2F`, `%5C` there: one directory per value.
 The summary table, and the optional JSON, give each run's final test accuracy, its wall time and the
 machine, and the mean ± std over the seeds of each combination of the other swept values; the JSON
 is rewritten after every run, so an interrupted sweep keeps what it measured.
@@ -33,7 +34,7 @@ with startup.one_line_interrupts():  # Seconds of imports before the boundary ex
     import ml_collections
     from absl import app, flags, logging
 
-    from mnist_flax import train
+    from mnist_flax import checkpoints, train
     from mnist_flax.configs import ConfigError
     from mnist_flax.run import boundary, config_checks, operations, process, workdir
 
@@ -67,35 +68,39 @@ def split_values(text: str) -> list[str]:
     return [p.strip() for p in parts + [current]]
 
 
+# What a value of each swept type must be, in the words of its one-line error.
+_KINDS = ((bool, "a bool (true/false)"), (int, "an integer"), (float, "a number"),
+          (tuple | list, "a tuple, e.g. (32,64)"))
+
+
 def parse_value(key: str, text: str, current: Any) -> Any:
     """`text` as the type of the config field's current value; ConfigError when it is not."""
-    def fail(kind: str) -> ConfigError:
-        return ConfigError(f"--sweep {key}: {text!r} is not {kind}")
-
+    kind = next((words for type_, words in _KINDS if isinstance(current, type_)), None)
+    if kind is None and not isinstance(current, str):
+        raise ConfigError(f"--sweep {key}: fields of type {type(current).__name__} "
+                          "cannot be swept")
+    fail = ConfigError(f"--sweep {key}: {text!r} is not {kind}")
     if isinstance(current, bool):
         if text.lower() not in ("true", "false"):
-            raise fail("a bool (true/false)")
+            raise fail
         return text.lower() == "true"
     if isinstance(current, str):
         return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise fail(f"a {type(current).__name__}") from None
+        raise fail from None
     if isinstance(current, int):
         if not isinstance(value, int) or isinstance(value, bool):
-            raise fail("an int")
+            raise fail
         return value
     if isinstance(current, float):
         if not isinstance(value, int | float) or isinstance(value, bool):
-            raise fail("a number")
+            raise fail
         return float(value)
-    if isinstance(current, tuple | list):
-        if not isinstance(value, tuple | list):
-            raise fail("a tuple, e.g. (32,64)")
-        return tuple(value)
-    raise ConfigError(f"--sweep {key}: fields of type {type(current).__name__} "
-                                    "cannot be swept")
+    if not isinstance(value, tuple | list):
+        raise fail
+    return tuple(value)
 
 
 def parse_sweep(spec: str, config: ml_collections.ConfigDict) -> list[tuple[str, Any, str]]:
@@ -135,9 +140,40 @@ def run_config(config: ml_collections.ConfigDict,
     return run
 
 
+# Written %XX in a run's name, as in URLs: a separator would nest directories and merge values
+# that differ only in it (/a, /a/ and //a all named one run); % itself, so the names stay distinct.
+_NOT_IN_NAMES = re.compile(r"[%/\\\x00-\x1f\x7f]")
+_NAME_MAX = 255  # Bytes in one directory name, on Linux's file systems and in gcsfuse.
+
+
 def run_name(assignment: Assignment) -> str:
     """'learning_rate=1e-4/seed=0': the values as typed, one directory level per swept field."""
-    return "/".join(f"{key}={text}" for key, _, text in assignment)
+    return "/".join(
+        f"{key}={_NOT_IN_NAMES.sub(lambda m: f'%{ord(m[0]):02X}', text)}"
+        for key, _, text in assignment)
+
+
+def _typed(assignment: Assignment) -> str:
+    return ", ".join(f"{key}={text}" for key, _, text in assignment)
+
+
+def run_dirs(parent: str, grid: list[Assignment]) -> list[str]:
+    """Each run's directory; ConfigError, before any training, where a name cannot be made or two
+    runs would share a directory (and so one run would be reported as several)."""
+    dirs: dict[str, Assignment] = {}
+    for assignment in grid:
+        for key, _, text in assignment:
+            size = len(run_name(((key, None, text),)).encode())
+            if size > _NAME_MAX:
+                raise ConfigError(f"--sweep {key}: the run directory for {text} would be named in "
+                                  f"{size} bytes, over the {_NAME_MAX} a file system allows; "
+                                  "sweep a shorter value")
+        logdir = str(workdir.path(parent) / run_name(assignment))
+        if logdir in dirs:
+            raise ConfigError(f"--sweep: {_typed(dirs[logdir])} and {_typed(assignment)} would "
+                              f"both train in {logdir}; sweep each value once")
+        dirs[logdir] = assignment
+    return list(dirs)
 
 
 _DATA_SIZES = re.compile(r"([\d,]+) train / ([\d,]+) test images")
@@ -286,13 +322,13 @@ def run_sweep(config: ml_collections.ConfigDict, parent: str, specs: list[str],
               on_result=None) -> list[dict[str, Any]]:
     """Validates every run's config first, then trains them one after the other."""
     grid = expand(specs, config)
+    logdirs = run_dirs(parent, grid)
     configs = [run_config(config, a) for a in grid]
     for cfg in configs:
         config_checks.validate(cfg, jax.device_count())
     process.enable_compilation_cache(config.compilation_cache_dir)  # One cache for the whole sweep.
     results = []
-    for assignment, cfg in zip(grid, configs, strict=True):
-        logdir = str(workdir.path(parent) / run_name(assignment))
+    for assignment, cfg, logdir in zip(grid, configs, logdirs, strict=True):
         workdir.prepare(logdir)
         logging.info("Sweep run %s", run_name(assignment))
         start = time.perf_counter()
@@ -325,9 +361,64 @@ def write_results(path: str, config: ml_collections.ConfigDict, results: list[di
         "runs": results,
         "config": json.loads(config.to_json()),
     }
-    target = workdir.path(path)  # A local file or, like the workdir, gs://.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(payload, indent=1) + "\n")
+    workdir.path(path).write_text(json.dumps(payload, indent=1) + "\n")  # Local, or gs://.
+
+
+def check_results(path: str) -> None:
+    """ConfigError, before any training, for a local --results that cannot be written: a
+    directory, in a directory that does not exist, or a file this process may not write. An
+    existing file is left as it is until the first run ends."""
+    if workdir.is_remote(path):  # Said as the workdir's client check says it, for --results.
+        try:
+            workdir.check_client(path)
+        except workdir.WorkdirError as e:
+            raise ConfigError(str(e).replace("--workdir=", "--results=", 1)) from None
+        return
+    target = workdir.path(path)
+    if target.is_dir():
+        raise ConfigError(f"--results={path}: is a directory; pass a file, e.g. "
+                          f"--results={target / 'results.json'}")
+    if not target.parent.is_dir():
+        what = "is not a directory" if target.parent.exists() else "does not exist"
+        raise ConfigError(f"--results={path}: {target.parent} {what}; create it or pass a file "
+                          "in an existing directory")
+    existed = target.exists()
+    try:
+        with target.open("a"):  # Appends nothing: an earlier file is unchanged.
+            pass
+        if not existed:
+            target.unlink()
+    except OSError as e:
+        raise ConfigError(f"--results={path}: cannot be written ({e.strerror or e}); pass a "
+                          "writable file") from None
+
+
+class ResultsFile:
+    """Rewrites --results after every run. A write that fails is logged and the sweep goes on:
+    no run is lost to the results file; `finish` says in one line that it was not written."""
+
+    def __init__(self, path: str, config: ml_collections.ConfigDict, command: str):
+        self.path, self.config, self.command = path, config, command
+        self.error: BaseException | None = None
+
+    def write(self, results: list[dict[str, Any]]) -> None:
+        try:
+            write_results(self.path, self.config, results, self.command)
+            self.error = None
+        except Exception as e:  # noqa: BLE001 (OSError, or a gs:// client's own error types)
+            if not isinstance(e, OSError) and not workdir.is_storage_error(e):
+                raise
+            self.error = e
+            logging.warning("--results=%s: not written (%s); the sweep goes on",
+                            self.path, checkpoints.error_line(e))
+
+    def finish(self, workdir_path: str) -> None:
+        if self.error is not None:
+            raise ConfigError(
+                f"--results={self.path}: not written ({checkpoints.error_line(self.error)}); "
+                f"every run is kept under {workdir_path} and the table above has their results; "
+                "run the same command with a writable --results to write them (no run trains "
+                "again)")
 
 
 def main(argv: list[str]) -> None:
@@ -335,15 +426,17 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
     command = "python -m mnist_flax.sweep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    on_result = None
-    if FLAGS.results:
-        def on_result(results):
-            write_results(FLAGS.results, config, results, command)
+    results_file = ResultsFile(FLAGS.results, config, command) if FLAGS.results else None
     with boundary.one_line_errors(FLAGS.workdir):
+        if results_file:
+            check_results(results_file.path)
         process.setup_process()
         process.start_jax()
-        results = run_sweep(config, FLAGS.workdir, FLAGS.sweep, on_result)
+        results = run_sweep(config, FLAGS.workdir, FLAGS.sweep,
+                            results_file.write if results_file else None)
         print(format_table(results))
+        if results_file:
+            results_file.finish(FLAGS.workdir)
 
 
 def run() -> None:

@@ -30,9 +30,10 @@ def test_values_are_typed_like_the_field():
     ("learning_rate", "expected key=value1,value2"),
     ("=1,2", "expected key=value1,value2"),
     ("learning_rat=1e-3", "the config has no field 'learning_rat'"),
-    ("learning_rate=1e-3,abc", "'abc' is not a float"),
+    ("learning_rate=1e-3,abc", r"^--sweep learning_rate: 'abc' is not a number$"),
     ("learning_rate=1e-3,,2e-3", "empty value"),
-    ("seed=1.5", "'1.5' is not an int"),
+    ("seed=1.5", r"^--sweep seed: '1.5' is not an integer$"),
+    ("seed=1,01", r"^--sweep seed: '01' is not an integer$"),  # Not "a int".
     ("fast_ops=yes", "'yes' is not a bool"),
     ("conv_features=32", "is not a tuple"),
     ("seed=0,0,1", r"^--sweep seed: 0 is given twice$"),
@@ -57,6 +58,87 @@ def test_grid_order_and_names():
     run = sweep.run_config(config, grid[-1])
     assert (run.learning_rate, run.seed) == (3e-3, 1)
     assert (config.learning_rate, config.seed) == (1e-3, 0)  # The base config is untouched.
+
+
+def test_each_value_names_one_directory_of_its_own():
+    """A `/` in a value nested directories, and /tmp/a, /tmp/a/ and /tmp//a shared one run."""
+    names = [sweep.run_name((("tfds_data_dir", text, text),))
+             for text in ("/tmp/a", "/tmp/a/", "/tmp//a", "%2Ftmp%2Fa", "c:\\a")]
+    assert names == ["tfds_data_dir=%2Ftmp%2Fa", "tfds_data_dir=%2Ftmp%2Fa%2F",
+                     "tfds_data_dir=%2Ftmp%2F%2Fa", "tfds_data_dir=%252Ftmp%252Fa",
+                     "tfds_data_dir=c:%5Ca"]
+    # Ordinary values keep their names, as typed.
+    assert [sweep.run_name(((k, None, t),)) for k, t in [
+        ("learning_rate", "1e-3"), ("conv_features", "(32, 64)"), ("lr_schedule", "'cosine'"),
+        ("seed", "-1")]] == ["learning_rate=1e-3", "conv_features=(32, 64)",
+                             "lr_schedule='cosine'", "seed=-1"]
+
+
+def _tiny_config():
+    config = load_config()
+    config.update(data_source="sample", num_epochs=1, batch_size=500, conv_features=(4, 8),
+                  dense_features=16)
+    return config
+
+
+def test_runs_that_would_share_a_directory_are_refused_before_any_training(tmp_path, monkeypatch):
+    """Whatever the names, two runs in one directory would be one run reported twice."""
+    monkeypatch.setattr(sweep, "run_name", lambda a: "/".join(f"{k}={t}" for k, _, t in a))
+    with pytest.raises(config_checks.ConfigError) as info:
+        sweep.run_sweep(_tiny_config(), str(tmp_path), ["tfds_data_dir=/tmp/a,/tmp/a/"])
+    assert str(info.value) == (f"--sweep: tfds_data_dir=/tmp/a and tfds_data_dir=/tmp/a/ would "
+                               f"both train in {tmp_path}/tfds_data_dir=/tmp/a; sweep each value "
+                               "once")
+    assert not os.listdir(tmp_path)
+
+
+def test_a_value_too_long_for_a_directory_name_is_refused_before_any_training(tmp_path):
+    with pytest.raises(config_checks.ConfigError, match=r"^--sweep tfds_data_dir: the run "
+                       r"directory for x+ would be named in 314 bytes, over the 255 a file "
+                       r"system allows; sweep a shorter value$"):
+        sweep.run_sweep(_tiny_config(), str(tmp_path), ["tfds_data_dir=a," + "x" * 300])
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("where, message", [
+    ("dir", "is a directory; pass a file, e.g. --results={path}/results.json"),
+    ("missing/r.json", "{tmp}/missing does not exist; create it or pass a file in an existing "
+                       "directory"),
+    ("file/r.json", "{tmp}/file is not a directory; create it or pass a file in an existing "
+                    "directory"),
+])
+def test_results_that_cannot_be_written_are_refused_in_one_line(tmp_path, where, message):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("kept")
+    path = str(tmp_path / where)
+    with pytest.raises(config_checks.ConfigError) as info:
+        sweep.check_results(path)
+    assert str(info.value) == f"--results={path}: " + message.format(path=path, tmp=tmp_path)
+    # A file that can be written: an earlier one is left as it was, a new one is not made yet.
+    sweep.check_results(str(tmp_path / "file"))
+    sweep.check_results(str(tmp_path / "new.json"))
+    assert sorted(os.listdir(tmp_path)) == ["dir", "file"]
+    assert (tmp_path / "file").read_text() == "kept"
+
+
+def test_a_results_write_that_fails_mid_sweep_loses_no_run(tmp_path, caplog):
+    """The sweep goes on (each run is kept in its directory); the end says so in one line."""
+    path = tmp_path / "results.json"
+    results = sweep.ResultsFile(str(path), load_config(), "python -m mnist_flax.sweep ...")
+    path.mkdir()  # Made after the check, say by another program.
+    run = _result("seed=0", 0.9, seed=0)
+    results.write([run])  # Does not raise: the next run still trains.
+    assert "not written (IsADirectoryError" in caplog.text
+    with pytest.raises(config_checks.ConfigError) as info:
+        results.finish("runs/s")
+    assert str(info.value).startswith(f"--results={path}: not written (IsADirectoryError: ")
+    assert str(info.value).endswith(
+        "; every run is kept under runs/s and the table above has their results; run the same "
+        "command with a writable --results to write them (no run trains again)")
+    path.rmdir()
+    results.write([run])  # A later write that works writes every run so far, and ends well.
+    assert json.loads(path.read_text())["runs"][0]["name"] == "seed=0"
+    results.finish("runs/s")
 
 
 def test_every_run_is_validated_before_any_trains(tmp_path):
@@ -159,6 +241,19 @@ def test_cli_bad_spec_is_one_line_error(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1] == (
         "error: --sweep=nope=1,2: the config has no field 'nope'")
+
+
+def test_cli_results_in_a_directory_is_one_line_before_any_training(tmp_path):
+    """It used to train the first run, then stop with a traceback file and 'please report it'."""
+    cmd = [sys.executable, "-m", "mnist_flax.sweep", f"--workdir={tmp_path}/sweep",
+           "--config.data_source=sample", "--config.num_epochs=1", "--sweep=seed=0,1",
+           f"--results={tmp_path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: --results={tmp_path}: is a directory; pass a file, e.g. "
+        f"--results={tmp_path}/results.json")
+    assert os.listdir(tmp_path) == []  # No run trained.
 
 
 def test_cli_mistyped_config_key_is_one_line_error(tmp_path):
