@@ -30,6 +30,7 @@ with startup.one_line_interrupts(startup.PREDICT_INTERRUPTED_LINE):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     from mnist_flax import checkpoints, input_pipeline, models
+    from mnist_flax.checkpoints import error_line
     from mnist_flax.run import integrity, logs
     from mnist_flax.run import workdir as workdir_lib
 
@@ -92,11 +93,17 @@ def to_255(pixels: np.ndarray) -> np.ndarray:
     uint8 stays as it is, bool is x255 and uint16 is /257 (its full range: 65535 -> 255). Wider
     integers and floats go by their values: within 0-255 as they are; floats within [0, 1] x255;
     integers within 0-65535 /257 (16-bit data in a 32-bit "I" image, as Pillow before 10 opened a
-    16-bit PNG); anything else is stretched from its own min..max to 0-255.
+    16-bit PNG); anything else is stretched from its own min..max to 0-255. NaN or infinite
+    pixels have no place on any scale: PredictError.
     """
     pixels = np.asarray(pixels)
     if pixels.dtype == np.uint8 or pixels.size == 0:
         return pixels.astype(np.float32)
+    finite = np.isfinite(pixels) if pixels.dtype.kind in "fc" else None
+    if finite is not None and not finite.all():
+        bad = pixels.size - np.count_nonzero(finite)
+        raise PredictError(f"{bad:,} of {pixels.size:,} pixels are NaN or infinite; save it with "
+                           "finite values (or as an 8-bit PNG)")
     if pixels.dtype == np.bool_:
         return pixels.astype(np.float32) * 255
     if pixels.dtype.kind == "u" and pixels.dtype.itemsize == 2:
@@ -135,12 +142,13 @@ def preprocess(image: Image.Image | np.ndarray, name: str = "image") -> np.ndarr
     """Any digit picture -> (28, 28) uint8, white ink on black, as MNIST's digits are.
 
     An array is scaled to 0-255 by `to_255` (floats in [0, 1] x255), as images are. Raises
-    PredictError for an empty or blank (no ink) image. `name` goes into the message.
+    PredictError for an empty, blank (no ink) or non-finite image. `name` goes into the message.
     """
-    if isinstance(image, Image.Image):
-        pixels = to_grayscale(image)
-    else:
-        pixels = to_255(np.asarray(image).squeeze())
+    try:
+        pixels = to_grayscale(image) if isinstance(image, Image.Image) else to_255(
+            np.asarray(image).squeeze())
+    except PredictError as e:
+        raise PredictError(f"{name}: {e}") from None
     if pixels.ndim != 2 or pixels.size == 0:
         raise PredictError(f"{name}: empty image (shape {pixels.shape})")
     if np.median(_border(pixels)) > 127:  # Light background: dark ink on paper.
@@ -167,6 +175,8 @@ def preprocess(image: Image.Image | np.ndarray, name: str = "image") -> np.ndarr
     fitted = np.asarray(fitted, np.float32)
 
     total = fitted.sum()
+    if total == 0:  # Specks far apart: fitted into 20 px, their ink averages away.
+        raise PredictError(f"{name}: blank image (no digit found)")
     ys, xs = np.indices(fitted.shape)
     centre_y, centre_x = (ys * fitted).sum() / total, (xs * fitted).sum() / total
     top, left = round(SIZE / 2 - centre_y), round(SIZE / 2 - centre_x)
@@ -178,13 +188,38 @@ def preprocess(image: Image.Image | np.ndarray, name: str = "image") -> np.ndarr
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def digit_from_file(path: str) -> np.ndarray:
+    """One image file as MNIST's (28, 28) uint8; whatever reading or converting it raises (PIL's
+    modes, numpy's arithmetic) is PredictError naming the file, so one odd file stops no other."""
+    try:
+        with np.errstate(divide="raise", over="raise", invalid="raise"):  # Not a RuntimeWarning.
+            return preprocess(read_image(path), path)
+    except PredictError:
+        raise
+    except Exception as e:  # noqa: BLE001 (any image PIL opens may fail to convert)
+        raise PredictError(f"{path}: cannot use it as a digit image ({error_line(e)}); save it "
+                           "as a grayscale or RGB PNG or JPEG") from None
+
+
 def load_images(paths: list[str]) -> np.ndarray:
     """(N, 28, 28, 1) uint8 from image files; the first bad file raises PredictError."""
-    return np.stack([preprocess(read_image(p), p) for p in paths])[..., None]
+    return np.stack([digit_from_file(p) for p in paths])[..., None]
 
 
 # ---------------------------------------------------------------------------------------------
 # The model.
+
+
+def _not_a_run_line(workdir: str, is_dir: bool) -> str:
+    """Why `workdir` (a file, or a directory with no checkpoint) cannot be predicted with; when
+    it lies inside a run (RUN/checkpoints, RUN/train), the run to pass instead."""
+    run = workdir_lib.enclosing_run(workdir)
+    if run is not None:
+        return f"--workdir={workdir} is inside the run {run}; use --workdir={run}"
+    if not is_dir:
+        return f"--workdir={workdir}: not a directory"
+    return (f"{checkpoints.checkpoint_dir(workdir)}: no checkpoint; train first with python -m "
+            f"mnist_flax.main --workdir={workdir}")
 
 
 def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -201,13 +236,12 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
             root.stat()
         except FileNotFoundError:
             raise PredictError(f"--workdir={workdir}: no such directory") from None
-        if not root.is_dir():
-            raise PredictError(f"--workdir={workdir}: not a directory")
-        with logs.read_only_notices_dropped():
-            no_checkpoint = checkpoints.latest_step(workdir) is None
-        if no_checkpoint:
-            raise PredictError(f"{checkpoints.checkpoint_dir(workdir)}: no checkpoint; train "
-                               f"first with python -m mnist_flax.main --workdir={workdir}")
+        is_dir, has_checkpoint = root.is_dir(), False
+        if is_dir:
+            with logs.read_only_notices_dropped():
+                has_checkpoint = checkpoints.latest_step(workdir) is not None
+        if not has_checkpoint:
+            raise PredictError(_not_a_run_line(workdir, is_dir))
         config = workdir_lib.read_config(workdir)
         model = models.create_model(config)
         dummy = np.zeros((1, *input_pipeline.IMAGE_SHAPE), np.float32)
@@ -293,7 +327,7 @@ def run(argv: list[str]) -> int:
     results, images = [], []
     for path in paths:  # A bad file is reported and skipped; the others are still predicted.
         try:
-            images.append(preprocess(read_image(path), path))
+            images.append(digit_from_file(path))
             results.append({"image": path})
         except PredictError as e:
             results.append({"image": path, "error": str(e)})

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mnist_flax import checkpoints, input_pipeline, models, predict
+from mnist_flax import checkpoints, configs, input_pipeline, models, predict
+from mnist_flax.run import workdir as workdir_lib
 
 ROOT = str(REPO)
 
@@ -188,6 +190,82 @@ def test_load_refuses_a_checkpoint_of_another_model(workdir, tmp_path):
         predict.load(str(tmp_path))
 
 
+def with_config(workdir: str, tmp_path, drop=(), **changes) -> str:
+    """A copy of `workdir` whose config.json has `changes` and lacks the fields in `drop`."""
+    shutil.copytree(str(checkpoints.checkpoint_dir(workdir)), tmp_path / checkpoints.CHECKPOINT_DIR)
+    fields = json.loads((checkpoints.path(workdir) / checkpoints.CONFIG_FILE).read_text())
+    fields = {k: v for k, v in {**fields, **changes}.items() if k not in drop}
+    (tmp_path / checkpoints.CONFIG_FILE).write_text(json.dumps(fields))
+    return str(tmp_path)
+
+
+def test_a_config_json_missing_a_field_takes_the_defaults_value(workdir, digits, tmp_path):
+    """A run trained before a field existed (its config.json lacks it) predicts as before."""
+    path, _, _ = workdir
+    stored = json.loads((checkpoints.path(path) / checkpoints.CONFIG_FILE).read_text())
+    assert workdir_lib.read_config(path).to_dict() == stored  # A complete file: as it is.
+    older = with_config(path, tmp_path, drop=("compute_dtype", "kernel_init"))
+    assert workdir_lib.read_config(older).compute_dtype == configs.load().compute_dtype
+    assert np.array_equal(predict.load(older)(digits), predict.load(path)(digits))
+
+
+# A config.json field each way wrong -> the one line's middle (file first, fix last).
+BAD_CONFIGS = {
+    "float for int": ({"num_classes": 10.0}, "num_classes is 10.0, must be an int like the "
+                      "default's 10, not a float"),
+    "null": ({"dense_features": None}, "dense_features is null, must be an int like the "
+             "default's 128"),
+    "str for tuple": ({"conv_features": "abc"}, 'conv_features is "abc", must be a tuple of int '
+                      "like the default's (32, 64), not a str"),
+    "out of range": ({"conv_features": [8, 0]}, "conv_features is [8, 0], must be 1 to 6 "
+                     "positive integers"),
+    "unknown choice": ({"kernel_init": "zzz"}, 'kernel_init is "zzz", must be one of '
+                       "glorot_uniform, "),
+    "typo'd field": ({"learnin_rate": 0.1}, "sets 'learnin_rate', which is not a field of the "
+                     'config (did you mean "learning_rate"?)'),
+    "another version's field": ({"use_batchnorm": True}, "sets 'use_batchnorm', which is not a "
+                                "field of the config (written by another version of mnist_flax?)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_a_config_json_with_a_bad_field_is_one_line_naming_file_field_and_fix(
+        workdir, images, tmp_path, case):
+    """config.json is held to the config's schema and value checks, as a --config file is."""
+    change, message = BAD_CONFIGS[case]
+    bad = with_config(workdir[0], tmp_path, **change)
+    status, out, err = run_cli(f"--workdir={bad}", images[0])
+    assert (status, out) == (2, "")
+    assert err.startswith(f"error: {tmp_path / checkpoints.CONFIG_FILE}: {message}")
+    assert err.endswith("; fix config.json or train a new workdir\n") and err.count("\n") == 1
+
+
+def test_enclosing_run_is_the_nearest_run_above(tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "a"
+    for inner in ("checkpoints/31", "train", "nested/checkpoints"):
+        (run / inner).mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "nested" / "config.json").write_text("{}")  # A run inside a run: the nearest counts.
+    assert workdir_lib.enclosing_run(str(run / "checkpoints" / "31")) == str(run)
+    assert workdir_lib.enclosing_run(str(run / "train")) == str(run)
+    assert workdir_lib.enclosing_run(str(run / "nested" / "checkpoints")) == str(run / "nested")
+    assert workdir_lib.enclosing_run(str(run)) is None  # The run itself is not inside one.
+    assert workdir_lib.enclosing_run(str(tmp_path / "runs")) is None
+    monkeypatch.chdir(run / "checkpoints")
+    assert workdir_lib.enclosing_run("31") == ".."  # Relative stays relative.
+    monkeypatch.chdir(tmp_path)
+    assert workdir_lib.enclosing_run("runs/a/train") == os.path.join("runs", "a")
+
+
+@pytest.mark.parametrize("inner", ["checkpoints", "checkpoints/12", "config.json"])
+def test_a_workdir_inside_a_run_names_the_run_to_use(workdir, images, inner):
+    path, _, _ = workdir
+    status, out, err = run_cli(f"--workdir={path}/{inner}", images[0])
+    assert (status, out) == (2, "")
+    assert err == (f"error: --workdir={path}/{inner} is inside the run {path}; use "
+                   f"--workdir={path}\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line: one line per image, --json, one-line errors.
 
@@ -262,6 +340,53 @@ def test_cli_too_large_image_is_one_line_error_and_the_rest_still_predicted(work
     assert results[0] == {"image": images[0], "error": message, "step": 12}
     assert results[1]["image"] == images["raw"] and 0 <= results[1]["digit"] <= 9
     assert Image.MAX_IMAGE_PIXELS == limit  # Lifted only while the header was read.
+
+
+def _float_image(value: float) -> Image.Image:
+    pixels = np.zeros((40, 40), np.float32)
+    pixels[10:30, 15:25] = 200.0
+    pixels[12:14, 12:30] = value
+    return Image.fromarray(pixels, "F")
+
+
+def _specks() -> Image.Image:
+    pixels = np.full((2000, 2000), 255, np.uint8)
+    pixels[0, 0] = pixels[-1, -1] = 0  # Fitted into 20 px, each is 1/10,000 of a pixel.
+    return Image.fromarray(pixels)
+
+
+# Images PIL opens but that cannot become a digit: each is its own line, whatever the cause.
+ODD_IMAGES = {
+    "LAB": (lambda: Image.new("LAB", (40, 40)), "cannot use it as a digit image (ValueError: "
+            "conversion from LAB to RGB not supported); save it as a grayscale or RGB PNG or JPEG"),
+    "F with NaN": (lambda: _float_image(np.nan), "36 of 1,600 pixels are NaN or infinite; save "
+                   "it with finite values (or as an 8-bit PNG)"),
+    "F with Inf": (lambda: _float_image(np.inf), "36 of 1,600 pixels are NaN or infinite"),
+    "specks": (lambda: _specks(), "blank image (no digit found)"),  # Was 0 / 0 centring them.
+}
+
+
+@pytest.mark.parametrize("kind", list(ODD_IMAGES))
+@pytest.mark.parametrize("as_json", [False, True])
+def test_cli_an_image_that_cannot_be_converted_is_one_line_and_the_rest_still_predicted(
+        workdir, images, tmp_path, recwarn, kind, as_json):
+    make, message = ODD_IMAGES[kind]
+    odd = str(tmp_path / "odd.tif")
+    make().save(odd)
+    flags = ["--json"] if as_json else []
+    status, out, err = run_cli(f"--workdir={workdir[0]}", *flags, images[0], odd, images[7])
+    assert status == 1
+    assert err.startswith(f"error: {odd}: {message}") and err.count("\n") == 1
+    if as_json:
+        results = [json.loads(line) for line in out.splitlines()]
+        assert [r["image"] for r in results] == [images[0], odd, images[7]]
+        assert results[1] == {"image": odd, "error": err[len("error: "):-1], "step": 12}
+        assert "digit" in results[0] and "digit" in results[2]
+    else:
+        assert [line.split(":")[0] for line in out.splitlines()] == [images[0], images[7]]
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    with pytest.raises(predict.PredictError, match=f"^{re.escape(odd)}: "):  # The library too.
+        predict.load_images([images[0], odd])
 
 
 def test_cli_missing_workdir_or_checkpoint_is_one_line(tmp_path, images):

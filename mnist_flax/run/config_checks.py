@@ -1,7 +1,9 @@
 """Checks a config once, up front, so a bad field or value fails in one line before any work.
 
 `check_schema` holds a config file to the default's fields, names and types, exactly as
-ml_collections holds `--config.x=y` overrides; `validate` then checks each value's range.
+ml_collections holds `--config.x=y` overrides; `validate` then checks each value's range. A bad
+value is a `FieldError` (field, value, rule), so a reader of a stored config (workdir.read_config)
+names its file where the command line names `--config.x`.
 """
 
 from __future__ import annotations
@@ -22,12 +24,24 @@ LR_SCHEDULES = ("constant", "cosine", "one_cycle")
 _NUMBER = (int, float)
 
 
+class FieldError(ConfigError):
+    """One field's value breaks a rule; the message is `--config.FIELD=VALUE: RULE`."""
+
+    def __init__(self, field: str, value, rule: str):
+        super().__init__(f"--config.{field}={value!r}: {rule}")
+        self.field, self.value, self.rule = field, value, rule
+
+
 def _type_name(value) -> str:
     """'float', or for a sequence its elements' types too: 'tuple of float, str'."""
     name = type(value).__name__
     if isinstance(value, tuple | list) and value:
         name += " of " + ", ".join(sorted({type(v).__name__ for v in value}))
     return name
+
+
+def _a(name: str) -> str:
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _fits(value, reference) -> bool:
@@ -61,83 +75,75 @@ def check_schema(config) -> None:
                           "default's fields (`config = default.get_config()`), then change some")
     for name in sorted(reference):
         if not _fits(config[name], reference[name]):
-            raise ConfigError(f"--config.{name}={config[name]!r}: must be a "
-                              f"{_type_name(reference[name])} like the default's "
-                              f"{reference[name]!r}, not a {_type_name(config[name])}")
+            raise FieldError(name, config[name], f"must be {_a(_type_name(reference[name]))} "
+                             f"like the default's {reference[name]!r}, not "
+                             f"{_a(_type_name(config[name]))}")
 
 
-def _require(ok: bool, message: str) -> None:
+def _require(ok: bool, name: str, value, rule: str) -> None:
     if not ok:
-        raise ConfigError(message)
+        raise FieldError(name, value, rule)
 
 
 def _positive_int(config: ml_collections.ConfigDict, name: str) -> None:
     value = config[name]
     _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-             f"--config.{name}={value!r}: must be a positive integer")
+             name, value, "must be a positive integer")
 
 
 def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     """Raises ConfigError on the first field or value that cannot work."""
     check_schema(config)
-    _require(config.data_source in input_pipeline.SOURCES,
-             f"--config.data_source={config.data_source!r}: must be one of "
-             f"{', '.join(input_pipeline.SOURCES)}")
+    _require(config.data_source in input_pipeline.SOURCES, "data_source", config.data_source,
+             f"must be one of {', '.join(input_pipeline.SOURCES)}")
     for name in ("num_epochs", "batch_size", "dense_features", "num_classes", "log_every_steps",
                  "eval_batch_size", "checkpoint_keep"):
         _positive_int(config, name)
     every = config.checkpoint_every_steps
     _require(isinstance(every, int) and not isinstance(every, bool) and every >= 0,
-             f"--config.checkpoint_every_steps={every!r}: must be an integer >= 0 (0 = only at "
-             "the end of each epoch)")
+             "checkpoint_every_steps", every,
+             "must be an integer >= 0 (0 = only at the end of each epoch)")
     k = config.steps_per_dispatch
-    _require(isinstance(k, int) and not isinstance(k, bool) and k >= 0,
-             f"--config.steps_per_dispatch={k!r}: must be an integer >= 0 (0 = 1 on CPU, 16 on "
-             "GPU/TPU)")
-    _require(isinstance(config.compilation_cache_dir, str),
-             f"--config.compilation_cache_dir={config.compilation_cache_dir!r}: must be a "
-             "directory, a gs:// URL, 'auto' or '' (off)")
+    _require(isinstance(k, int) and not isinstance(k, bool) and k >= 0, "steps_per_dispatch", k,
+             "must be an integer >= 0 (0 = 1 on CPU, 16 on GPU/TPU)")
+    _require(isinstance(config.compilation_cache_dir, str), "compilation_cache_dir",
+             config.compilation_cache_dir, "must be a directory, a gs:// URL, 'auto' or '' (off)")
     nan_at = config.debug_nan_at_step
     _require(isinstance(nan_at, int) and not isinstance(nan_at, bool) and nan_at >= 0,
-             f"--config.debug_nan_at_step={nan_at!r}: must be an integer >= 0 (0 = off; for tests)")
-    _require(isinstance(config.seed, int) and 0 <= config.seed < 2**63,
-             f"--config.seed={config.seed!r}: must be an integer in [0, 2**63)")
+             "debug_nan_at_step", nan_at, "must be an integer >= 0 (0 = off; for tests)")
+    _require(isinstance(config.seed, int) and 0 <= config.seed < 2**63, "seed", config.seed,
+             "must be an integer in [0, 2**63)")
     for name in ("learning_rate", "adam_eps"):
         value = config[name]
         _require(math.isfinite(value) and value >= 0 and (value > 0 or name == "adam_eps"),
-                 f"--config.{name}={value!r}: must be a finite number > 0")
-    _require(config.adam_eps_placement in ADAM_EPS_PLACEMENTS,
-             f"--config.adam_eps_placement={config.adam_eps_placement!r}: must be one of "
-             f"{', '.join(ADAM_EPS_PLACEMENTS)}")
+                 name, value, "must be a finite number > 0")
+    _require(config.adam_eps_placement in ADAM_EPS_PLACEMENTS, "adam_eps_placement",
+             config.adam_eps_placement, f"must be one of {', '.join(ADAM_EPS_PLACEMENTS)}")
     features = tuple(config.conv_features)
     _require(1 <= len(features) <= 6 and all(isinstance(f, int) and f > 0 for f in features),
-             f"--config.conv_features={features!r}: must be 1 to 6 positive integers (one 3x3 "
-             "convolution each), e.g. (32,64)")
+             "conv_features", features, "must be 1 to 6 positive integers (one 3x3 convolution "
+             "each), e.g. (32,64)")
     rates = tuple(config.dropout_rates)
     _require(len(rates) == 2 and all(isinstance(r, _NUMBER) and not isinstance(r, bool)
                                      and 0.0 <= r < 1.0 for r in rates),
-             f"--config.dropout_rates={rates!r}: must be two rates in [0, 1), e.g. (0.25,0.5)")
-    _require(config.num_classes >= 2, f"--config.num_classes={config.num_classes}: must be >= 2")
-    _require(config.kernel_init in models.KERNEL_INITS,
-             f"--config.kernel_init={config.kernel_init!r}: must be one of "
-             f"{', '.join(models.KERNEL_INITS)}")
-    _require(config.lr_schedule in LR_SCHEDULES,
-             f"--config.lr_schedule={config.lr_schedule!r}: must be one of "
-             f"{', '.join(LR_SCHEDULES)}")
+             "dropout_rates", rates, "must be two rates in [0, 1), e.g. (0.25,0.5)")
+    _require(config.num_classes >= 2, "num_classes", config.num_classes, "must be >= 2")
+    _require(config.kernel_init in models.KERNEL_INITS, "kernel_init", config.kernel_init,
+             f"must be one of {', '.join(models.KERNEL_INITS)}")
+    _require(config.lr_schedule in LR_SCHEDULES, "lr_schedule", config.lr_schedule,
+             f"must be one of {', '.join(LR_SCHEDULES)}")
     _require(0 <= config.warmup_epochs < config.num_epochs
              and (config.warmup_epochs > 0 or config.lr_schedule != "one_cycle"),
-             f"--config.warmup_epochs={config.warmup_epochs!r}: must be in [0, num_epochs="
-             f"{config.num_epochs}) (and > 0 for one_cycle)")
-    _require(0.0 <= config.label_smoothing < 1.0,
-             f"--config.label_smoothing={config.label_smoothing!r}: must be in [0, 1)")
+             "warmup_epochs", config.warmup_epochs,
+             f"must be in [0, num_epochs={config.num_epochs}) (and > 0 for one_cycle)")
+    _require(0.0 <= config.label_smoothing < 1.0, "label_smoothing", config.label_smoothing,
+             "must be in [0, 1)")
     for name, limit in (("augment_max_shift", 14.0), ("augment_max_rotation", 180.0),
                         ("augment_max_scale", 1.0)):
-        _require(0.0 <= config[name] < limit,
-                 f"--config.{name}={config[name]!r}: must be in [0, {limit:g})")
-    _require(config.compute_dtype in COMPUTE_DTYPES,
-             f"--config.compute_dtype={config.compute_dtype!r}: must be one of "
-             f"{', '.join(COMPUTE_DTYPES)}")
-    for name in ("batch_size", "eval_batch_size"):
-        _require(config[name] % device_count == 0,
-                 f"--config.{name}={config[name]} does not divide over the {device_count} "
-                 f"devices; use a multiple of {device_count}")
+        _require(0.0 <= config[name] < limit, name, config[name], f"must be in [0, {limit:g})")
+    _require(config.compute_dtype in COMPUTE_DTYPES, "compute_dtype", config.compute_dtype,
+             f"must be one of {', '.join(COMPUTE_DTYPES)}")
+    for name in ("batch_size", "eval_batch_size"):  # Not a FieldError: the devices are at fault.
+        if config[name] % device_count:
+            raise ConfigError(f"--config.{name}={config[name]} does not divide over the "
+                              f"{device_count} devices; use a multiple of {device_count}")

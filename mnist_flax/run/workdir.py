@@ -8,6 +8,7 @@ workdir.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import logging as std_logging
@@ -20,8 +21,9 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from mnist_flax import checkpoints
+from mnist_flax import checkpoints, configs
 from mnist_flax.checkpoints import error_line
+from mnist_flax.run import config_checks
 from mnist_flax.run import lease as lease_lib
 
 LOCK_FILE = ".lock"  # Held by the run using the workdir; holds that run's pid (or its lease).
@@ -243,12 +245,36 @@ def check_shared(workdir: str) -> None:
 
 
 
+def enclosing_run(workdir: str) -> str | None:
+    """The nearest directory above `workdir` that holds a run (config.json and checkpoints/), or
+    None; relative if `workdir` is. So a user who passed a directory inside a run (its
+    checkpoints/, train/) is pointed at the run, not told to train a run inside it."""
+    text = os.fspath(workdir)
+    relative = not is_remote(text) and not os.path.isabs(text)
+    for parent in path(text).parents:
+        if is_remote(text) and not str(parent).partition("://")[2]:
+            break  # Above the bucket.
+        try:
+            is_run = ((parent / checkpoints.CONFIG_FILE).is_file()
+                      and (parent / checkpoints.CHECKPOINT_DIR).is_dir())
+        except OSError:  # An ancestor we may not read holds no run we could use.
+            continue
+        if is_run:
+            return os.path.relpath(parent) if relative else str(parent)
+    return None
+
+
 def config_path(workdir: str) -> epath.Path:
     return path(workdir) / checkpoints.CONFIG_FILE
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """workdir/config.json; WorkdirError naming the file when it is missing or not a config."""
+    """workdir/config.json, held to the config's schema and value checks (config_checks) as a
+    config file is; WorkdirError naming the file, the field and the fix when it cannot be used.
+
+    A field the file lacks (a run trained before the field existed) gets the default's value:
+    fields are added with defaults that keep the earlier behaviour.
+    """
     source = config_path(workdir)
     try:
         fields = json.loads(source.read_text())
@@ -262,7 +288,36 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     if not isinstance(fields, dict) or not fields:
         raise WorkdirError(f"{source}: holds {type(fields).__name__} {str(fields)[:40]!r}, not a "
                            "run's config (a JSON object of its fields); move it aside")
-    return ml_collections.ConfigDict(fields)
+    return _checked_config(source, fields)
+
+
+def _json_value(value, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def _checked_config(source: epath.Path, fields: dict) -> ml_collections.ConfigDict:
+    """`fields` as a config, missing ones from the default; one line for any that cannot work."""
+    fix = f"fix {source.name} or train a new workdir"
+    reference = configs.load()
+    unknown = sorted(set(fields) - set(reference))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(reference), 1)
+        hint = (f'did you mean "{close[0]}"?' if close
+                else "written by another version of mnist_flax?")
+        raise WorkdirError(f"{source}: sets {unknown[0]!r}, which is not a field of the config "
+                           f"({hint}); {fix}")
+    config = ml_collections.ConfigDict(fields)
+    for name in sorted(set(reference) - set(fields)):
+        config[name] = reference[name]
+    try:
+        config_checks.validate(config)
+    except config_checks.FieldError as e:
+        value = _json_value(fields[e.field]) if e.field in fields else repr(e.value)
+        raise WorkdirError(f"{source}: {e.field} is {value}, {e.rule}; {fix}") from None
+    except configs.ConfigError as e:
+        raise WorkdirError(f"{source}: {e}; {fix}") from None
+    return config
 
 
 def config_changes(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
