@@ -35,4 +35,4 @@ class Hooks:
         return position
 
     def after_training(self, state: Any, dataset: Any, writers: Any) -> None:
-        """Once, when the last step is trained."""
+        """After the last step, and again whenever a finished run is started again."""

@@ -156,7 +156,10 @@ def eval_batches(state: TrainState, batches: Batch,
 
 def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, batch_size: int,
              mesh: jax.sharding.Mesh) -> dict[str, float]:
-    """Loss and accuracy over every image; the last batch is padded and masked, never dropped."""
+    """Loss and accuracy over every image; the last batch is padded and masked, never dropped.
+    A batch larger than the images is cut to them (rounded up to the devices): padding it
+    whole would only cost memory."""
+    batch_size = min(batch_size, -(-len(labels) // mesh.size) * mesh.size)
     pad = -len(labels) % batch_size
     batches = {k: sharding.put_replicated(mesh, np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1))
                                           .reshape(-1, batch_size, *v.shape[1:]))
@@ -221,10 +224,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 if end_of_epoch or (every and step % every == 0) or stopping:
                     saved = hooks.before_save(state, position(step), progress.pending)
                     checkpoints.save(manager, state, saved)
-                if stopping:
+                if stopping and step < num_steps:  # A stop at the last step: finish.
                     return state, progress.metrics
-            if start_step < num_steps:  # A finished run restarted has written this already.
-                hooks.after_training(state, dataset, writers)
+            # Also when a finished run is started again: a stop or a kill may have come between
+            # its last save and this.
+            hooks.after_training(state, dataset, writers)
     metrics = progress.metrics or {f"test/{k}": v for k, v in evaluate(  # A finished run.
         state, dataset.test_images, dataset.test_labels, config.eval_batch_size, mesh).items()}
     print(f"Test loss: {metrics['test/loss']:.4f}")

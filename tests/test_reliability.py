@@ -34,7 +34,9 @@ from conftest import (
     load_config,
     run_module,
     snapshot,
+    snapshot_but_lock,
     tiny_config,
+    train_as_main,
     write_idx_dir,
 )
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
@@ -42,7 +44,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.context import RequestContext
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from mnist_flax import checkpoints, input_pipeline, mnist_tfds, progress, train
+from mnist_flax import checkpoints, configs, input_pipeline, mnist_tfds, pictures, progress, train
 from mnist_flax.input_pipeline import DataError
 from mnist_flax.run import config_checks, operations
 from mnist_flax.run import lock as lock_lib
@@ -459,3 +461,101 @@ def test_a_config_file_without_get_config_is_one_line(base, tmp_path):
     last = one_line_error(result)
     assert "cannot load the config file" in last and "defines get_config()" in last
     assert not os.path.exists(tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------
+# A finished run started again, and signals after its last step.
+
+
+def picture_steps(workdir) -> dict[str, list[int]]:
+    events = EventAccumulator(str(workdir / "test"), size_guidance={"images": 0})
+    events.Reload()
+    return {tag: [image.step for image in events.Images(tag)] for tag in events.Tags()["images"]}
+
+
+@pytest.fixture(scope="module")
+def finished(base):
+    """A finished workdir and its final metrics."""
+    _, metrics = train_as_main(small_config(base / "data"), base / "finished")
+    return base / "finished", metrics
+
+
+def test_a_finished_run_started_with_a_config_that_trains_otherwise_is_refused_untouched(
+        base, finished):
+    """It would train nothing and report its old results as the new config's (config.json and
+    the HParams row rewritten to say so). Where the data comes from, or how often it logs, does
+    not change its results: that restart goes on."""
+    workdir, metrics = finished
+    before = snapshot_but_lock(workdir)
+    with pytest.raises(configs.ConfigError) as refused:
+        train_as_main(small_config(base / "data", learning_rate=0.01, dropout_rates=(0.0, 0.0)),
+                      workdir)
+    assert str(refused.value) == (
+        f"--workdir={workdir} has finished training with another config (dropout_rates: "
+        "[0.25, 0.5] -> [0.0, 0.0]; learning_rate: 0.001 -> 0.01); it would train nothing and "
+        "report its results as this config's: use another --workdir, the config it was trained "
+        f"with ({workdir}/config.json), or a larger --config.num_epochs to train on")
+    assert snapshot_but_lock(workdir) == before  # Nothing written: config.json, events, all.
+
+    _, again = train_as_main(small_config(base / "data", log_every_steps=1), workdir)
+    assert again["test/accuracy"] == metrics["test/accuracy"]
+
+
+class _SigtermIn(operations.Operations):
+    """main's operations, with SIGTERM sent to this process at one moment: `at` 'last step'
+    (before the last dispatch: the loop sees it after the last step) or 'pictures' (while the
+    end-of-run pictures are drawn)."""
+
+    def __init__(self, config, at: str):
+        super().__init__(config)
+        self.at = at
+
+    def before_dispatch(self, state, step, num_steps):
+        if self.at == "last step" and step + num_steps >= NUM_STEPS:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().before_dispatch(state, step, num_steps)
+
+    def after_training(self, state, dataset, writers):
+        if self.at == "pictures":
+            os.kill(os.getpid(), signal.SIGTERM)
+        super().after_training(state, dataset, writers)
+
+
+@pytest.mark.parametrize("at", ["last step", "pictures"])
+def test_sigterm_after_the_last_step_lets_the_run_finish_with_its_pictures(base, at, caplog):
+    """Nothing is left to stop: the run ends as finished (results, pictures, exit 0), not as
+    preempted at a wrong step (it said 'saved the checkpoint at step 0', exit 143)."""
+    config = small_config(base / "data", log_every_steps=1)
+    workdir = base / f"sigterm-{at.replace(' ', '-')}"
+    with _SigtermIn(config, at) as hooks:
+        state, metrics = train.train_and_evaluate(config, str(workdir), hooks)
+    assert int(state.step) == NUM_STEPS and "test/accuracy" in metrics
+    assert "SIGTERM came after the last step: the run has finished" in caplog.text
+    assert picture_steps(workdir) == dict.fromkeys(pictures.IMAGE_TAGS, [NUM_STEPS])
+
+
+def test_a_finished_run_without_its_pictures_draws_them_when_started_again(base):
+    """A kill between the last save and the pictures leaves a finished run without them; the
+    same command draws them (a finished run's restart always does: they are the same)."""
+
+    class NoPictures(operations.Operations):
+        def after_training(self, state, dataset, writers):
+            pass  # As if killed just before drawing them.
+
+    config = small_config(base / "data")
+    workdir = base / "no-pictures"
+    with NoPictures(config) as hooks:
+        train.train_and_evaluate(config, str(workdir), hooks)
+    assert picture_steps(workdir) == {}
+    train_as_main(config, workdir)
+    assert picture_steps(workdir) == dict.fromkeys(pictures.IMAGE_TAGS, [NUM_STEPS])
+
+
+def test_an_eval_batch_larger_than_the_test_set_costs_no_more_memory_than_the_set(base, tmp_path):
+    """It was padded whole: --config.eval_batch_size=100000000 asked for 73 GiB after training
+    the whole epoch, and lost it."""
+    config = small_config(base / "data", eval_batch_size=100_000_000, num_epochs=1)
+    _, metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+    _, expected = train.train_and_evaluate(small_config(base / "data", num_epochs=1),
+                                           str(tmp_path / "reference"))
+    assert metrics["test/accuracy"] == expected["test/accuracy"]

@@ -12,6 +12,7 @@ after a lost lease, and draw the end-of-run pictures. A run that stopped early r
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,9 +22,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mnist_flax import checkpoints, hooks, pictures, progress
+from mnist_flax import checkpoints, configs, hooks, pictures, progress
 from mnist_flax.run import integrity, lock, signals, workdir
 from mnist_flax.run.process import CompileCacheLog
+
+# Fields that change how a run goes, not what it computes (where it finds its data, how often
+# it logs or saves, how it evaluates): a finished run started again with other values of these
+# still reports its own results. Any other change to a finished run is refused.
+RESULT_NEUTRAL_FIELDS = frozenset({
+    "checkpoint_every_steps", "checkpoint_keep", "compilation_cache_dir", "data_dir",
+    "debug_nan_at_step", "eval_batch_size", "fast_ops", "log_every_steps", "steps_per_dispatch",
+    "tfds_data_dir", "verify_checksums"})
 
 
 @jax.jit
@@ -52,6 +61,7 @@ class Operations(hooks.Hooks):
         self.stop = signals.StopFlag()
         self.held: lock.Held | None = None
         self.stopped_at = 0
+        self.finished = False  # The last step was trained: a signal now has nothing to stop.
         self._cache_log = CompileCacheLog()
         self._first_dispatch = True
 
@@ -68,7 +78,10 @@ class Operations(hooks.Hooks):
         workdir.check_shared(workdir_path)
         with lock.lock(workdir_path, self.lease_seconds) as self.held:
             yield
-        if self.stop.signum is not None:  # Stopped early by should_stop, after saving.
+        if self.stop.signum is not None and self.finished:
+            name = "Ctrl-C" if self.stop.signum == signal.SIGINT else "SIGTERM"
+            logging.warning("%s came after the last step: the run has finished", name)
+        elif self.stop.signum is not None:  # Stopped early by should_stop, after saving.
             signals.log_preempted(self.stopped_at, self.stop.signum)
             raise signals.Preempted(self.stopped_at, self.stop.signum)
 
@@ -84,6 +97,9 @@ class Operations(hooks.Hooks):
                 changes = workdir.config_changes(workdir_path, self.config)
             except workdir.WorkdirError as e:  # Damaged: only this log line needs it.
                 changes = [f"unknown ({e}); it is rewritten now"]
+            else:
+                if int(state.step) >= position["steps_per_epoch"] * self.config.num_epochs:
+                    refuse_a_finished_run_changed(workdir_path, changes)
             for change in changes:
                 logging.warning("Config changed since the last start: %s", change)
         return state
@@ -116,4 +132,18 @@ class Operations(hooks.Hooks):
         return {**position, integrity.CHECKSUM_KEY: integrity.state_checksum(tree, position)}
 
     def after_training(self, state, dataset, writers) -> None:
+        self.finished = True
         pictures.write_pictures(writers, state, dataset, self.config)
+
+
+def refuse_a_finished_run_changed(workdir_path: str, changes: list[str]) -> None:
+    """A finished run trains nothing: started with a config that would have trained otherwise, it
+    would report its old results as this config's (and config.json would say so), so it is
+    refused before anything is written. `changes` are `workdir.config_changes`' lines."""
+    decisive = [c for c in changes if c.split(":", 1)[0] not in RESULT_NEUTRAL_FIELDS]
+    if decisive:
+        raise configs.ConfigError(
+            f"--workdir={workdir_path} has finished training with another config "
+            f"({'; '.join(decisive)}); it would train nothing and report its results as this "
+            f"config's: use another --workdir, the config it was trained with "
+            f"({workdir.config_path(workdir_path)}), or a larger --config.num_epochs to train on")
