@@ -361,13 +361,15 @@ def write_results(path: str, config: ml_collections.ConfigDict, results: list[di
         "runs": results,
         "config": json.loads(config.to_json()),
     }
-    workdir.path(path).write_text(json.dumps(payload, indent=1) + "\n")  # Local, or gs://.
+    target = workdir.path(path)  # A local file or, like the workdir, gs://.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=1) + "\n")
 
 
 def check_results(path: str) -> None:
     """ConfigError, before any training, for a local --results that cannot be written: a
-    directory, in a directory that does not exist, or a file this process may not write. An
-    existing file is left as it is until the first run ends."""
+    directory, under a file, or a place this process may not write. Its missing directories are
+    made now, as the first write would make them; an existing file is left as it is."""
     if workdir.is_remote(path):  # Said as the workdir's client check says it, for --results.
         try:
             workdir.check_client(path)
@@ -378,12 +380,13 @@ def check_results(path: str) -> None:
     if target.is_dir():
         raise ConfigError(f"--results={path}: is a directory; pass a file, e.g. "
                           f"--results={target / 'results.json'}")
-    if not target.parent.is_dir():
-        what = "is not a directory" if target.parent.exists() else "does not exist"
-        raise ConfigError(f"--results={path}: {target.parent} {what}; create it or pass a file "
-                          "in an existing directory")
+    above = next(p for p in (target.parent, *target.parent.parents) if p.exists())
+    if not above.is_dir():
+        raise ConfigError(f"--results={path}: {above} is a file, not a directory; pass a file "
+                          "in a directory")
     existed = target.exists()
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("a"):  # Appends nothing: an earlier file is unchanged.
             pass
         if not existed:

@@ -102,10 +102,8 @@ def test_a_value_too_long_for_a_directory_name_is_refused_before_any_training(tm
 
 @pytest.mark.parametrize("where, message", [
     ("dir", "is a directory; pass a file, e.g. --results={path}/results.json"),
-    ("missing/r.json", "{tmp}/missing does not exist; create it or pass a file in an existing "
-                       "directory"),
-    ("file/r.json", "{tmp}/file is not a directory; create it or pass a file in an existing "
-                    "directory"),
+    ("file/r.json", "{tmp}/file is a file, not a directory; pass a file in a directory"),
+    ("file/deeper/r.json", "{tmp}/file is a file, not a directory; pass a file in a directory"),
 ])
 def test_results_that_cannot_be_written_are_refused_in_one_line(tmp_path, where, message):
     (tmp_path / "dir").mkdir()
@@ -117,7 +115,8 @@ def test_results_that_cannot_be_written_are_refused_in_one_line(tmp_path, where,
     # A file that can be written: an earlier one is left as it was, a new one is not made yet.
     sweep.check_results(str(tmp_path / "file"))
     sweep.check_results(str(tmp_path / "new.json"))
-    assert sorted(os.listdir(tmp_path)) == ["dir", "file"]
+    sweep.check_results(str(tmp_path / "new" / "r.json"))  # Its directory is made, as before.
+    assert sorted(os.listdir(tmp_path)) == ["dir", "file", "new"]
     assert (tmp_path / "file").read_text() == "kept"
 
 
