@@ -95,6 +95,36 @@ def test_the_workdirs_own_entries_in_the_way_are_one_line_and_nothing_is_written
     assert snapshot(workdir) == before  # No config.json.tmp.PID, no event file.
 
 
+@pytest.mark.parametrize("part", ["checkpoints", "checkpoints/31", "train", "test/deeper"])
+def test_a_workdir_inside_another_runs_own_directories_is_refused_and_nothing_made(tmp_path,
+                                                                                  part):
+    """orbax prunes and cleans RUN/checkpoints (a run inside would go with it), and RUN/train and
+    RUN/test are RUN's TensorBoard runs. Beside them, a directory of its own is fine."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "31").mkdir(parents=True)
+    (run / "train").mkdir(), (run / "test").mkdir()
+    (run / "config.json").write_text("{}")
+    before = snapshot(run)
+    with pytest.raises(workdir_lib.WorkdirError) as refused:
+        workdir_lib.prepare(str(run / part))
+    assert str(refused.value) == (f"--workdir={run / part} is inside the run {run} (its "
+                                  f"{part.split('/')[0]}/); a run there would mix with that one: "
+                                  "use another --workdir")
+    assert snapshot(run) == before
+    workdir_lib.prepare(str(run / "nested"))
+
+
+def test_a_workdir_with_an_unexpanded_tilde_is_refused_not_made(tmp_path, monkeypatch):
+    """`--workdir=~/runs`: the shell leaves ~ after '=' as it is; it made a directory named ~."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(workdir_lib.WorkdirError) as refused:
+        workdir_lib.prepare("~/runs/a")
+    assert str(refused.value) == (
+        "--workdir=~/runs/a: starts with '~', which the shell did not expand (it does not after "
+        "'='); write --workdir ~/runs/a (with a space) or --workdir=$HOME/runs/a")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("content", ["[]", "{}", "null", '"text"'])
 def test_a_config_json_that_is_not_an_object_is_one_line_for_predict(tmp_path, content):
     (tmp_path / "checkpoints").mkdir()

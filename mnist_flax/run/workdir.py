@@ -82,6 +82,10 @@ def prepare(workdir: str) -> None:
     """
     if not workdir:
         raise WorkdirError("--workdir is empty; pass a directory, e.g. --workdir=runs/")
+    if workdir.startswith("~"):  # A shell expands ~ only where a word starts: not after "=".
+        raise WorkdirError(f"--workdir={workdir}: starts with '~', which the shell did not expand "
+                           f"(it does not after '='); write --workdir {workdir} (with a space) or "
+                           f"--workdir=$HOME{workdir[1:]}")
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
     if is_remote(workdir) and emulator and not os.environ.get("TENSORSTORE_GCS_HTTP_URL"):
         # Every client but tensorstore (orbax's arrays) would use the emulator; its saves would
@@ -97,6 +101,8 @@ def prepare(workdir: str) -> None:
         if root.is_file():
             raise WorkdirError(f"--workdir={workdir}: exists and is not a directory; pick another "
                                "path")
+        if not is_remote(workdir):
+            _refuse_a_part_of_a_run(workdir)  # Before mkdir: nothing is made inside that run.
         root.mkdir(parents=True, exist_ok=True)
         # Random: every host of a pod probes the same bucket, and their pids may coincide.
         probe = root / f".write_test.{os.getpid()}.{secrets.token_hex(4)}"
@@ -262,6 +268,19 @@ def enclosing_run(workdir: str) -> str | None:
         if is_run:
             return os.path.relpath(parent) if relative else str(parent)
     return None
+
+
+def _refuse_a_part_of_a_run(workdir: str) -> None:
+    """WorkdirError for a workdir inside another run's checkpoints/, train/ or test/: orbax
+    prunes and cleans checkpoints/ (taking a run inside with it), and the events dirs are that
+    run's TensorBoard runs."""
+    run = enclosing_run(workdir)
+    if run is None:
+        return
+    part = os.path.relpath(path(workdir), path(run)).split(os.sep)[0]
+    if part in (checkpoints.CHECKPOINT_DIR, "train", "test"):
+        raise WorkdirError(f"--workdir={workdir} is inside the run {run} (its {part}/); a run "
+                           "there would mix with that one: use another --workdir")
 
 
 def config_path(workdir: str) -> epath.Path:
