@@ -12,7 +12,7 @@ import sys
 
 from mnist_flax.run import startup
 
-with startup.one_line_interrupts():  # Seconds of imports before the boundary exists.
+with startup.one_line_startup():  # Seconds of imports before the boundary exists.
     import jax
     from absl import app, flags, logging
     from ml_collections import config_flags

@@ -23,7 +23,7 @@ from mnist_flax.run import startup
 
 # Seconds of imports before the command's boundary exists; a caller that imports this module
 # (a notebook) still gets its KeyboardInterrupt.
-with startup.one_line_interrupts(startup.PREDICT_INTERRUPTED_LINE):
+with startup.one_line_startup(startup.PREDICT_INTERRUPTED_LINE):
     import jax
     import numpy as np
     from absl import flags
@@ -349,7 +349,7 @@ def run(argv: list[str]) -> int:
 
 def main() -> None:
     """The console script and `python -m mnist_flax.predict`, inside the one error boundary."""
-    with startup.one_line_interrupts(startup.PREDICT_INTERRUPTED_LINE):
+    with startup.one_line_startup(startup.PREDICT_INTERRUPTED_LINE):
         from mnist_flax.run import boundary
 
     with boundary.one_line_errors(interrupted_line=startup.PREDICT_INTERRUPTED_LINE):

@@ -29,7 +29,7 @@ from typing import Any
 
 from mnist_flax.run import startup
 
-with startup.one_line_interrupts():  # Seconds of imports before the boundary exists.
+with startup.one_line_startup():  # Seconds of imports before the boundary exists.
     import jax
     import ml_collections
     from absl import app, flags, logging

@@ -405,3 +405,16 @@ def test_predict_into_a_full_device_says_so_in_one_line(trained):
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert one_line(result) == ("error: writing the output: no space left on device (or over "
                                 "quota); free space and run the same command again")
+
+
+@pytest.mark.parametrize("module", ["main", "sweep", "predict"])
+def test_an_error_while_an_entry_point_imports_is_one_line_naming_the_variable(tmp_path, module):
+    """JAX checks its JAX_* variables as it is imported, before the boundary exists: that was
+    a traceback. The line names the variable whose value the error quotes."""
+    result = run_module(module, f"--workdir={tmp_path / 'run'}", "x.png",
+                        env={"JAX_DEFAULT_MATMUL_PRECISION": "bogus"})
+    last = one_line(result)
+    assert last.startswith('error: ValueError: Invalid value "bogus" for JAX flag '
+                           "jax_default_matmul_precision (while starting; full traceback in "), last
+    assert last.endswith("); fix or unset JAX_DEFAULT_MATMUL_PRECISION=bogus"), last
+    assert not (tmp_path / "run").exists()

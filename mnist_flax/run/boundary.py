@@ -156,7 +156,7 @@ def define_config_flag(default: str | None) -> None:
 def run_app(define_flags: Callable[[], None], main: Callable[[list[str]], None]) -> None:
     """An entry point's `run()`: its flags defined and parsed (which loads the config file) by
     `parse_flags`, then `main` under absl, a Ctrl-C in any of it one line."""
-    with startup.one_line_interrupts():
+    with startup.one_line_startup():
         define_flags()
         app.run(main, flags_parser=parse_flags)
 

@@ -1,13 +1,14 @@
-"""Ctrl-C before an entry point's error boundary exists: one line and exit status 130, not
-Python's traceback.
+"""Errors before an entry point's error boundary exists: one line, not Python's traceback. A
+Ctrl-C is its line and exit status 130; any other error (JAX refusing a JAX_* variable at
+import, a broken install) is `error: ...` naming its traceback file, and exit status 1.
 
 An entry module (main, sweep, predict) spends seconds importing jax, orbax and TensorFlow
-Datasets before `boundary.one_line_errors` can run; a Ctrl-C there is a KeyboardInterrupt that
-nothing catches, which Python prints as a traceback. This module imports only the standard
-library, so an entry module imports it first and wraps its imports (and whatever it does before
-the boundary) in `one_line_interrupts`. The interrupt still propagates, so a notebook importing
-`mnist_flax.predict` gets its KeyboardInterrupt as usual; only one that reaches the top level
-uncaught becomes the one line.
+Datasets before `boundary.one_line_errors` can run; an exception there is one that nothing
+catches, which Python prints as a traceback. This module imports only the standard library, so
+an entry module imports it first and wraps its imports (and whatever it does before the
+boundary) in `one_line_startup`. The exception still propagates, so a notebook importing
+`mnist_flax.predict` gets it as usual; only one that reaches the top level uncaught becomes the
+one line.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 import threading
+import traceback
 from collections.abc import Iterator
 from types import TracebackType
 
@@ -28,31 +31,54 @@ PREDICT_INTERRUPTED_LINE = "Interrupted (Ctrl-C): stopped; predict writes nothin
 
 
 @contextlib.contextmanager
-def one_line_interrupts(line: str = INTERRUPTED_LINE) -> Iterator[None]:
+def one_line_startup(line: str = INTERRUPTED_LINE) -> Iterator[None]:
     """Around an entry module's imports and start-up: a Ctrl-C in them that nothing catches
-    prints `line` and exits 130 (through `sys.excepthook`, which Python calls only for an
-    exception no caller handled)."""
+    prints `line` and exits 130, and an error raised in them that nothing catches is one line
+    (through `sys.excepthook`, which Python calls only for an exception no caller handled)."""
     try:
         yield
-    except KeyboardInterrupt:
-        if not isinstance(sys.excepthook, _OneLineInterrupt):
-            sys.excepthook = _OneLineInterrupt(sys.excepthook, line)
+    except (KeyboardInterrupt, Exception) as e:
+        if not isinstance(sys.excepthook, _OneLineStartup):
+            sys.excepthook = _OneLineStartup(sys.excepthook, line)
+        sys.excepthook.errors.append(e)
         raise
 
 
-class _OneLineInterrupt:
-    """sys.excepthook: an uncaught KeyboardInterrupt is `line` and exit 130; any other exception
-    goes to the previous hook."""
+class _OneLineStartup:
+    """sys.excepthook: an uncaught KeyboardInterrupt is `line` and exit 130, an error that left
+    a `one_line_startup` block is `startup_error_line` and exit 1; any other exception goes to
+    the previous hook."""
 
     def __init__(self, previous, line: str):
         self.previous, self.line = previous, line
+        self.errors: list[BaseException] = []
 
     def __call__(self, kind: type[BaseException], error: BaseException,
                  tb: TracebackType | None) -> None:
-        if not issubclass(kind, KeyboardInterrupt):
+        if issubclass(kind, KeyboardInterrupt):
+            leave_quietly(self.line, INTERRUPTED_EXIT_CODE)
+        elif any(error is e for e in self.errors):
+            leave_quietly(startup_error_line(error), 1)
+        else:
             self.previous(kind, error, tb)
-            return
-        leave_quietly(self.line, INTERRUPTED_EXIT_CODE)
+
+
+def startup_error_line(error: BaseException) -> str:
+    """`error: Type: message (...; full traceback in FILE); ` and what to fix: the environment
+    variable whose value the message quotes, if one does, else where to look."""
+    message = (str(error).strip().splitlines() or [""])[0][:200]
+    try:
+        fd, where = tempfile.mkstemp(prefix="mnist_flax-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            traceback.print_exception(error, file=f)
+        where = f"; full traceback in {where}"
+    except OSError:
+        where = ""
+    quoted = [f"{name}={value}" for name, value in sorted(os.environ.items())
+              if value and (f'"{value}"' in message or f"'{value}'" in message)]
+    fix = (f"fix or unset {quoted[0]}" if quoted else "an environment variable (JAX_*, XLA_FLAGS) "
+           "or the installation (pip install -e .) may be at fault")
+    return f"error: {type(error).__name__}: {message} (while starting{where}); {fix}"
 
 
 def leave_quietly(line: str, code: int) -> None:
