@@ -14,7 +14,7 @@ from mnist_flax.run import startup
 
 with startup.one_line_startup():  # Seconds of imports before the boundary exists.
     import jax
-    from absl import app, flags, logging
+    from absl import flags, logging
     from ml_collections import config_flags
 
     from mnist_flax import summaries, train
@@ -44,9 +44,8 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     with boundary.one_line_errors(FLAGS.workdir):
+        boundary.no_extra_arguments(argv)
         process.setup_process()
         process.start_jax(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes,
                           FLAGS.process_id)

@@ -31,7 +31,7 @@ with startup.one_line_startup(startup.PREDICT_INTERRUPTED_LINE):
 
     from mnist_flax import checkpoints, input_pipeline, models
     from mnist_flax.checkpoints import error_line
-    from mnist_flax.run import integrity, logs
+    from mnist_flax.run import integrity, lock, logs
     from mnist_flax.run import workdir as workdir_lib
 
 BOX = 20  # MNIST fits the digit's longer side into 20 px ...
@@ -218,6 +218,11 @@ def _not_a_run_line(workdir: str, is_dir: bool) -> str:
         return f"--workdir={workdir} is inside the run {run}; use --workdir={run}"
     if not is_dir:
         return f"--workdir={workdir}: not a directory"
+    writer = lock.holder(workdir)
+    if writer is not None:  # Training there now: told to train, the user would be refused.
+        return (f"{checkpoints.checkpoint_dir(workdir)}: no checkpoint yet; a run (pid {writer}) "
+                "is training there: try again once it has saved one (at the end of its first "
+                "epoch, or every --config.checkpoint_every_steps)")
     return (f"{checkpoints.checkpoint_dir(workdir)}: no checkpoint; train first with python -m "
             f"mnist_flax.main --workdir={workdir}")
 

@@ -32,7 +32,7 @@ from mnist_flax.run import startup
 with startup.one_line_startup():  # Seconds of imports before the boundary exists.
     import jax
     import ml_collections
-    from absl import app, flags, logging
+    from absl import flags, logging
 
     from mnist_flax import checkpoints, train
     from mnist_flax.configs import ConfigError
@@ -425,12 +425,11 @@ class ResultsFile:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
     command = "python -m mnist_flax.sweep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results_file = ResultsFile(FLAGS.results, config, command) if FLAGS.results else None
     with boundary.one_line_errors(FLAGS.workdir):
+        boundary.no_extra_arguments(argv)
         if results_file:
             check_results(results_file.path)
         process.setup_process()

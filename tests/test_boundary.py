@@ -170,6 +170,34 @@ def test_a_reader_of_a_workdir_a_live_run_holds_is_told_to_retry_not_to_move_it(
         integrity.restore_params(str(tmp_path), _expected_params(config))  # Nothing writes now.
 
 
+def test_predict_on_a_workdir_a_live_run_has_not_saved_in_yet_says_wait_not_train(tmp_path):
+    """Told to train there first, the user would be refused: another run is using it."""
+    from mnist_flax import predict
+
+    script = "import sys, time\nfrom mnist_flax.run import lock\nwith lock.lock(sys.argv[1]):\n" \
+             "    print('locked', flush=True)\n    time.sleep(300)\n"
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(predict.PredictError) as error:
+            predict.load(str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert str(error.value) == (
+        f"{tmp_path}/checkpoints: no checkpoint yet; a run (pid {holder.pid}) is training there: "
+        "try again once it has saved one (at the end of its first epoch, or every "
+        "--config.checkpoint_every_steps)")
+
+
+def test_words_that_are_not_flags_are_one_line_not_the_help(tmp_path):
+    last = one_line(main(f"--workdir={tmp_path / 'run'}", "extra"))
+    assert last == ("error: unexpected arguments: extra; every option is a flag (--name=value), "
+                    "and --help lists them")
+    assert not (tmp_path / "run").exists()
+
+
 def _tiny_config(idx_dir):
     from conftest import tiny_config
 

@@ -161,6 +161,14 @@ def run_app(define_flags: Callable[[], None], main: Callable[[list[str]], None])
         app.run(main, flags_parser=parse_flags)
 
 
+def no_extra_arguments(argv: list[str]) -> None:
+    """ConfigError for words on the command line that are not flags (absl leaves them in argv,
+    and its UsageError printed the whole help before saying so)."""
+    if len(argv) > 1:
+        raise configs.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}; every option is a "
+                                  "flag (--name=value), and --help lists them")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, plus loading the config file and checking it against the default's fields
     (`config_checks.check_schema`), with every failure as a one-line error; --help exits 0.
