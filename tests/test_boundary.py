@@ -146,6 +146,21 @@ def test_a_deleted_lock_file_does_not_let_a_second_run_in(tmp_path):
     assert lock_lib.holder(str(tmp_path)) is None
 
 
+@contextlib.contextmanager
+def _locked_by_another_process(workdir) -> Iterator[subprocess.Popen]:
+    """Another process holding `workdir`'s lock, as a live run does, while the block runs."""
+    script = "import sys, time\nfrom mnist_flax.run import lock\nwith lock.lock(sys.argv[1]):\n" \
+             "    print('locked', flush=True)\n    time.sleep(300)\n"
+    holder = subprocess.Popen([sys.executable, "-c", script, str(workdir)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_reader_of_a_workdir_a_live_run_holds_is_told_to_retry_not_to_move_it(tmp_path, idx_dir):
     config = _tiny_config(idx_dir)
     train_as_main(config, tmp_path)
@@ -153,17 +168,9 @@ def test_a_reader_of_a_workdir_a_live_run_holds_is_told_to_retry_not_to_move_it(
         for f in step_dir.rglob("*"):                           # to a reader: nothing reads.
             if f.is_file() and f.stat().st_size > 1000:
                 f.write_bytes(b"")
-    script = "import sys, time\nfrom mnist_flax.run import lock\nwith lock.lock(sys.argv[1]):\n" \
-             "    print('locked', flush=True)\n    time.sleep(300)\n"
-    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(checkpoints.CheckpointError) as error:
-            integrity.restore_params(str(tmp_path), _expected_params(config))
-    finally:
-        holder.kill()
-        holder.wait()
+    with _locked_by_another_process(tmp_path) as holder, pytest.raises(
+            checkpoints.CheckpointError) as error:
+        integrity.restore_params(str(tmp_path), _expected_params(config))
     assert f"a run (pid {holder.pid}) is writing it" in str(error.value)
     assert "move" not in str(error.value)
     with pytest.raises(checkpoints.CheckpointError, match="move that directory aside"):
@@ -174,17 +181,9 @@ def test_predict_on_a_workdir_a_live_run_has_not_saved_in_yet_says_wait_not_trai
     """Told to train there first, the user would be refused: another run is using it."""
     from mnist_flax import predict
 
-    script = "import sys, time\nfrom mnist_flax.run import lock\nwith lock.lock(sys.argv[1]):\n" \
-             "    print('locked', flush=True)\n    time.sleep(300)\n"
-    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(predict.PredictError) as error:
-            predict.load(str(tmp_path))
-    finally:
-        holder.kill()
-        holder.wait()
+    with _locked_by_another_process(tmp_path) as holder, pytest.raises(
+            predict.PredictError) as error:
+        predict.load(str(tmp_path))
     assert str(error.value) == (
         f"{tmp_path}/checkpoints: no checkpoint yet; a run (pid {holder.pid}) is training there: "
         "try again once it has saved one (at the end of its first epoch, or every "
@@ -409,15 +408,20 @@ def test_ctrl_c_during_predict_is_one_line_and_130(tmp_path, trained, at):
     _only_line(result, startup.PREDICT_INTERRUPTED_LINE)
 
 
-@pytest.mark.parametrize("redirect", ["| head -c 0", ">&-"])
-def test_a_closed_stdout_in_predict_is_no_traceback(trained, redirect):
-    """Piped into a reader that has left, or with stdout closed: no traceback, no error line."""
+def _predict_into(trained, redirect: str) -> subprocess.CompletedProcess:
+    """predict on the trained workdir's digit, its stdout sent where the shell's `redirect` says."""
     workdir, image = trained
     command = shlex.join([sys.executable, "-m", "mnist_flax.predict", f"--workdir={workdir}",
                           str(image)])
-    result = subprocess.run(f"{command} {redirect}", shell=True, cwd=REPO, text=True,
-                            capture_output=True, timeout=300,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return subprocess.run(f"{command} {redirect}", shell=True, cwd=REPO, text=True,
+                          capture_output=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+@pytest.mark.parametrize("redirect", ["| head -c 0", ">&-"])
+def test_a_closed_stdout_in_predict_is_no_traceback(trained, redirect):
+    """Piped into a reader that has left, or with stdout closed: no traceback, no error line."""
+    result = _predict_into(trained, redirect)
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, (
         result.stderr[-3000:])
     assert "error:" not in result.stderr, result.stderr[-3000:]
@@ -425,14 +429,9 @@ def test_a_closed_stdout_in_predict_is_no_traceback(trained, redirect):
 
 def test_predict_into_a_full_device_says_so_in_one_line(trained):
     """stdout on a full disk (`> /dev/full`): what happened and what to do, not an unknown error."""
-    workdir, image = trained
-    command = shlex.join([sys.executable, "-m", "mnist_flax.predict", f"--workdir={workdir}",
-                          str(image)])
-    result = subprocess.run(f"{command} > /dev/full", shell=True, cwd=REPO, text=True,
-                            capture_output=True, timeout=300,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert one_line(result) == ("error: writing the output: no space left on device (or over "
-                                "quota); free space and run the same command again")
+    assert one_line(_predict_into(trained, "> /dev/full")) == (
+        "error: writing the output: no space left on device (or over quota); free space and run "
+        "the same command again")
 
 
 @pytest.mark.parametrize("module", ["main", "sweep", "predict"])

@@ -23,6 +23,7 @@ import sys
 import textwrap
 import types
 
+import conftest
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -34,9 +35,7 @@ from conftest import (
     load_config,
     run_module,
     snapshot,
-    snapshot_but_lock,
     tiny_config,
-    train_as_main,
     write_idx_dir,
 )
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
@@ -476,7 +475,7 @@ def picture_steps(workdir) -> dict[str, list[int]]:
 @pytest.fixture(scope="module")
 def finished(base):
     """A finished workdir and its final metrics."""
-    _, metrics = train_as_main(small_config(base / "data"), base / "finished")
+    _, metrics = conftest.train_as_main(small_config(base / "data"), base / "finished")
     return base / "finished", metrics
 
 
@@ -486,18 +485,18 @@ def test_a_finished_run_started_with_a_config_that_trains_otherwise_is_refused_u
     the HParams row rewritten to say so). Where the data comes from, or how often it logs, does
     not change its results: that restart goes on."""
     workdir, metrics = finished
-    before = snapshot_but_lock(workdir)
+    before = conftest.snapshot_but_lock(workdir)
     with pytest.raises(configs.ConfigError) as refused:
-        train_as_main(small_config(base / "data", learning_rate=0.01, dropout_rates=(0.0, 0.0)),
-                      workdir)
+        conftest.train_as_main(
+            small_config(base / "data", learning_rate=0.01, dropout_rates=(0.0, 0.0)), workdir)
     assert str(refused.value) == (
         f"--workdir={workdir} has finished training with another config (dropout_rates: "
         "[0.25, 0.5] -> [0.0, 0.0]; learning_rate: 0.001 -> 0.01); it would train nothing and "
         "report its results as this config's: use another --workdir, the config it was trained "
         f"with ({workdir}/config.json), or a larger --config.num_epochs to train on")
-    assert snapshot_but_lock(workdir) == before  # Nothing written: config.json, events, all.
+    assert conftest.snapshot_but_lock(workdir) == before  # Nothing written: config, events.
 
-    _, again = train_as_main(small_config(base / "data", log_every_steps=1), workdir)
+    _, again = conftest.train_as_main(small_config(base / "data", log_every_steps=1), workdir)
     assert again["test/accuracy"] == metrics["test/accuracy"]
 
 
@@ -547,7 +546,7 @@ def test_a_finished_run_without_its_pictures_draws_them_when_started_again(base)
     with NoPictures(config) as hooks:
         train.train_and_evaluate(config, str(workdir), hooks)
     assert picture_steps(workdir) == {}
-    train_as_main(config, workdir)
+    conftest.train_as_main(config, workdir)
     assert picture_steps(workdir) == dict.fromkeys(pictures.IMAGE_TAGS, [NUM_STEPS])
 
 
