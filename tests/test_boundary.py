@@ -114,6 +114,20 @@ def test_a_workdir_inside_another_runs_own_directories_is_refused_and_nothing_ma
     workdir_lib.prepare(str(run / "nested"))
 
 
+@pytest.mark.parametrize("target", ["missing", "loop"])
+def test_a_workdir_that_is_a_broken_symlink_is_named_as_one(tmp_path, target):
+    """It said 'cannot write there (File exists)'."""
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / target)
+    if target == "loop":
+        (tmp_path / "loop").symlink_to(link)
+    with pytest.raises(workdir_lib.WorkdirError) as refused:
+        workdir_lib.prepare(str(link))
+    assert str(refused.value) == (f"--workdir={link}: a symbolic link to {tmp_path / target}, "
+                                  "which does not exist (or loops); point it at a directory, or "
+                                  "remove it")
+
+
 def test_a_workdir_with_an_unexpanded_tilde_is_refused_not_made(tmp_path, monkeypatch):
     """`--workdir=~/runs`: the shell leaves ~ after '=' as it is; it made a directory named ~."""
     monkeypatch.chdir(tmp_path)

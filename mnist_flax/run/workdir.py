@@ -102,6 +102,10 @@ def prepare(workdir: str) -> None:
             raise WorkdirError(f"--workdir={workdir}: exists and is not a directory; pick another "
                                "path")
         if not is_remote(workdir):
+            if os.path.islink(root) and not os.path.exists(root):
+                raise WorkdirError(f"--workdir={workdir}: a symbolic link to "
+                                   f"{os.readlink(root)}, which does not exist (or loops); point "
+                                   "it at a directory, or remove it")
             _refuse_a_part_of_a_run(workdir)  # Before mkdir: nothing is made inside that run.
         root.mkdir(parents=True, exist_ok=True)
         # Random: every host of a pod probes the same bucket, and their pids may coincide.
