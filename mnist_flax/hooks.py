@@ -35,4 +35,5 @@ class Hooks:
         return position
 
     def after_training(self, state: Any, dataset: Any, writers: Any) -> None:
-        """After the last step, and again whenever a finished run is started again."""
+        """After the last step, and again whenever a finished run is started again (main's draw
+        the pictures then only if they are missing)."""

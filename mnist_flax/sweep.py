@@ -14,15 +14,9 @@ is rewritten after every run, so an interrupted sweep keeps what it measured.
 from __future__ import annotations
 
 import ast
-import contextlib
 import itertools
-import json
-import logging as python_logging
-import os
-import platform
 import re
 import shlex
-import statistics
 import sys
 import time
 from typing import Any
@@ -34,7 +28,7 @@ with startup.one_line_startup():  # Seconds of imports before the boundary exist
     import ml_collections
     from absl import flags, logging
 
-    from mnist_flax import checkpoints, train
+    from mnist_flax import sweep_results, train
     from mnist_flax.configs import ConfigError
     from mnist_flax.run import boundary, config_checks, operations, process, workdir
 
@@ -176,146 +170,9 @@ def run_dirs(parent: str, grid: list[Assignment]) -> list[str]:
     return list(dirs)
 
 
-_DATA_SIZES = re.compile(r"([\d,]+) train / ([\d,]+) test images")
-
-
-@contextlib.contextmanager
-def _quiet_tensorboard_reader():
-    """TensorBoard's reader logs "No path found after <events file>" (INFO, through the
-    "tensorboard" logger to absl's handler) for each file it reads: noise under the sweep's table.
-    Its warnings and errors still pass, and the level is restored after the read."""
-    from tensorboard.util import tb_logging
-
-    logger = tb_logging.get_logger()
-    level = logger.level
-    logger.setLevel(max(level, python_logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def read_text(logdir: str, tag: str) -> str | None:
-    """The last text written under `tag` in `logdir`'s own run, read with TensorBoard's reader."""
-    from tensorboard.backend.event_processing import event_accumulator
-
-    events = event_accumulator.EventAccumulator(logdir,
-                                                size_guidance={event_accumulator.TENSORS: 0})
-    with _quiet_tensorboard_reader():
-        events.Reload()
-    name = f"{tag}/text_summary"  # tensorboardX's name for a text summary.
-    if name not in events.Tags()["tensors"]:
-        return None
-    return events.Tensors(name)[-1].tensor_proto.string_val[0].decode()
-
-
-def read_data_sizes(logdir: str) -> tuple[int, int] | None:
-    """(train images, test images) a run trained and tested on, from its `data` text."""
-    match = _DATA_SIZES.search(read_text(logdir, "data") or "")
-    return (int(match[1].replace(",", "")), int(match[2].replace(",", ""))) if match else None
-
-
-def read_scalars(logdir: str, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of `tag` in `logdir`'s event files, read with TensorBoard's own reader.
-
-    It reads every file of the directory in order and honours the purge a resumed run writes,
-    so each step appears once.
-    """
-    from tensorboard.backend.event_processing import event_accumulator
-
-    events = event_accumulator.EventAccumulator(logdir,
-                                                size_guidance={event_accumulator.SCALARS: 0})
-    with _quiet_tensorboard_reader():
-        events.Reload()
-    if tag not in events.Tags()["scalars"]:
-        return []
-    return [(e.step, e.value) for e in events.Scalars(tag)]
-
-
-def machine() -> dict[str, Any]:
-    """What the wall times were measured on."""
-    info = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return {
-        "cpu": info.get("model name") or platform.processor(), "cpu_count": os.cpu_count(),
-        "avx512": "avx512f" in info.get("flags", "").split(),
-        "jax": jax.__version__, "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-    }
-
-
-def process_seconds() -> float | None:
-    """Seconds since this process started (Linux), so imports and compilation are counted."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-
-
 def group_name(assignment: Assignment) -> str:
     """The run's name without its seed: the runs of a group differ only in the seed."""
     return run_name(tuple(a for a in assignment if a[0] != "seed"))
-
-
-def _stats(results: list[dict[str, Any]]) -> dict[str, float]:
-    accuracies = [r["test_accuracy"] for r in results]
-    return {
-        "runs": len(accuracies),
-        "test_accuracy_mean": statistics.fmean(accuracies),
-        "test_accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-        "run_seconds_mean": statistics.fmean(r["run_seconds"] for r in results),
-    }
-
-
-def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Test accuracy mean and sample std over the seeds of each group (runs that differ only in
-    `seed`), under "groups". The top-level mean and std, which experiments/plot.py and the README
-    table read, are given only when all runs form one group: over learning rates they mean nothing.
-    """
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        groups.setdefault(r["group"], []).append(r)
-    summary: dict[str, Any] = _stats(results)
-    if len(groups) > 1:
-        del summary["test_accuracy_mean"], summary["test_accuracy_std"]
-    summary["groups"] = [
-        {"group": name, **_stats(runs),
-         "overrides": {k: v for k, v in runs[0]["overrides"].items() if k != "seed"}}
-        for name, runs in groups.items()]
-    return summary
-
-
-def _accuracy_line(group: dict[str, Any]) -> str:
-    mean, std, runs = group["test_accuracy_mean"], group["test_accuracy_std"], group["runs"]
-    if runs == 1:
-        return f"test accuracy {100 * mean:.2f}% (1 run)"
-    return f"test accuracy {100 * mean:.2f} ± {100 * std:.2f}% (mean ± sample std over {runs} runs)"
-
-
-def format_table(results: list[dict[str, Any]]) -> str:
-    """One row per run, then one accuracy line per group (its seeds' mean ± std)."""
-    width = max([len("run")] + [len(r["name"]) for r in results])
-    lines = [f"{'run':<{width}}  test acc  test loss  epochs  seconds"]
-    for r in results:
-        lines.append(f"{r['name']:<{width}}  {r['test_accuracy']:8.4f}  {r['test_loss']:9.4f}  "
-                     f"{r['epochs']:6d}  {r['run_seconds']:7.1f}")
-    groups = summarize(results)["groups"]
-    if len(groups) == 1:
-        lines.append(_accuracy_line(groups[0]))
-        return "\n".join(lines)
-    width = max(len(g["group"]) for g in groups) + 1
-    lines.extend(f"{g['group'] + ':':<{width}} {_accuracy_line(g)}" for g in groups)
-    return "\n".join(lines)
 
 
 def run_sweep(config: ml_collections.ConfigDict, parent: str, specs: list[str],
@@ -342,8 +199,9 @@ def run_sweep(config: ml_collections.ConfigDict, parent: str, specs: list[str],
             "test_loss": metrics["test/loss"],
             "epochs": cfg.num_epochs,
             "run_seconds": time.perf_counter() - start,  # Data loading and compilation included.
-            "test_accuracy_per_epoch": [v for _, v in read_scalars(f"{logdir}/test", "accuracy")],
-            "train_images": (read_data_sizes(logdir) or (None,))[0],
+            "test_accuracy_per_epoch": [
+                v for _, v in sweep_results.read_scalars(f"{logdir}/test", "accuracy")],
+            "train_images": (sweep_results.read_data_sizes(logdir) or (None,))[0],
             "logdir": logdir,
         })
         if on_result:
@@ -351,92 +209,20 @@ def run_sweep(config: ml_collections.ConfigDict, parent: str, specs: list[str],
     return results
 
 
-def write_results(path: str, config: ml_collections.ConfigDict, results: list[dict[str, Any]],
-                  command: str) -> None:
-    payload = {
-        "command": command,
-        "machine": machine(),
-        "process_seconds": process_seconds(),
-        "summary": summarize(results),
-        "runs": results,
-        "config": json.loads(config.to_json()),
-    }
-    target = workdir.path(path)  # A local file or, like the workdir, gs://.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(payload, indent=1) + "\n")
-
-
-def check_results(path: str) -> None:
-    """ConfigError, before any training, for a local --results that cannot be written: a
-    directory, under a file, or a place this process may not write. Its missing directories are
-    made now, as the first write would make them; an existing file is left as it is."""
-    if workdir.is_remote(path):  # Said as the workdir's client check says it, for --results.
-        try:
-            workdir.check_client(path)
-        except workdir.WorkdirError as e:
-            raise ConfigError(str(e).replace("--workdir=", "--results=", 1)) from None
-        return
-    target = workdir.path(path)
-    if target.is_dir():
-        raise ConfigError(f"--results={path}: is a directory; pass a file, e.g. "
-                          f"--results={target / 'results.json'}")
-    above = next(p for p in (target.parent, *target.parent.parents) if p.exists())
-    if not above.is_dir():
-        raise ConfigError(f"--results={path}: {above} is a file, not a directory; pass a file "
-                          "in a directory")
-    existed = target.exists()
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("a"):  # Appends nothing: an earlier file is unchanged.
-            pass
-        if not existed:
-            target.unlink()
-    except OSError as e:
-        raise ConfigError(f"--results={path}: cannot be written ({e.strerror or e}); pass a "
-                          "writable file") from None
-
-
-class ResultsFile:
-    """Rewrites --results after every run. A write that fails is logged and the sweep goes on:
-    no run is lost to the results file; `finish` says in one line that it was not written."""
-
-    def __init__(self, path: str, config: ml_collections.ConfigDict, command: str):
-        self.path, self.config, self.command = path, config, command
-        self.error: BaseException | None = None
-
-    def write(self, results: list[dict[str, Any]]) -> None:
-        try:
-            write_results(self.path, self.config, results, self.command)
-            self.error = None
-        except Exception as e:  # noqa: BLE001 (OSError, or a gs:// client's own error types)
-            if not isinstance(e, OSError) and not workdir.is_storage_error(e):
-                raise
-            self.error = e
-            logging.warning("--results=%s: not written (%s); the sweep goes on",
-                            self.path, checkpoints.error_line(e))
-
-    def finish(self, workdir_path: str) -> None:
-        if self.error is not None:
-            raise ConfigError(
-                f"--results={self.path}: not written ({checkpoints.error_line(self.error)}); "
-                f"every run is kept under {workdir_path} and the table above has their results; "
-                "run the same command with a writable --results to write them (no run trains "
-                "again)")
-
-
 def main(argv: list[str]) -> None:
     config = FLAGS.config
     command = "python -m mnist_flax.sweep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    results_file = ResultsFile(FLAGS.results, config, command) if FLAGS.results else None
+    results_file = (sweep_results.ResultsFile(FLAGS.results, config, command) if FLAGS.results
+                    else None)
     with boundary.one_line_errors(FLAGS.workdir):
         boundary.no_extra_arguments(argv)
         if results_file:
-            check_results(results_file.path)
+            sweep_results.check_results(results_file.path)
         process.setup_process()
         process.start_jax()
         results = run_sweep(config, FLAGS.workdir, FLAGS.sweep,
                             results_file.write if results_file else None)
-        print(format_table(results))
+        print(sweep_results.format_table(results))
         if results_file:
             results_file.finish(FLAGS.workdir)
 

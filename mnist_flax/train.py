@@ -227,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 if stopping and step < num_steps:  # A stop at the last step: finish.
                     return state, progress.metrics
             # Also when a finished run is started again: a stop or a kill may have come between
-            # its last save and this.
+            # its last save and the pictures (main's hooks draw them if they are not there).
             hooks.after_training(state, dataset, writers)
     metrics = progress.metrics or {f"test/{k}": v for k, v in evaluate(  # A finished run.
         state, dataset.test_images, dataset.test_labels, config.eval_batch_size, mesh).items()}

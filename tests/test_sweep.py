@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import REPO, load_config
 
-from mnist_flax import sweep
+from mnist_flax import sweep, sweep_results
 from mnist_flax.run import config_checks
 
 
@@ -110,12 +110,12 @@ def test_results_that_cannot_be_written_are_refused_in_one_line(tmp_path, where,
     (tmp_path / "file").write_text("kept")
     path = str(tmp_path / where)
     with pytest.raises(config_checks.ConfigError) as info:
-        sweep.check_results(path)
+        sweep_results.check_results(path)
     assert str(info.value) == f"--results={path}: " + message.format(path=path, tmp=tmp_path)
     # A file that can be written: an earlier one is left as it was, a new one is not made yet.
-    sweep.check_results(str(tmp_path / "file"))
-    sweep.check_results(str(tmp_path / "new.json"))
-    sweep.check_results(str(tmp_path / "new" / "r.json"))  # Its directory is made, as before.
+    sweep_results.check_results(str(tmp_path / "file"))
+    sweep_results.check_results(str(tmp_path / "new.json"))
+    sweep_results.check_results(str(tmp_path / "new" / "r.json"))  # Its directory is made.
     assert sorted(os.listdir(tmp_path)) == ["dir", "file", "new"]
     assert (tmp_path / "file").read_text() == "kept"
 
@@ -123,7 +123,7 @@ def test_results_that_cannot_be_written_are_refused_in_one_line(tmp_path, where,
 def test_a_results_write_that_fails_mid_sweep_loses_no_run(tmp_path, caplog):
     """The sweep goes on (each run is kept in its directory); the end says so in one line."""
     path = tmp_path / "results.json"
-    results = sweep.ResultsFile(str(path), load_config(), "python -m mnist_flax.sweep ...")
+    results = sweep_results.ResultsFile(str(path), load_config(), "python -m mnist_flax.sweep ...")
     path.mkdir()  # Made after the check, say by another program.
     run = _result("seed=0", 0.9, seed=0)
     results.write([run])  # Does not raise: the next run still trains.
@@ -155,12 +155,12 @@ def _result(name: str, accuracy: float, **overrides) -> dict:
 
 def test_summary_is_mean_and_sample_std():
     runs = [_result(f"seed={i}", a, seed=i) for i, a in enumerate((0.990, 0.992, 0.994))]
-    summary = sweep.summarize(runs)
+    summary = sweep_results.summarize(runs)
     assert summary["test_accuracy_mean"] == pytest.approx(0.992)  # What experiments/plot.py reads.
     assert summary["test_accuracy_std"] == pytest.approx(0.002)
     [group] = summary["groups"]
     assert group["runs"] == 3 and group["test_accuracy_mean"] == pytest.approx(0.992)
-    assert sweep.format_table(runs).splitlines()[-1] == (
+    assert sweep_results.format_table(runs).splitlines()[-1] == (
         "test accuracy 99.20 ± 0.20% (mean ± sample std over 3 runs)")
     assert sweep.group_name((("seed", 2, "2"),)) == ""
 
@@ -170,14 +170,14 @@ def test_summary_is_per_learning_rate_over_its_seeds_not_over_all_runs():
     accuracy = {(1e-3, 0): 0.90, (1e-3, 1): 0.92, (3e-3, 0): 0.96, (3e-3, 1): 0.98}
     runs = [_result(f"learning_rate={lr}/seed={seed}", a, learning_rate=lr, seed=seed)
             for (lr, seed), a in accuracy.items()]
-    summary = sweep.summarize(runs)
+    summary = sweep_results.summarize(runs)
     assert "test_accuracy_mean" not in summary and summary["runs"] == 4
     assert [(g["group"], g["overrides"], g["runs"]) for g in summary["groups"]] == [
         ("learning_rate=0.001", {"learning_rate": 1e-3}, 2),
         ("learning_rate=0.003", {"learning_rate": 3e-3}, 2)]
     assert [g["test_accuracy_mean"] for g in summary["groups"]] == pytest.approx([0.91, 0.97])
     assert [g["test_accuracy_std"] for g in summary["groups"]] == pytest.approx([0.02 / 2**0.5] * 2)
-    assert sweep.format_table(runs).splitlines()[-2:] == [
+    assert sweep_results.format_table(runs).splitlines()[-2:] == [
         "learning_rate=0.001: test accuracy 91.00 ± 1.41% (mean ± sample std over 2 runs)",
         "learning_rate=0.003: test accuracy 97.00 ± 1.41% (mean ± sample std over 2 runs)"]
     # run_sweep's name for a group: the run's name without its seed.
@@ -196,8 +196,8 @@ def test_reading_events_back_logs_nothing_at_info(tmp_path, caplog):
     tensorboard_logger = logging.getLogger("tensorboard")
     level = tensorboard_logger.level
     caplog.set_level(logging.INFO)
-    assert sweep.read_scalars(str(tmp_path), "accuracy") == [(1, 0.5)]
-    assert sweep.read_data_sizes(str(tmp_path)) == (4000, 1000)
+    assert sweep_results.read_scalars(str(tmp_path), "accuracy") == [(1, 0.5)]
+    assert sweep_results.read_data_sizes(str(tmp_path)) == (4000, 1000)
     assert [r.getMessage() for r in caplog.records if r.name.startswith("tensorboard")] == []
     assert tensorboard_logger.level == level
 

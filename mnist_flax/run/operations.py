@@ -62,6 +62,8 @@ class Operations(hooks.Hooks):
         self.held: lock.Held | None = None
         self.stopped_at = 0
         self.finished = False  # The last step was trained: a signal now has nothing to stop.
+        self.restored_finished = False  # Started again after its last step.
+        self.workdir_path = ""
         self._cache_log = CompileCacheLog()
         self._first_dispatch = True
 
@@ -76,6 +78,7 @@ class Operations(hooks.Hooks):
     def hold(self, workdir_path: str) -> Iterator[None]:
         # Every process must see the workdir process 0 writes (a pod's hosts share no disk).
         workdir.check_shared(workdir_path)
+        self.workdir_path = workdir_path
         with lock.lock(workdir_path, self.lease_seconds) as self.held:
             yield
         if self.stop.signum is not None and self.finished:
@@ -92,13 +95,15 @@ class Operations(hooks.Hooks):
         if jax.process_index() == 0:
             for step, reason in damaged:
                 integrity.move_aside(workdir_path, step, reason)
+        self.restored_finished = (
+            int(state.step) >= position["steps_per_epoch"] * self.config.num_epochs)
         if int(state.step):
             try:
                 changes = workdir.config_changes(workdir_path, self.config)
             except workdir.WorkdirError as e:  # Damaged: only this log line needs it.
                 changes = [f"unknown ({e}); it is rewritten now"]
             else:
-                if int(state.step) >= position["steps_per_epoch"] * self.config.num_epochs:
+                if self.restored_finished:
                     refuse_a_finished_run_changed(workdir_path, changes)
             for change in changes:
                 logging.warning("Config changed since the last start: %s", change)
@@ -132,8 +137,24 @@ class Operations(hooks.Hooks):
         return {**position, integrity.CHECKSUM_KEY: integrity.state_checksum(tree, position)}
 
     def after_training(self, state, dataset, writers) -> None:
+        """The pictures; on a finished run started again, only if they are not there (a stop or
+        a kill came between its last save and them)."""
         self.finished = True
-        pictures.write_pictures(writers, state, dataset, self.config)
+        if not (self.restored_finished and writers is not None
+                and pictures_written(self.workdir_path, int(state.step))):
+            pictures.write_pictures(writers, state, dataset, self.config)
+
+
+def pictures_written(workdir_path: str, step: int) -> bool:
+    """Whether the workdir's test/ run holds every end-of-run picture at `step`."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(
+        f"{workdir_path.rstrip('/')}/test", size_guidance={event_accumulator.IMAGES: 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    return all(tag in tags and any(e.step == step for e in events.Images(tag))
+               for tag in pictures.IMAGE_TAGS)
 
 
 def refuse_a_finished_run_changed(workdir_path: str, changes: list[str]) -> None:

@@ -1,0 +1,232 @@
+"""What a sweep measured: each run's results read back from its TensorBoard events (with
+TensorBoard's own reader), their mean ± std over the seeds of each group, the table the sweep
+prints, and the JSON file it writes after every run (`--results`), checked before any training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging as python_logging
+import os
+import platform
+import re
+import statistics
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from mnist_flax import checkpoints
+from mnist_flax.configs import ConfigError
+from mnist_flax.run import workdir
+
+_DATA_SIZES = re.compile(r"([\d,]+) train / ([\d,]+) test images")
+
+
+@contextlib.contextmanager
+def _quiet_tensorboard_reader():
+    """TensorBoard's reader logs "No path found after <events file>" (INFO, through the
+    "tensorboard" logger to absl's handler) for each file it reads: noise under the sweep's table.
+    Its warnings and errors still pass, and the level is restored after the read."""
+    from tensorboard.util import tb_logging
+
+    logger = tb_logging.get_logger()
+    level = logger.level
+    logger.setLevel(max(level, python_logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def read_text(logdir: str, tag: str) -> str | None:
+    """The last text written under `tag` in `logdir`'s own run, read with TensorBoard's reader."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(logdir,
+                                                size_guidance={event_accumulator.TENSORS: 0})
+    with _quiet_tensorboard_reader():
+        events.Reload()
+    name = f"{tag}/text_summary"  # tensorboardX's name for a text summary.
+    if name not in events.Tags()["tensors"]:
+        return None
+    return events.Tensors(name)[-1].tensor_proto.string_val[0].decode()
+
+
+def read_data_sizes(logdir: str) -> tuple[int, int] | None:
+    """(train images, test images) a run trained and tested on, from its `data` text."""
+    match = _DATA_SIZES.search(read_text(logdir, "data") or "")
+    return (int(match[1].replace(",", "")), int(match[2].replace(",", ""))) if match else None
+
+
+def read_scalars(logdir: str, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of `tag` in `logdir`'s event files, read with TensorBoard's own reader.
+
+    It reads every file of the directory in order and honours the purge a resumed run writes,
+    so each step appears once.
+    """
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(logdir,
+                                                size_guidance={event_accumulator.SCALARS: 0})
+    with _quiet_tensorboard_reader():
+        events.Reload()
+    if tag not in events.Tags()["scalars"]:
+        return []
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def machine() -> dict[str, Any]:
+    """What the wall times were measured on."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return {
+        "cpu": info.get("model name") or platform.processor(), "cpu_count": os.cpu_count(),
+        "avx512": "avx512f" in info.get("flags", "").split(),
+        "jax": jax.__version__, "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux), so imports and compilation are counted."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _stats(results: list[dict[str, Any]]) -> dict[str, float]:
+    accuracies = [r["test_accuracy"] for r in results]
+    return {
+        "runs": len(accuracies),
+        "test_accuracy_mean": statistics.fmean(accuracies),
+        "test_accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+        "run_seconds_mean": statistics.fmean(r["run_seconds"] for r in results),
+    }
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Test accuracy mean and sample std over the seeds of each group (runs that differ only in
+    `seed`), under "groups". The top-level mean and std, which experiments/plot.py and the README
+    table read, are given only when all runs form one group: over learning rates they mean nothing.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(r["group"], []).append(r)
+    summary: dict[str, Any] = _stats(results)
+    if len(groups) > 1:
+        del summary["test_accuracy_mean"], summary["test_accuracy_std"]
+    summary["groups"] = [
+        {"group": name, **_stats(runs),
+         "overrides": {k: v for k, v in runs[0]["overrides"].items() if k != "seed"}}
+        for name, runs in groups.items()]
+    return summary
+
+
+def _accuracy_line(group: dict[str, Any]) -> str:
+    mean, std, runs = group["test_accuracy_mean"], group["test_accuracy_std"], group["runs"]
+    if runs == 1:
+        return f"test accuracy {100 * mean:.2f}% (1 run)"
+    return f"test accuracy {100 * mean:.2f} ± {100 * std:.2f}% (mean ± sample std over {runs} runs)"
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """One row per run, then one accuracy line per group (its seeds' mean ± std)."""
+    width = max([len("run")] + [len(r["name"]) for r in results])
+    lines = [f"{'run':<{width}}  test acc  test loss  epochs  seconds"]
+    for r in results:
+        lines.append(f"{r['name']:<{width}}  {r['test_accuracy']:8.4f}  {r['test_loss']:9.4f}  "
+                     f"{r['epochs']:6d}  {r['run_seconds']:7.1f}")
+    groups = summarize(results)["groups"]
+    if len(groups) == 1:
+        lines.append(_accuracy_line(groups[0]))
+        return "\n".join(lines)
+    width = max(len(g["group"]) for g in groups) + 1
+    lines.extend(f"{g['group'] + ':':<{width}} {_accuracy_line(g)}" for g in groups)
+    return "\n".join(lines)
+
+
+def write_results(path: str, config: ml_collections.ConfigDict, results: list[dict[str, Any]],
+                  command: str) -> None:
+    payload = {
+        "command": command,
+        "machine": machine(),
+        "process_seconds": process_seconds(),
+        "summary": summarize(results),
+        "runs": results,
+        "config": json.loads(config.to_json()),
+    }
+    target = workdir.path(path)  # A local file or, like the workdir, gs://.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def check_results(path: str) -> None:
+    """ConfigError, before any training, for a local --results that cannot be written: a
+    directory, under a file, or a place this process may not write. Its missing directories are
+    made now, as the first write would make them; an existing file is left as it is."""
+    if workdir.is_remote(path):  # Said as the workdir's client check says it, for --results.
+        try:
+            workdir.check_client(path)
+        except workdir.WorkdirError as e:
+            raise ConfigError(str(e).replace("--workdir=", "--results=", 1)) from None
+        return
+    target = workdir.path(path)
+    if target.is_dir():
+        raise ConfigError(f"--results={path}: is a directory; pass a file, e.g. "
+                          f"--results={target / 'results.json'}")
+    above = next(p for p in (target.parent, *target.parent.parents) if p.exists())
+    if not above.is_dir():
+        raise ConfigError(f"--results={path}: {above} is a file, not a directory; pass a file "
+                          "in a directory")
+    existed = target.exists()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("a"):  # Appends nothing: an earlier file is unchanged.
+            pass
+        if not existed:
+            target.unlink()
+    except OSError as e:
+        raise ConfigError(f"--results={path}: cannot be written ({e.strerror or e}); pass a "
+                          "writable file") from None
+
+
+class ResultsFile:
+    """Rewrites --results after every run. A write that fails is logged and the sweep goes on:
+    no run is lost to the results file; `finish` says in one line that it was not written."""
+
+    def __init__(self, path: str, config: ml_collections.ConfigDict, command: str):
+        self.path, self.config, self.command = path, config, command
+        self.error: BaseException | None = None
+
+    def write(self, results: list[dict[str, Any]]) -> None:
+        try:
+            write_results(self.path, self.config, results, self.command)
+            self.error = None
+        except Exception as e:  # noqa: BLE001 (OSError, or a gs:// client's own error types)
+            if not isinstance(e, OSError) and not workdir.is_storage_error(e):
+                raise
+            self.error = e
+            logging.warning("--results=%s: not written (%s); the sweep goes on",
+                            self.path, checkpoints.error_line(e))
+
+    def finish(self, workdir_path: str) -> None:
+        if self.error is not None:
+            raise ConfigError(
+                f"--results={self.path}: not written ({checkpoints.error_line(self.error)}); "
+                f"every run is kept under {workdir_path} and the table above has their results; "
+                "run the same command with a writable --results to write them (no run trains "
+                "again)")
