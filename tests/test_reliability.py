@@ -535,7 +535,7 @@ def test_sigterm_after_the_last_step_lets_the_run_finish_with_its_pictures(base,
 
 def test_a_finished_run_without_its_pictures_draws_them_when_started_again(base):
     """A kill between the last save and the pictures leaves a finished run without them; the
-    same command draws them (a finished run's restart always does: they are the same)."""
+    same command draws them (only then: a finished run started again adds no second copy)."""
 
     class NoPictures(operations.Operations):
         def after_training(self, state, dataset, writers):
