@@ -227,10 +227,13 @@ def test_gs_workdir_without_the_gcs_extra_is_one_line(module, tmp_path):
 
 
 def test_sigterm_while_an_async_save_is_in_flight_saves_it_and_resumes_bit_identically(
-        gcs_bucket_path, idx_dir, tmp_path):  # noqa: F811
+        gcs_emulator, gcs_bucket_path, idx_dir, tmp_path, monkeypatch):  # noqa: F811
     """Saves are asynchronous: SIGTERM arriving while one is written still exits as preempted
-    (143) with the step it stopped at committed, and the rerun ends bit-identical."""
+    (143) with the step it stopped at committed, and the rerun ends bit-identical. The emulator
+    is paused (SIGSTOP) from the moment the save at step 3 returns until a second later, so that
+    save is still being written when the signal comes, however fast the machine."""
     import signal
+    import threading
 
     import jax
     from conftest import assert_trees_identical, tiny_config, train_as_main
@@ -241,17 +244,25 @@ def test_sigterm_while_an_async_save_is_in_flight_saves_it_and_resumes_bit_ident
     config = tiny_config(data_source="idx", data_dir=str(idx_dir), batch_size=32, num_epochs=1,
                          checkpoint_every_steps=1, verify_checksums=False)
     expected, _ = train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
-    in_flight = []
+    emulator, in_flight, save = gcs_emulator.process.pid, [], checkpoints.save
 
-    class SigtermDuringASave(operations.Operations):
-        def before_dispatch(self, state, step, num_steps):
-            if step == 3:  # The save at step 3 has started (its commit takes ~0.3 s).
-                in_flight.append(checkpoints.latest_step(gcs_bucket_path) != 3)
-                os.kill(os.getpid(), signal.SIGTERM)
-            return super().before_dispatch(state, step, num_steps)
+    def save_then_sigterm(manager, state, position):
+        started = save(manager, state, position)
+        if position["step"] == 3:  # Its files are being written now: hold them there.
+            os.kill(emulator, signal.SIGSTOP)
+            threading.Timer(1.0, os.kill, (emulator, signal.SIGCONT)).start()
+            in_flight.append(manager.is_saving_in_progress())
+            os.kill(os.getpid(), signal.SIGTERM)
+        return started
 
-    with pytest.raises(signals.Preempted) as stopped, SigtermDuringASave(config) as hooks:
-        train.train_and_evaluate(config, gcs_bucket_path, hooks)
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(checkpoints, "save", save_then_sigterm)
+            with pytest.raises(signals.Preempted) as stopped, \
+                    operations.Operations(config) as hooks:
+                train.train_and_evaluate(config, gcs_bucket_path, hooks)
+    finally:
+        os.kill(emulator, signal.SIGCONT)
     assert in_flight == [True]  # The signal came while the save at step 3 was being written.
     assert (stopped.value.step, stopped.value.exit_code) == (4, 143)
     assert checkpoints.latest_step(gcs_bucket_path) == 4  # Committed before it returned.
