@@ -11,7 +11,7 @@ Tag names are an API, pinned by tests/test_summaries.py.
 
 import contextlib
 import dataclasses
-import uuid
+import time
 from collections.abc import Iterator
 
 import jax
@@ -89,9 +89,11 @@ def open_writers(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
     with contextlib.ExitStack() as stack:
         def open_one(logdir: str) -> SummaryWriter:
             # A suffix of its own: tensorboardX names files by the second and host, so a start
-            # in the same second as the previous one would write over that one's file.
+            # in the same second as the previous one would write over that one's file. The
+            # nanoseconds keep such files in the order they were written: TensorBoard reads a
+            # run's files in name order, and a resumed run's purge needs that order.
             writer = SummaryWriter(logdir=logdir, flush_secs=10, purge_step=purge_step,
-                                   filename_suffix=f".{uuid.uuid4().hex[:8]}")
+                                   filename_suffix=f".{time.time_ns():020d}")
             stack.callback(_close, writer)
             return writer
 
