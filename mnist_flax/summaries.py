@@ -7,27 +7,34 @@ so it describes the config and data the run ended with (TensorBoard keeps a run'
 whatever follows). The earlier starts' texts are carried into each new start's file.
 Only process 0 writes (`open_writers` yields None elsewhere, and every function accepts None).
 Tag names are an API, pinned by tests/test_summaries.py.
+
+tensorboardX is imported where it writes, not with this module: importing it loads its optional
+storage and framework support (google-cloud-storage, torch where installed), seconds that
+`import mnist_flax.train` need not pay.
 """
+
+from __future__ import annotations
 
 import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.plugins.hparams import api_pb2 as hparams_api
 from tensorboard.plugins.hparams import plugin_data_pb2 as hparams_data
-from tensorboardX import SummaryWriter
-from tensorboardX import summary as tbx_summary
-from tensorboardX.proto.event_pb2 import Event
-from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 
 from mnist_flax import input_pipeline
+
+if TYPE_CHECKING:
+    from tensorboardX import SummaryWriter
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.summary_pb2 import Summary
 
 # The names `train_and_evaluate` returns -> the (sub-run, tag) each is written under; Time Series
 # groups tags by the part before the first '/' and opens the first two groups, accuracy and loss.
@@ -82,6 +89,8 @@ def open_writers(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
     if jax.process_index() != 0:
         yield None
         return
+    from tensorboardX import SummaryWriter
+
     purge_step = start_step + 1 if start_step else None
     earlier = sorted(epath.Path(workdir).glob(EVENTS_GLOB))
     texts = [event for events in earlier for event in _text_events(events)
@@ -109,6 +118,9 @@ def open_writers(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
 
 def _text_events(events: epath.Path) -> list[Event]:
     """The TEXT_TAGS events in one event file (a truncated last record ends it quietly)."""
+    from tensorboard.backend.event_processing import event_file_loader
+    from tensorboardX.proto.event_pb2 import Event
+
     tags = {f"{tag}/text_summary" for tag in TEXT_TAGS}
     found = []
     for record in event_file_loader.RawEventFileLoader(str(events)).Load():
@@ -166,6 +178,8 @@ def write_run_info(writers: Writers | None, config: ml_collections.ConfigDict,
     # A finished run restarted trains nothing and writes no final summaries (`train`), so its row
     # is marked ended here, as the start that finished it did.
     if writers.start_step >= len(dataset.train_labels) // config.batch_size * config.num_epochs:
+        from tensorboardX import summary as tbx_summary
+
         writers.run.file_writer.add_summary(tbx_summary.hparams({}, {})[2])
 
 
@@ -183,6 +197,8 @@ def hparam_values(config: ml_collections.ConfigDict,
 def experiment_summary(values: dict[str, bool | float | str]) -> Summary:
     """The HParams table's columns: every hyperparameter, KEY_HPARAMS marked to show by default,
     and HPARAM_METRICS read from the train/ and test/ sub-runs (the metric's `group`)."""
+    from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+
     types = {bool: "DATA_TYPE_BOOL", str: "DATA_TYPE_STRING"}
     infos = [hparams_api.HParamInfo(name=name, differs=name in KEY_HPARAMS,
                                     type=types.get(type(value), "DATA_TYPE_FLOAT64"))
@@ -205,6 +221,8 @@ def write_hparams(writers: Writers | None, config: ml_collections.ConfigDict,
     Keras's hparams callback does."""
     if writers is None:
         return
+    from tensorboardX import summary as tbx_summary
+
     values = hparam_values(config, data)
     _, session_start, _ = tbx_summary.hparams(values, {})
     writers.run.file_writer.add_summary(experiment_summary(values))
