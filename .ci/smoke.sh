@@ -62,10 +62,10 @@ import sys
 import numpy as np
 from PIL import Image
 
-from mnist_flax import input_pipeline, sweep_results
+from mnist_flax import event_reader, input_pipeline
 
 work = sys.argv[1]
-accuracy = sweep_results.read_scalars(f"{work}/run/test", "accuracy")
+accuracy = event_reader.read_scalars(f"{work}/run/test", "accuracy")
 assert [step for step, _ in accuracy] == sorted({step for step, _ in accuracy}), accuracy
 assert len(accuracy) == 2, f"expected one test accuracy per epoch, got {accuracy}"
 print("smoke: test accuracy per epoch:", [round(v, 4) for _, v in accuracy])

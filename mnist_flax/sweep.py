@@ -28,7 +28,7 @@ with startup.one_line_startup():  # Seconds of imports before the boundary exist
     import ml_collections
     from absl import flags, logging
 
-    from mnist_flax import sweep_results, train
+    from mnist_flax import event_reader, sweep_results, train
     from mnist_flax.configs import ConfigError
     from mnist_flax.run import boundary, config_checks, operations, process, workdir
 
@@ -200,7 +200,7 @@ def run_sweep(config: ml_collections.ConfigDict, parent: str, specs: list[str],
             "epochs": cfg.num_epochs,
             "run_seconds": time.perf_counter() - start,  # Data loading and compilation included.
             "test_accuracy_per_epoch": [
-                v for _, v in sweep_results.read_scalars(f"{logdir}/test", "accuracy")],
+                v for _, v in event_reader.read_scalars(f"{logdir}/test", "accuracy")],
             "train_images": (sweep_results.read_data_sizes(logdir) or (None,))[0],
             "logdir": logdir,
         })

@@ -1,13 +1,11 @@
-"""What a sweep measured: each run's results read back from its TensorBoard events (with
-TensorBoard's own reader), their mean ± std over the seeds of each group, the table the sweep
+"""What a sweep measured: each run's results read back from its TensorBoard events
+(`event_reader`), their mean ± std over the seeds of each group, the table the sweep
 prints, and the JSON file it writes after every run (`--results`), checked before any training.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging as python_logging
 import os
 import platform
 import re
@@ -18,64 +16,17 @@ import jax
 import ml_collections
 from absl import logging
 
-from mnist_flax import checkpoints
+from mnist_flax import checkpoints, event_reader
 from mnist_flax.configs import ConfigError
 from mnist_flax.run import workdir
 
 _DATA_SIZES = re.compile(r"([\d,]+) train / ([\d,]+) test images")
 
 
-@contextlib.contextmanager
-def _quiet_tensorboard_reader():
-    """TensorBoard's reader logs "No path found after <events file>" (INFO, through the
-    "tensorboard" logger to absl's handler) for each file it reads: noise under the sweep's table.
-    Its warnings and errors still pass, and the level is restored after the read."""
-    from tensorboard.util import tb_logging
-
-    logger = tb_logging.get_logger()
-    level = logger.level
-    logger.setLevel(max(level, python_logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def read_text(logdir: str, tag: str) -> str | None:
-    """The last text written under `tag` in `logdir`'s own run, read with TensorBoard's reader."""
-    from tensorboard.backend.event_processing import event_accumulator
-
-    events = event_accumulator.EventAccumulator(logdir,
-                                                size_guidance={event_accumulator.TENSORS: 0})
-    with _quiet_tensorboard_reader():
-        events.Reload()
-    name = f"{tag}/text_summary"  # tensorboardX's name for a text summary.
-    if name not in events.Tags()["tensors"]:
-        return None
-    return events.Tensors(name)[-1].tensor_proto.string_val[0].decode()
-
-
 def read_data_sizes(logdir: str) -> tuple[int, int] | None:
     """(train images, test images) a run trained and tested on, from its `data` text."""
-    match = _DATA_SIZES.search(read_text(logdir, "data") or "")
+    match = _DATA_SIZES.search(event_reader.read_text(logdir, "data") or "")
     return (int(match[1].replace(",", "")), int(match[2].replace(",", ""))) if match else None
-
-
-def read_scalars(logdir: str, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of `tag` in `logdir`'s event files, read with TensorBoard's own reader.
-
-    It reads every file of the directory in order and honours the purge a resumed run writes,
-    so each step appears once.
-    """
-    from tensorboard.backend.event_processing import event_accumulator
-
-    events = event_accumulator.EventAccumulator(logdir,
-                                                size_guidance={event_accumulator.SCALARS: 0})
-    with _quiet_tensorboard_reader():
-        events.Reload()
-    if tag not in events.Tags()["scalars"]:
-        return []
-    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 def machine() -> dict[str, Any]:

@@ -43,7 +43,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.context import RequestContext
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from mnist_flax import checkpoints, configs, input_pipeline, mnist_tfds, pictures, progress, train
+from mnist_flax import (
+    checkpoints,
+    configs,
+    event_reader,
+    input_pipeline,
+    mnist_tfds,
+    pictures,
+    progress,
+    train,
+)
 from mnist_flax.input_pipeline import DataError
 from mnist_flax.run import config_checks, operations
 from mnist_flax.run import lock as lock_lib
@@ -467,9 +476,7 @@ def test_a_config_file_without_get_config_is_one_line(base, tmp_path):
 
 
 def picture_steps(workdir) -> dict[str, list[int]]:
-    events = EventAccumulator(str(workdir / "test"), size_guidance={"images": 0})
-    events.Reload()
-    return {tag: [image.step for image in events.Images(tag)] for tag in events.Tags()["images"]}
+    return event_reader.read_image_steps(str(workdir / "test"))
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from tensorboard.context import RequestContext
 from tensorboard.plugins.hparams import api_pb2 as hparams_api
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from mnist_flax import input_pipeline, models, pictures, summaries, sweep_results
+from mnist_flax import event_reader, input_pipeline, models, pictures, summaries, sweep_results
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -94,7 +94,7 @@ def test_the_curves_sort_first_so_they_are_the_first_screen():
 
 
 def test_config_text_is_plain_key_value_lines(logdir):
-    text = sweep_results.read_text(logdir, "config")
+    text = event_reader.read_text(logdir, "config")
     assert "    conv_features: (32, 64)" in text.splitlines()
     assert "    batch_size: 128" in text.splitlines()
     assert "!!" not in text and "python/tuple" not in text

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import REPO, load_config
 
-from mnist_flax import sweep, sweep_results
+from mnist_flax import event_reader, sweep, sweep_results
 from mnist_flax.run import config_checks
 
 
@@ -196,7 +196,7 @@ def test_reading_events_back_logs_nothing_at_info(tmp_path, caplog):
     tensorboard_logger = logging.getLogger("tensorboard")
     level = tensorboard_logger.level
     caplog.set_level(logging.INFO)
-    assert sweep_results.read_scalars(str(tmp_path), "accuracy") == [(1, 0.5)]
+    assert event_reader.read_scalars(str(tmp_path), "accuracy") == [(1, 0.5)]
     assert sweep_results.read_data_sizes(str(tmp_path)) == (4000, 1000)
     assert [r.getMessage() for r in caplog.records if r.name.startswith("tensorboard")] == []
     assert tensorboard_logger.level == level

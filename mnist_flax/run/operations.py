@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mnist_flax import checkpoints, configs, hooks, pictures, progress
+from mnist_flax import checkpoints, configs, event_reader, hooks, pictures, progress
 from mnist_flax.run import integrity, lock, signals, workdir
 from mnist_flax.run.process import CompileCacheLog
 
@@ -147,14 +147,8 @@ class Operations(hooks.Hooks):
 
 def pictures_written(workdir_path: str, step: int) -> bool:
     """Whether the workdir's test/ run holds every end-of-run picture at `step`."""
-    from tensorboard.backend.event_processing import event_accumulator
-
-    events = event_accumulator.EventAccumulator(
-        f"{workdir_path.rstrip('/')}/test", size_guidance={event_accumulator.IMAGES: 0})
-    events.Reload()
-    tags = events.Tags()["images"]
-    return all(tag in tags and any(e.step == step for e in events.Images(tag))
-               for tag in pictures.IMAGE_TAGS)
+    steps = event_reader.read_image_steps(f"{workdir_path.rstrip('/')}/test")
+    return all(step in steps.get(tag, []) for tag in pictures.IMAGE_TAGS)
 
 
 def refuse_a_finished_run_changed(workdir_path: str, changes: list[str]) -> None:
