@@ -32,6 +32,17 @@ class FieldError(ConfigError):
         self.field, self.value, self.rule = field, value, rule
 
 
+class UnknownFieldError(ConfigError):
+    """A config sets a field the default's does not have; `close` is the nearest field, if any
+    (so a reader of a stored config can say it in its own words)."""
+
+    def __init__(self, field: str, close: str | None):
+        hint = f'did you mean "{close}"?' if close else f"the fields are in {configs.DEFAULT}"
+        super().__init__(f"--config: the config file sets {field!r}, which is not a field of the "
+                         f"config; {hint}")
+        self.field, self.close = field, close
+
+
 def _type_name(value) -> str:
     """'float', or for a sequence its elements' types too: 'tuple of float, str'."""
     name = type(value).__name__
@@ -67,9 +78,7 @@ def check_schema(config) -> None:
     reference = configs.load()
     for name in sorted(set(config) - set(reference)):
         close = difflib.get_close_matches(name, list(reference), 1)
-        hint = f'did you mean "{close[0]}"?' if close else f"the fields are in {configs.DEFAULT}"
-        raise ConfigError(f"--config: the config file sets {name!r}, which is not a field of the "
-                          f"config; {hint}")
+        raise UnknownFieldError(name, close[0] if close else None)
     for name in sorted(set(reference) - set(config)):
         raise ConfigError(f"--config: the config file has no field {name!r}; start from the "
                           "default's fields (`config = default.get_config()`), then change some")

@@ -8,7 +8,6 @@ workdir.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import json
 import logging as std_logging
@@ -323,18 +322,16 @@ def _checked_config(source: epath.Path, fields: dict) -> ml_collections.ConfigDi
     """`fields` as a config, missing ones from the default; one line for any that cannot work."""
     fix = f"fix {source.name} or train a new workdir"
     reference = configs.load()
-    unknown = sorted(set(fields) - set(reference))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], list(reference), 1)
-        hint = (f'did you mean "{close[0]}"?' if close
-                else "written by another version of mnist_flax?")
-        raise WorkdirError(f"{source}: sets {unknown[0]!r}, which is not a field of the config "
-                           f"({hint}); {fix}")
     config = ml_collections.ConfigDict(fields)
     for name in sorted(set(reference) - set(fields)):
         config[name] = reference[name]
     try:
         config_checks.validate(config)
+    except config_checks.UnknownFieldError as e:
+        hint = (f'did you mean "{e.close}"?' if e.close
+                else "written by another version of mnist_flax?")
+        raise WorkdirError(f"{source}: sets {e.field!r}, which is not a field of the config "
+                           f"({hint}); {fix}") from None
     except config_checks.FieldError as e:
         value = _json_value(fields[e.field]) if e.field in fields else repr(e.value)
         raise WorkdirError(f"{source}: {e.field} is {value}, {e.rule}; {fix}") from None
