@@ -281,7 +281,7 @@ def _refuse_a_part_of_a_run(workdir: str) -> None:
     if run is None:
         return
     part = os.path.relpath(path(workdir), path(run)).split(os.sep)[0]
-    if part in (checkpoints.CHECKPOINT_DIR, "train", "test"):
+    if LAYOUT.get(part, (False,))[0]:  # One of the directories a run keeps.
         raise WorkdirError(f"--workdir={workdir} is inside the run {run} (its {part}/); a run "
                            "there would mix with that one: use another --workdir")
 
