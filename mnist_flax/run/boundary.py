@@ -16,10 +16,7 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import threading
-import time
-import traceback
 from collections.abc import Callable, Iterator
 
 from absl import app, flags
@@ -59,18 +56,7 @@ def _traceback_file(error: BaseException, workdir_hint: str | None) -> str:
         directory = os.path.join(workdir_hint, "errors")
         with contextlib.suppress(OSError):
             os.makedirs(directory, exist_ok=True)
-    name = f"traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
-    try:
-        path = os.path.join(directory, name) if directory and os.access(directory, os.W_OK) \
-            else None
-        if path is None:
-            fd, path = tempfile.mkstemp(prefix="mnist_flax-traceback-", suffix=".txt")
-            os.close(fd)
-        with open(path, "w") as f:
-            traceback.print_exception(error, file=f)
-        return path
-    except OSError:
-        return ""
+    return startup.write_traceback(error, directory)
 
 
 def describe(error: BaseException) -> str | None:

@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from types import TracebackType
@@ -67,18 +68,30 @@ def startup_error_line(error: BaseException) -> str:
     """`error: Type: message (...; full traceback in FILE); ` and what to fix: the environment
     variable whose value the message quotes, if one does, else where to look."""
     message = (str(error).strip().splitlines() or [""])[0][:200]
-    try:
-        fd, where = tempfile.mkstemp(prefix="mnist_flax-traceback-", suffix=".txt")
-        with os.fdopen(fd, "w") as f:
-            traceback.print_exception(error, file=f)
-        where = f"; full traceback in {where}"
-    except OSError:
-        where = ""
+    path = write_traceback(error)
+    where = f"; full traceback in {path}" if path else ""
     quoted = [f"{name}={value}" for name, value in sorted(os.environ.items())
               if value and (f'"{value}"' in message or f"'{value}'" in message)]
     fix = (f"fix or unset {quoted[0]}" if quoted else "an environment variable (JAX_*, XLA_FLAGS) "
            "or the installation (pip install -e .) may be at fault")
     return f"error: {type(error).__name__}: {message} (while starting{where}); {fix}"
+
+
+def write_traceback(error: BaseException, directory: str | None = None) -> str:
+    """Writes `error`'s traceback into `directory` (if it can be written) or a temporary file;
+    returns its path, or '' when it could not be written."""
+    name = f"traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    try:
+        path = os.path.join(directory, name) if directory and os.access(directory, os.W_OK) \
+            else None
+        if path is None:
+            fd, path = tempfile.mkstemp(prefix="mnist_flax-traceback-", suffix=".txt")
+            os.close(fd)
+        with open(path, "w") as f:
+            traceback.print_exception(error, file=f)
+        return path
+    except OSError:
+        return ""
 
 
 def leave_quietly(line: str, code: int) -> None:
