@@ -97,8 +97,9 @@ def _verified(step: int, tree: Any, position: dict[str, Any], where: epath.Path)
         return
     if stored != state_checksum(tree, position):
         raise _Damaged("checksum mismatch: its contents are not what was saved")
-    if position["step"] != step or int(np.asarray(_host_array(tree["step"]))) != step:
-        raise _Damaged(f"it holds step {position['step']}, not {step}")
+    held = int(np.asarray(_host_array(tree["step"])))
+    if position["step"] != step or held != step:
+        raise _Damaged(f"it holds step {held if held != step else position['step']}, not {step}")
 
 
 class _Damaged(Exception):  # noqa: N818 (a reason, not an error for users)
