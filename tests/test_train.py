@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_identical, load_config, synthetic_digits
+from conftest import assert_trees_identical, load_config, synthetic_digits, write_idx
 from jax.sharding import PartitionSpec as P
 
-from mnist_flax import input_pipeline, progress, sharding, summaries, train
+from mnist_flax import input_pipeline, mnist_idx, progress, sharding, summaries, train
 from mnist_flax.fast import dispatch
 from mnist_flax.run import operations
 
@@ -273,9 +273,19 @@ def test_train_and_evaluate_on_small_data(idx_dir, tmp_path, config, capsys):
 
 
 @pytest.mark.slow
-def test_short_real_run_on_full_mnist(shared_mnist, tmp_path, config):
-    """One epoch of the tutorial recipe on the real 60,000 digits."""
+def test_short_real_run_on_real_mnist(shared_mnist, tmp_path, config):
+    """The tutorial recipe for 100 steps on the first 12,800 real digits, tested on all 10,000:
+    the real pipeline and model learn (a full epoch, 4.7x the steps, added nothing but time)."""
+    real = mnist_idx.load_dir(str(shared_mnist))
+    data_dir = tmp_path / "first-12800"
+    data_dir.mkdir()
+    for name, array in (("train-images-idx3-ubyte", real.train_images[:12800]),
+                        ("train-labels-idx1-ubyte", real.train_labels[:12800]),
+                        ("t10k-images-idx3-ubyte", real.test_images),
+                        ("t10k-labels-idx1-ubyte", real.test_labels)):
+        write_idx(data_dir / name, array)
     config = config.copy_and_resolve_references()
-    config.update(data_dir=str(shared_mnist), num_epochs=1, log_every_steps=200)
+    config.update(data_dir=str(data_dir), verify_checksums=False, num_epochs=1,
+                  log_every_steps=200)
     _, metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
-    assert metrics["test/accuracy"] >= 0.97
+    assert metrics["test/accuracy"] >= 0.94  # A point below what this seed reaches.
