@@ -24,6 +24,11 @@ one option of its own: `--read-only-bucket=NAME` (repeatable). What it adds, eac
   (RFC 9110, 10.1.1); curl, so tensorstore, sends it before an upload over 1 MiB. The emulator
   never answered it, so curl waited a second before each such upload: most of a checkpoint
   save's time into gs://.
+- Writes that cost the same however full the emulator is. After every write the emulator
+  serializes all objects' metadata (deleted ones too) to JSON, only to read it back when it next
+  starts on the same data directory; a session's emulator fills with thousands of objects, so
+  every write slowed as the session went on. In memory (`--in-memory`, nothing to start again on)
+  it is not written.
 - Read-only buckets. Every write or delete in a bucket named by `--read-only-bucket` (batch parts
   included) is a 403 with GCS's JSON error, as GCS answers a service account without
   storage.objects.create/delete; reads work.
@@ -31,11 +36,12 @@ one option of its own: `--read-only-bucket=NAME` (repeatable). What it adds, eac
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from http import HTTPStatus
 
-from gcp_storage_emulator import settings
+from gcp_storage_emulator import settings, storage
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
@@ -227,11 +233,24 @@ def _continuing(parse_request):
     return parse
 
 
+def _persisted_unless_in_memory(write_config):
+    """The emulator's metadata file, written only when a later emulator can read it."""
+
+    @functools.wraps(write_config)
+    def write(self) -> None:
+        if not self._use_memory_fs:
+            write_config(self)
+
+    return write
+
+
 def main(argv: list[str]) -> None:
     from gcp_storage_emulator import server  # Builds the routes from the handlers above.
     from gcp_storage_emulator.__main__ import main as emulator_main
 
     server.HANDLERS = (MOVE_ROUTE, *server.HANDLERS)  # Before the route that takes any object.
+    storage.Storage._write_config_to_file = _persisted_unless_in_memory(
+        storage.Storage._write_config_to_file)
     server.RequestHandler.parse_request = _continuing(server.RequestHandler.parse_request)
     rest = []
     for arg in argv:
