@@ -116,16 +116,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory) -> None:
-    """Commands the tests start cache their compilations in the session's temporary directory,
-    not in the user's ~/.cache (the default of config.compilation_cache_dir). One directory for
-    all of the session's xdist workers, so one compiles what the other then loads (JAX writes
-    cache entries atomically)."""
+    """The tests' compilations, in the commands they start and in the tests' own processes, are
+    cached in the session's temporary directory, not in the user's ~/.cache (the default of
+    config.compilation_cache_dir). One directory for all of the session's xdist workers, so one
+    compiles what the other then loads (JAX writes cache entries atomically). In process too, as
+    main turns it on: every train_and_evaluate builds a new TrainState (its optimizer is part of
+    the jit's key), so without it each one compiled its steps again."""
+    from mnist_flax.run import process
+
     base = tmp_path_factory.getbasetemp()
     cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
     cache.mkdir(exist_ok=True)
+    names = ("jax_compilation_cache_dir", "jax_enable_compilation_cache",
+             "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {name: getattr(jax.config, name) for name in names}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
+        process.enable_compilation_cache(str(cache))
         yield
+    for name, value in before.items():
+        jax.config.update(name, value)
 
 
 @pytest.fixture
