@@ -217,18 +217,16 @@ def main_command(data_dir, workdir) -> list[str]:
             "--config.checkpoint_every_steps=3"]
 
 
-def run_env(cache_dir) -> dict[str, str]:
-    """CPU, and one compilation cache for all runs: later runs load `train_step` instead of
-    compiling it again (the same executable an uninterrupted run would use)."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+def run_env() -> dict[str, str]:
+    """CPU, and the session's compilation cache (conftest): later runs load `train_step` instead
+    of compiling it again (the same executable an uninterrupted run would use)."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def run_to_end(command, log_path) -> str:
     with open(log_path, "w") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=300,
-                                env=run_env(log_path.parent / "jax_cache"), cwd=ROOT)
+                                env=run_env(), cwd=ROOT)
     output = open(log_path).read()
     assert result.returncode == 0, output[-3000:]
     return output
@@ -253,7 +251,7 @@ def run_and_interrupt(command, log_path, sig: int, after_step: int,
     with open(log_path, "w") as log:
         with _sigint_as_in_a_terminal():
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       env=run_env(log_path.parent / "jax_cache"), cwd=ROOT)
+                                       env=run_env(), cwd=ROOT)
         try:
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline and process.poll() is None:

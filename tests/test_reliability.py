@@ -96,11 +96,9 @@ def base(tmp_path_factory):
 
 
 def run_main(base, *args: str, script: str | None = None) -> subprocess.CompletedProcess:
-    """`python -m mnist_flax.main` (or `script` standing in for it); one compilation cache."""
-    env = {"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    return run_module("main", *args, env=env, script=script)
+    """`python -m mnist_flax.main` (or `script` standing in for it), on the CPU; it caches its
+    compilations in the session's cache (conftest)."""
+    return run_module("main", *args, env={"JAX_PLATFORMS": "cpu"}, script=script)
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +297,7 @@ def test_a_real_full_disk_is_one_line_and_the_copied_workdir_resumes(base, tmp_p
     command = ["unshare", "-m", "--propagation", "private", "sh", "-c", _ON_A_SMALL_DISK, "sh",
                sys.executable, "-m", "mnist_flax.main", *flags]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "MNIST_DATA_DIR": "", "DISK": str(disk),
-           "COPY": str(copy), "JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache")}
+           "COPY": str(copy)}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
                             env=env)
     tail = result.stderr[-3000:]
