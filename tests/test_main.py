@@ -130,3 +130,24 @@ def test_second_run_of_a_config_loads_the_step_from_the_compilation_cache(tmp_pa
     assert f"Training step: compile-cache hit, loaded from {tmp_path / 'cache'}" in second.stderr
     assert "Training step: compiled" not in second.stderr
     assert first.stdout.splitlines()[-2:] == second.stdout.splitlines()[-2:]  # Same result.
+
+
+def test_an_unusable_compilation_cache_is_one_warning_and_the_run_trains(tmp_path, idx_dir):
+    """A cache path under a file: one warning naming it and the fix, no JAX warning per
+    compilation, and the step's line says it compiled without the cache (it said 'already
+    compiled in this process')."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    result = run_main(f"--workdir={tmp_path / 'run'}", f"--config.data_dir={idx_dir}",
+                      "--config.num_epochs=1", "--config.batch_size=32",
+                      "--config.verify_checksums=False", "--config.conv_features=(4,8)",
+                      "--config.dense_features=16",
+                      f"--config.compilation_cache_dir={a_file}/cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "compilation cache" in line]
+    assert len(warnings) == 2, warnings
+    assert (f"The compilation cache {a_file}/cache is unusable (NotADirectoryError: Not a "
+            "directory); compiling without it. Set --config.compilation_cache_dir to a writable "
+            "directory, or '' to turn it off") in warnings[0]
+    assert "(persistent compilation cache: off)" in warnings[1]
+    assert "UserWarning" not in result.stderr and a_file.read_text() == "keep me"
