@@ -311,6 +311,9 @@ def run(argv: list[str]) -> int:
     logs.quiet_orbax_logging()  # A damaged checkpoint is one warning line, as in main.
     workdir_lib.quiet_storage_logging()
     FLAGS = _flags()  # noqa: N806 (absl's name for it)
+    if error := startup.quoted_flags_error(argv):
+        print(f"error: {error}\n{USAGE}", file=sys.stderr)
+        return 2
     try:
         paths = FLAGS(argv)[1:]
     except flags.Error as e:

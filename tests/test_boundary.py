@@ -78,6 +78,29 @@ def test_a_value_of_the_wrong_shape_is_one_line_in_main_and_sweep(tmp_path, flag
     assert expected in one_line(sweep)
 
 
+def test_a_flag_and_its_value_quoted_into_one_argument_is_one_line(tmp_path):
+    """It blamed the config file: ml_collections read a --config.x override named 'x 3'."""
+    last = one_line(main(f"--workdir={tmp_path / 'run'}", "--config.num_epochs 3"))
+    assert last == ("error: '--config.num_epochs 3' is one argument with a space in it, a flag "
+                    "and its value quoted together; write --config.num_epochs=3")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("--sweep learning_rate=1,2", "a flag and its value quoted together; write "
+     "--sweep=learning_rate=1,2"),
+    ("--workdir\t/tmp/a b", "a flag and its value quoted together; write --workdir=/tmp/a b"),
+    ("--config.num_epochs=3 --config.batch_size=4", "one argument holding several flags"),
+    ("--config.data_dir=/my data", None),  # A space in a value is a value's.
+    ("my digit.png", None),
+    (" --workdir x", None),  # Not a flag to absl either: an argument.
+])
+def test_quoted_flags_are_named_and_values_with_spaces_are_not(arg, expected):
+    error = startup.quoted_flags_error(["prog", arg])
+    assert error == expected if expected is None else expected in error
+    assert startup.quoted_flags_error(["prog", "--", arg]) is None  # After --: arguments.
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. The workdir's own files in the way.
 

@@ -143,6 +143,8 @@ def run_app(define_flags: Callable[[], None], main: Callable[[list[str]], None])
     """An entry point's `run()`: its flags defined and parsed (which loads the config file) by
     `parse_flags`, then `main` under absl, a Ctrl-C in any of it one line."""
     with startup.one_line_startup():
+        if error := startup.quoted_flags_error(sys.argv):  # Before ml_collections reads argv.
+            sys.exit(f"error: {error}")
         define_flags()
         app.run(main, flags_parser=parse_flags)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -105,3 +106,24 @@ def leave_quietly(line: str, code: int) -> None:
     with contextlib.suppress(Exception):
         print(line, file=sys.stderr, flush=True)
     os._exit(code)
+
+
+def quoted_flags_error(argv: list[str]) -> str | None:
+    """What is wrong when a flag and its value, or two flags, were quoted into one argument
+    ("--config.num_epochs 3"), else None. absl and ml_collections read the first as a flag whose
+    name has a space (blaming the config file, for a --config.x), the second as a value with a
+    flag in it."""
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if not arg.startswith("--") or arg.strip() != arg:
+            continue
+        name, equals, value = arg.partition("=")
+        if re.search(r"\s", name):
+            flag, rest = arg.split(None, 1)
+            return (f"{arg!r} is one argument with a space in it, a flag and its value quoted "
+                    f"together; write {flag}={rest}")
+        if equals and re.search(r"\s--\w", value):
+            return (f"{arg!r} is one argument holding several flags (quoted together); pass each "
+                    "flag as its own argument")
+    return None
