@@ -4,12 +4,17 @@ and one-line errors (no traceback, nothing written) for bad flags and configs.""
 from __future__ import annotations
 
 import glob
+import logging
+import warnings
 
+import jax
+import numpy as np
 import pytest
 from conftest import run_module
 from tensorboard.backend.event_processing import event_accumulator
 
 from mnist_flax import pictures, summaries
+from mnist_flax.run import process
 
 
 def run_main(*args: str, env: dict | None = None, timeout: int = 300):
@@ -132,22 +137,29 @@ def test_second_run_of_a_config_loads_the_step_from_the_compilation_cache(tmp_pa
     assert first.stdout.splitlines()[-2:] == second.stdout.splitlines()[-2:]  # Same result.
 
 
-def test_an_unusable_compilation_cache_is_one_warning_and_the_run_trains(tmp_path, idx_dir):
-    """A cache path under a file: one warning naming it and the fix, no JAX warning per
-    compilation, and the step's line says it compiled without the cache (it said 'already
-    compiled in this process')."""
+def test_an_unusable_compilation_cache_is_one_warning_and_no_cache(tmp_path, caplog):
+    """A cache path under a file: one warning naming it and the fix, no cache (JAX warned at each
+    compilation), and the step's line says it compiled without one (it said 'already compiled in
+    this process')."""
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
-    result = run_main(f"--workdir={tmp_path / 'run'}", f"--config.data_dir={idx_dir}",
-                      "--config.num_epochs=1", "--config.batch_size=32",
-                      "--config.verify_checksums=False", "--config.conv_features=(4,8)",
-                      "--config.dense_features=16",
-                      f"--config.compilation_cache_dir={a_file}/cache")
-    assert result.returncode == 0, result.stderr[-3000:]
-    warnings = [line for line in result.stderr.splitlines() if "compilation cache" in line]
-    assert len(warnings) == 2, warnings
-    assert (f"The compilation cache {a_file}/cache is unusable (NotADirectoryError: Not a "
-            "directory); compiling without it. Set --config.compilation_cache_dir to a writable "
-            "directory, or '' to turn it off") in warnings[0]
-    assert "(persistent compilation cache: off)" in warnings[1]
-    assert "UserWarning" not in result.stderr and a_file.read_text() == "keep me"
+    before = jax.config.jax_compilation_cache_dir  # The session's (conftest).
+    try:
+        with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as raised:
+            warnings.simplefilter("always")
+            assert process.enable_compilation_cache(f"{a_file}/cache") == ""
+            log = process.CompileCacheLog()
+            log.start()
+            jax.block_until_ready(jax.jit(lambda x: x * 3 + 1)(np.arange(7.0)))  # New: compiled.
+            log.report()
+    finally:
+        process.enable_compilation_cache(before)
+    lines = [r.getMessage() for r in caplog.records if "compil" in r.getMessage()]
+    assert lines[0] == (f"The compilation cache {a_file}/cache is unusable (NotADirectoryError: "
+                        "Not a directory); compiling without it. Set "
+                        "--config.compilation_cache_dir to a writable directory, or '' to turn "
+                        "it off"), lines
+    assert lines[-1].startswith("Training step: compiled in "), lines
+    assert lines[-1].endswith("(persistent compilation cache: off)"), lines
+    assert not [w for w in raised if "compilation cache" in str(w.message)]
+    assert a_file.read_text() == "keep me"
