@@ -60,12 +60,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment_max_rotation = 0.0  # Degrees, uniform in [-x, x].
     config.augment_max_scale = 0.0  # Zoom uniform in [1 - x, 1 + x].
 
-    # Speed (numerics are unchanged by these; tests pin that).
+    # Speed. fast_ops and steps_per_dispatch compute the same function (tests pin it; docs/speed.md
+    # says where XLA rounds a scan of steps differently in the last bits); compute_dtype does not.
     config.fast_ops = True  # CPU-friendly convolution gradients and pooling (mnist_flax.ops).
     config.compute_dtype = 'float32'  # 'bfloat16' runs the convolutions and matmuls in bf16.
     config.steps_per_dispatch = 0  # Training steps per jitted call (a lax.scan over them); 0 =
     # per backend: 1 on CPU (XLA:CPU runs the step inside a loop far slower), 16 on GPU/TPU. A
-    # dispatch never crosses an epoch end, a log line or a checkpoint. Same parameters either way.
+    # dispatch never crosses an epoch end, a log line or a checkpoint.
     config.compilation_cache_dir = 'auto'  # JAX's persistent compilation cache, so a second run
     # of a config loads the compiled step instead of compiling it: a directory or gs:// URL
     # (shared by all runs, so not under the workdir); 'auto' = $JAX_COMPILATION_CACHE_DIR, else
