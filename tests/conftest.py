@@ -96,16 +96,22 @@ def synthetic_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int32)
 
 
-def write_idx_dir(directory: pathlib.Path, n_train: int = 256, n_test: int = 64,
-                  gz: bool = True, seed: int = 0) -> pathlib.Path:
-    """A directory of the four MNIST IDX files holding synthetic digits."""
+def write_idx_files(directory: pathlib.Path, train: tuple[np.ndarray, np.ndarray],
+                    test: tuple[np.ndarray, np.ndarray], gz: bool = True) -> pathlib.Path:
+    """The four MNIST IDX files of (images, labels) `train` and `test`, in `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    train, test = synthetic_digits(n_train, seed), synthetic_digits(n_test, seed + 1)
     write_idx(directory / "train-images-idx3-ubyte", train[0], gz)
     write_idx(directory / "train-labels-idx1-ubyte", train[1], gz)
     write_idx(directory / "t10k-images-idx3-ubyte", test[0], gz)
     write_idx(directory / "t10k-labels-idx1-ubyte", test[1], gz)
     return directory
+
+
+def write_idx_dir(directory: pathlib.Path, n_train: int = 256, n_test: int = 64,
+                  gz: bool = True, seed: int = 0) -> pathlib.Path:
+    """A directory of the four MNIST IDX files holding synthetic digits."""
+    return write_idx_files(directory, synthetic_digits(n_train, seed),
+                           synthetic_digits(n_test, seed + 1), gz)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -95,7 +95,7 @@ def base(tmp_path_factory):
     return base
 
 
-def run_main(base, *args: str, script: str | None = None) -> subprocess.CompletedProcess:
+def run_main(*args: str, script: str | None = None) -> subprocess.CompletedProcess:
     """`python -m mnist_flax.main` (or `script` standing in for it), on the CPU; it caches its
     compilations in the session's cache (conftest)."""
     return run_module("main", *args, env={"JAX_PLATFORMS": "cpu"}, script=script)
@@ -148,7 +148,7 @@ def nan_run(base):
     """The CLI with the loss made NaN at step 5: checkpoints come every 3 steps and progress
     lines (the only other loss check) every 100, so only the check before a save can stop it."""
     workdir = base / "nan"
-    result = run_main(base, *tiny_flags(base / "data", workdir, "--config.debug_nan_at_step=5",
+    result = run_main(*tiny_flags(base / "data", workdir, "--config.debug_nan_at_step=5",
                                         "--config.seed=7"))
     return workdir, result
 
@@ -183,7 +183,7 @@ def test_the_seed_is_logged_and_written_to_tensorboard(nan_run):
 def test_bad_input_on_an_existing_workdir_changes_nothing_in_it(base, nan_run):
     workdir, _ = nan_run
     before = snapshot(workdir)
-    result = run_main(base, *tiny_flags(base / "data", workdir, "--config.seed=7"),
+    result = run_main(*tiny_flags(base / "data", workdir, "--config.seed=7"),
                       "--config.batch_size=1000")  # Larger than the 160 training images.
     assert "larger than the 160 training images" in one_line_error(result)
     assert snapshot(workdir) == before
@@ -245,7 +245,7 @@ _MAIN_WITH_FULL_DISK = textwrap.dedent("""
 def disk_full_run(base):
     """main with the disk full after its first checkpoint; the result and that checkpoint."""
     workdir = base / "disk_full"
-    result = run_main(base, *tiny_flags(base / "data", workdir), script=_MAIN_WITH_FULL_DISK)
+    result = run_main(*tiny_flags(base / "data", workdir), script=_MAIN_WITH_FULL_DISK)
     return result, saved_state(workdir, 3) if checkpoints.latest_step(str(workdir)) else None
 
 
@@ -314,7 +314,7 @@ def test_a_real_full_disk_is_one_line_and_the_copied_workdir_resumes(base, tmp_p
     assert checkpoints.latest_step(str(copy)) == intact
 
     # Space is back (the same files on a disk with room): the same command resumes from there.
-    resumed = run_main(base, *tiny_flags(base / "data", copy, checkpoint_every_steps=1,
+    resumed = run_main(*tiny_flags(base / "data", copy, checkpoint_every_steps=1,
                                          checkpoint_keep=NUM_STEPS))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from the checkpoint at step {intact} " in resumed.stderr
@@ -390,7 +390,7 @@ def test_a_run_on_a_busy_workdir_stops_and_a_killed_run_frees_it(base, reference
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = snapshot(workdir)
-        result = run_main(base, *tiny_flags(base / "data", workdir))
+        result = run_main(*tiny_flags(base / "data", workdir))
         assert one_line_error(result) == (
             f"error: another run (pid {holder.pid}) is using --workdir={workdir}; wait for it or "
             "use another workdir")
@@ -460,10 +460,10 @@ def test_an_empty_or_corrupt_tfds_dir_is_a_one_line_error(tmp_path, monkeypatch,
 # Config files that load but cannot work.
 
 
-def test_a_config_file_without_get_config_is_one_line(base, tmp_path):
+def test_a_config_file_without_get_config_is_one_line(tmp_path):
     path = tmp_path / "bad_config.py"
     path.write_text("def config():\n    return {}\n")  # A typo'd name: no get_config.
-    result = run_main(base, f"--workdir={tmp_path / 'run'}", f"--config={path}")
+    result = run_main(f"--workdir={tmp_path / 'run'}", f"--config={path}")
     last = one_line_error(result)
     assert "cannot load the config file" in last and "defines get_config()" in last
     assert not os.path.exists(tmp_path / "run")

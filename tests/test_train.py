@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_identical, load_config, synthetic_digits, write_idx
+from conftest import assert_trees_identical, load_config, synthetic_digits, write_idx_files
 from jax.sharding import PartitionSpec as P
 
 from mnist_flax import input_pipeline, mnist_idx, progress, sharding, summaries, train
@@ -277,13 +277,9 @@ def test_short_real_run_on_real_mnist(shared_mnist, tmp_path, config):
     """The tutorial recipe for 100 steps on the first 12,800 real digits, tested on all 10,000:
     the real pipeline and model learn (a full epoch, 4.7x the steps, added nothing but time)."""
     real = mnist_idx.load_dir(str(shared_mnist))
-    data_dir = tmp_path / "first-12800"
-    data_dir.mkdir()
-    for name, array in (("train-images-idx3-ubyte", real.train_images[:12800]),
-                        ("train-labels-idx1-ubyte", real.train_labels[:12800]),
-                        ("t10k-images-idx3-ubyte", real.test_images),
-                        ("t10k-labels-idx1-ubyte", real.test_labels)):
-        write_idx(data_dir / name, array)
+    data_dir = write_idx_files(tmp_path / "first-12800",
+                               (real.train_images[:12800], real.train_labels[:12800]),
+                               (real.test_images, real.test_labels), gz=False)
     config = config.copy_and_resolve_references()
     config.update(data_dir=str(data_dir), verify_checksums=False, num_epochs=1,
                   log_every_steps=200)
