@@ -29,6 +29,10 @@ one option of its own: `--read-only-bucket=NAME` (repeatable). What it adds, eac
   starts on the same data directory; a session's emulator fills with thousands of objects, so
   every write slowed as the session went on. In memory (`--in-memory`, nothing to start again on)
   it is not written.
+- Writes that survive the emulator being stopped. On disk, the emulator writes an object's bytes
+  and its metadata file in place, so one stopped mid-write (as the outage tests stop it) left a
+  truncated file and failed to start again on that data (`JSONDecodeError`). GCS never serves
+  half a write; here each file is written beside its place and renamed into it.
 - Read-only buckets. Every write or delete in a bucket named by `--read-only-bucket` (batch parts
   included) is a 403 with GCS's JSON error, as GCS answers a service account without
   storage.objects.create/delete; reads work.
@@ -37,6 +41,7 @@ one option of its own: `--read-only-bucket=NAME` (repeatable). What it adds, eac
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from http import HTTPStatus
@@ -244,6 +249,24 @@ def _persisted_unless_in_memory(write_config):
     return write
 
 
+def _whole_on_disk(write_bytes):
+    """The store's `write_bytes`, which on disk writes a temporary file and renames it into place:
+    a file holds its old bytes or its new ones, whenever the process stops."""
+
+    @functools.wraps(write_bytes)
+    def write(self, rel: str, content: bytes) -> None:
+        if self._use_memory:
+            return write_bytes(self, rel, content)
+        path = self._disk_path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial.write_bytes(content)
+        os.replace(partial, path)
+        return None
+
+    return write
+
+
 def main(argv: list[str]) -> None:
     from gcp_storage_emulator import server  # Builds the routes from the handlers above.
     from gcp_storage_emulator.__main__ import main as emulator_main
@@ -251,6 +274,7 @@ def main(argv: list[str]) -> None:
     server.HANDLERS = (MOVE_ROUTE, *server.HANDLERS)  # Before the route that takes any object.
     storage.Storage._write_config_to_file = _persisted_unless_in_memory(
         storage.Storage._write_config_to_file)
+    storage._FileStore.write_bytes = _whole_on_disk(storage._FileStore.write_bytes)
     server.RequestHandler.parse_request = _continuing(server.RequestHandler.parse_request)
     rest = []
     for arg in argv:

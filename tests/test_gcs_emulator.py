@@ -139,3 +139,27 @@ def test_the_developer_tool_prints_what_to_export_and_main_trains_on_it(idx_dir)
     finally:
         tool.send_signal(signal.SIGTERM)
         tool.wait(timeout=30)
+
+
+def test_a_file_the_emulator_writes_on_disk_holds_its_old_bytes_or_its_new_ones(
+        tmp_path, monkeypatch):
+    """The outage tests stop the emulator and start it again on the same data; stopped in the
+    middle of rewriting its metadata file in place, it could not start again (JSONDecodeError)."""
+    pytest.importorskip("gcp_storage_emulator")
+    import gcs_emulator_server
+    from gcp_storage_emulator import storage
+
+    write = gcs_emulator_server._whole_on_disk(storage._FileStore.write_bytes)
+    store = storage._FileStore(use_memory=False, root=tmp_path)
+    write(store, ".meta", b'{"objects": 1}')
+
+    def stopped(*args):  # The process stops after writing the new bytes, before they are in place.
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write(store, ".meta", b'{"objects": 2}')
+    assert store.read_bytes(".meta") == b'{"objects": 1}'
+    monkeypatch.undo()
+    write(store, "bucket/a/b.bin", b"new")
+    assert store.read_bytes("bucket/a/b.bin") == b"new"
