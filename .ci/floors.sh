@@ -30,7 +30,7 @@ echo "floors: $("$py" --version), $("$venv/bin/uv" --version)"
     -e "$repo[test,plots]"
 echo "floors: installed (lowest-direct):"
 "$venv/bin/uv" pip list --python "$py" 2>/dev/null | grep -iE \
-    '^(jax|jaxlib|flax|optax|orbax-checkpoint|ml-collections|absl-py|etils|numpy|tensorflow-datasets|tensorboardx|tensorboard|pillow|protobuf|matplotlib|gcp-storage-emulator) ' \
+    '^(jax|jaxlib|flax|optax|orbax-checkpoint|ml-collections|absl-py|etils|numpy|ml-dtypes|tensorflow-datasets|tensorboardx|tensorboard|pillow|protobuf|matplotlib|gcp-storage-emulator) ' \
     | awk '{printf "  %s==%s\n", $1, $2}'
 "$venv/bin/uv" pip check --python "$py"
 

@@ -199,9 +199,14 @@ def _name(requirement: str) -> str:
     return re.split(r"[\s\[<>=!;~]", requirement, maxsplit=1)[0].lower().replace("_", "-")
 
 
+# Requirements that only bound a dependency's dependency (setup.cfg says why each is there).
+VERSION_BOUNDS_ONLY = {"ml-dtypes"}
+
+
 def test_what_the_package_imports_is_what_it_declares():
     """Every third-party module mnist_flax imports comes from a declared distribution (the gcs
-    extra's included), and every runtime requirement is imported: none unused, none missing."""
+    extra's included), and every runtime requirement is imported: none unused, none missing,
+    except those that only bound the version of what jax imports."""
     requires = importlib.metadata.requires("mnist_flax")
     declared = {_name(r) for r in requires}
     runtime = {_name(r) for r in requires if "extra ==" not in r}
@@ -212,7 +217,7 @@ def test_what_the_package_imports_is_what_it_declares():
         assert dists & declared, f"mnist_flax imports {module} ({dists}); no requirement has it"
         if len(dists) == 1:
             imported |= dists
-    assert runtime - imported == set(), "declared in install_requires, never imported"
+    assert runtime - imported == VERSION_BOUNDS_ONLY, "declared in install_requires, never imported"
 
 
 def test_the_cuda12_extra_has_the_same_bounds_as_jax():
