@@ -13,7 +13,6 @@ is rewritten after every run, so an interrupted sweep keeps what it measured.
 
 from __future__ import annotations
 
-import ast
 import itertools
 import re
 import shlex
@@ -27,6 +26,7 @@ with startup.one_line_startup():  # Seconds of imports before the boundary exist
     import jax
     import ml_collections
     from absl import flags, logging
+    from ml_collections.config_flags import tuple_parser
 
     from mnist_flax import event_reader, sweep_results, train
     from mnist_flax.configs import ConfigError
@@ -62,39 +62,29 @@ def split_values(text: str) -> list[str]:
     return [p.strip() for p in parts + [current]]
 
 
-# What a value of each swept type must be, in the words of its one-line error.
-_KINDS = ((bool, "a bool (true/false)"), (int, "an integer"), (float, "a number"),
-          (tuple | list, "a tuple, e.g. (32,64)"))
+# What a value of each swept type must be, in the words of its one-line error, and the parser
+# that `--config.key=value` uses for a field of that type: a value is read as main reads it.
+_KINDS = ((bool, "a bool (true/false)", flags.BooleanParser()),
+          (int, "an integer", flags.IntegerParser()),
+          (float, "a number", flags.FloatParser()),
+          (tuple | list, "a tuple, e.g. (32,64)", tuple_parser.TupleParser()))
 
 
 def parse_value(key: str, text: str, current: Any) -> Any:
-    """`text` as the type of the config field's current value; ConfigError when it is not."""
-    kind = next((words for type_, words in _KINDS if isinstance(current, type_)), None)
-    if kind is None and not isinstance(current, str):
-        raise ConfigError(f"--sweep {key}: fields of type {type(current).__name__} "
-                          "cannot be swept")
-    fail = ConfigError(f"--sweep {key}: {text!r} is not {kind}")
-    if isinstance(current, bool):
-        if text.lower() not in ("true", "false"):
-            raise fail
-        return text.lower() == "true"
+    """`text` as `--config.key=text` reads it for the config field's type; ConfigError when it
+    cannot."""
     if isinstance(current, str):
         return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
+    kind = next(((words, parser) for type_, words, parser in _KINDS
+                 if isinstance(current, type_)), None)
+    if kind is None:
+        raise ConfigError(f"--sweep {key}: fields of type {type(current).__name__} "
+                          "cannot be swept")
+    words, parser = kind
     try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        raise fail from None
-    if isinstance(current, int):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise fail
-        return value
-    if isinstance(current, float):
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise fail
-        return float(value)
-    if not isinstance(value, tuple | list):
-        raise fail
-    return tuple(value)
+        return parser.parse(text)
+    except (ValueError, TypeError, SyntaxError):
+        raise ConfigError(f"--sweep {key}: {text!r} is not {words}") from None
 
 
 def parse_sweep(spec: str, config: ml_collections.ConfigDict) -> list[tuple[str, Any, str]]:

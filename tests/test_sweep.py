@@ -26,6 +26,23 @@ def test_values_are_typed_like_the_field():
         (32, 64), (64, 128)]
 
 
+@pytest.mark.parametrize("field, text", [
+    ("seed", "01"), ("seed", "0x10"), ("seed", "1_000"), ("learning_rate", "1e-3"),
+    ("learning_rate", "3"), ("fast_ops", "t"), ("fast_ops", "0"), ("conv_features", "32"),
+    ("conv_features", "[16, 32]"), ("lr_schedule", "cosine")])
+def test_a_swept_value_is_what_the_same_config_flag_would_set(field, text, monkeypatch):
+    """A run of the sweep is the run `python -m mnist_flax.main --config.FIELD=TEXT` would be."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    monkeypatch.setattr(sys, "argv", ["main", f"--config.{field}={text}"])  # Read at definition.
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", load_config(), flag_values=values)
+    values(sys.argv)
+    [(_, value, _)] = sweep.parse_sweep(f"{field}={text}", load_config())
+    assert value == values.config[field] and type(value) is type(values.config[field])
+
+
 @pytest.mark.parametrize("spec, message", [
     ("learning_rate", "expected key=value1,value2"),
     ("=1,2", "expected key=value1,value2"),
@@ -33,9 +50,10 @@ def test_values_are_typed_like_the_field():
     ("learning_rate=1e-3,abc", r"^--sweep learning_rate: 'abc' is not a number$"),
     ("learning_rate=1e-3,,2e-3", "empty value"),
     ("seed=1.5", r"^--sweep seed: '1.5' is not an integer$"),
-    ("seed=1,01", r"^--sweep seed: '01' is not an integer$"),  # Not "a int".
+    ("seed=x", r"^--sweep seed: 'x' is not an integer$"),  # Not "a int".
+    ("seed=1,01", r"^--sweep seed: 01 is given twice \(as 1 and 01\)$"),  # As main reads 01.
     ("fast_ops=yes", "'yes' is not a bool"),
-    ("conv_features=32", "is not a tuple"),
+    ("conv_features=(32,", "is not a tuple"),
     ("seed=0,0,1", r"^--sweep seed: 0 is given twice$"),
     ("learning_rate=1e-3,3e-3,0.001", r"^--sweep learning_rate: 0.001 is given twice \(as 1e-3 "
                                       r"and 0.001\)$"),
