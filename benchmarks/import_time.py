@@ -2,15 +2,19 @@
 
     python benchmarks/import_time.py [--repeats=7] [--compare=DIR]
 
-Median wall seconds of `python -c "import mnist_flax.main"` and of `import numpy, ml_dtypes`
-alone, each in a new process, with the installed ml_dtypes. `--compare=DIR` runs the same with
-DIR first on PYTHONPATH, alternating with the installed one in the same run, e.g. another
-ml_dtypes from `pip install --no-deps --target=DIR ml_dtypes==0.7.0`. The last line is JSON.
+Median wall seconds, each in a new process, of `import mnist_flax.main`; of that and the
+TensorBoard writer a run imports next (`summaries.tensorboardx()`); and of `import numpy,
+ml_dtypes` alone, with the installed ml_dtypes (and torch, where installed: tensorboardX's writer
+would import it). `--compare=DIR` runs the same with DIR first on PYTHONPATH, alternating with
+the installed one in the same run: another ml_dtypes from
+`pip install --no-deps --target=DIR ml_dtypes==0.7.0`, or another mnist_flax from
+`git worktree add DIR COMMIT`. The last line is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -18,7 +22,12 @@ import subprocess
 import sys
 import time
 
-PROBES = {"main": "import mnist_flax.main", "numpy_ml_dtypes": "import numpy, ml_dtypes"}
+PROBES = {"main": "import mnist_flax.main",
+          # Code from before summaries.tensorboardx() (a --compare checkout) imports it plainly.
+          "main_and_writer": "import mnist_flax.main\nfrom mnist_flax import summaries\n"
+                             "getattr(summaries, 'tensorboardx',\n"
+                             "        lambda: __import__('tensorboardX'))()",
+          "numpy_ml_dtypes": "import numpy, ml_dtypes"}
 
 
 def _seconds(code: str, pythonpath: str | None) -> float:
@@ -26,14 +35,15 @@ def _seconds(code: str, pythonpath: str | None) -> float:
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (pythonpath, env.get("PYTHONPATH"))))
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=os.sep)  # Not this tree.
     return time.perf_counter() - start
 
 
 def _version(pythonpath: str | None) -> str:
     env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
     return subprocess.run([sys.executable, "-c", "import ml_dtypes; print(ml_dtypes.__version__)"],
-                          env=env, check=True, capture_output=True, text=True).stdout.strip()
+                          env=env, check=True, capture_output=True, text=True,
+                          cwd=os.sep).stdout.strip()
 
 
 def main() -> None:
@@ -47,7 +57,7 @@ def main() -> None:
         for setup, path in setups.items():
             for probe, code in PROBES.items():
                 times[setup, probe].append(_seconds(code, path))
-    result = {}
+    result = {"torch_installed": importlib.util.find_spec("torch") is not None}
     for setup, path in setups.items():
         result[f"{setup}_ml_dtypes"] = _version(path)
         for probe in PROBES:

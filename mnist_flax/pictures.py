@@ -11,10 +11,9 @@ import functools
 import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from tensorboardX import summary as tbx_summary
 
 from mnist_flax import input_pipeline, models
-from mnist_flax.summaries import Writers
+from mnist_flax.summaries import Writers, tensorboardx
 
 # Written once at the end of training, on the last step, in the test run. The group sorts after
 # the curves. Per-class accuracy is the confusion matrix's last column.
@@ -169,7 +168,7 @@ def write_final(writers: Writers | None, step: int, dataset: input_pipeline.Data
     else:  # Still an image under the tag, so dashboards and tests find it.
         gallery = message("no misclassified test digits")
     writers.test.add_image("predictions/worst_errors", gallery, step, dataformats="HWC")
-    _, _, session_end = tbx_summary.hparams({}, {})
+    _, _, session_end = tensorboardx().summary.hparams({}, {})
     writers.run.file_writer.add_summary(session_end)
     writers.flush()
 

@@ -8,16 +8,18 @@ whatever follows). The earlier starts' texts are carried into each new start's f
 Only process 0 writes (`open_writers` yields None elsewhere, and every function accepts None).
 Tag names are an API, pinned by tests/test_summaries.py.
 
-tensorboardX is imported where it writes, not with this module: importing it loads its optional
-storage and framework support (google-cloud-storage, torch where installed), seconds that
-`import mnist_flax.train` need not pay.
+tensorboardX is imported where it writes, not with this module, and always through
+`tensorboardx()`, which keeps torch out of that import.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.abc
+import sys
 import time
+import types
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -75,6 +77,40 @@ class Writers:
             writer.flush()
 
 
+class _Hidden(importlib.abc.MetaPathFinder):
+    """An import finder under which `name` and its submodules look absent."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def find_spec(self, fullname: str, path=None, target=None):
+        if fullname == self.name or fullname.startswith(f"{self.name}."):
+            raise ModuleNotFoundError(f"{fullname} is hidden", name=fullname)
+        return None
+
+
+def tensorboardx() -> types.ModuleType:
+    """tensorboardX with its writer, summaries and protos, imported without torch.
+
+    tensorboardX's writer imports torch where it is installed, only to accept torch tensors, which
+    nothing here passes it; that one import took longer than all of main's others together
+    (docs/speed.md). torch stays importable as usual afterwards.
+    """
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        hidden = _Hidden("torch")
+        sys.meta_path.insert(0, hidden)
+        try:
+            import tensorboardX  # noqa: F401 (imports its writer)
+        finally:
+            sys.meta_path.remove(hidden)
+    import tensorboardX
+    import tensorboardX.proto.event_pb2
+    import tensorboardX.proto.summary_pb2
+    import tensorboardX.summary
+
+    return tensorboardX
+
+
 @contextlib.contextmanager
 def open_writers(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
     """The run's event writers (None off process 0), closed when the block ends. A resumed run
@@ -89,7 +125,7 @@ def open_writers(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
     if jax.process_index() != 0:
         yield None
         return
-    from tensorboardX import SummaryWriter
+    SummaryWriter = tensorboardx().SummaryWriter  # noqa: N806 (the class, under its own name)
 
     purge_step = start_step + 1 if start_step else None
     earlier = sorted(epath.Path(workdir).glob(EVENTS_GLOB))
@@ -119,8 +155,8 @@ def open_writers(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
 def _text_events(events: epath.Path) -> list[Event]:
     """The TEXT_TAGS events in one event file (a truncated last record ends it quietly)."""
     from tensorboard.backend.event_processing import event_file_loader
-    from tensorboardX.proto.event_pb2 import Event
 
+    Event = tensorboardx().proto.event_pb2.Event  # noqa: N806 (the proto class)
     tags = {f"{tag}/text_summary" for tag in TEXT_TAGS}
     found = []
     for record in event_file_loader.RawEventFileLoader(str(events)).Load():
@@ -178,9 +214,7 @@ def write_run_info(writers: Writers | None, config: ml_collections.ConfigDict,
     # A finished run restarted trains nothing and writes no final summaries (`train`), so its row
     # is marked ended here, as the start that finished it did.
     if writers.start_step >= len(dataset.train_labels) // config.batch_size * config.num_epochs:
-        from tensorboardX import summary as tbx_summary
-
-        writers.run.file_writer.add_summary(tbx_summary.hparams({}, {})[2])
+        writers.run.file_writer.add_summary(tensorboardx().summary.hparams({}, {})[2])
 
 
 def hparam_values(config: ml_collections.ConfigDict,
@@ -197,11 +231,12 @@ def hparam_values(config: ml_collections.ConfigDict,
 def experiment_summary(values: dict[str, bool | float | str]) -> Summary:
     """The HParams table's columns: every hyperparameter, KEY_HPARAMS marked to show by default,
     and HPARAM_METRICS read from the train/ and test/ sub-runs (the metric's `group`)."""
-    from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+    Summary = tensorboardx().proto.summary_pb2.Summary  # noqa: N806 (the proto classes)
+    SummaryMetadata = tensorboardx().proto.summary_pb2.SummaryMetadata  # noqa: N806
 
-    types = {bool: "DATA_TYPE_BOOL", str: "DATA_TYPE_STRING"}
+    data_types = {bool: "DATA_TYPE_BOOL", str: "DATA_TYPE_STRING"}
     infos = [hparams_api.HParamInfo(name=name, differs=name in KEY_HPARAMS,
-                                    type=types.get(type(value), "DATA_TYPE_FLOAT64"))
+                                    type=data_types.get(type(value), "DATA_TYPE_FLOAT64"))
              for name, value in values.items()]
     # The dashboard keeps the server's order, which puts `differs` first and then sorts by name.
     metrics = [hparams_api.MetricInfo(name=hparams_api.MetricName(group=run, tag=tag),
@@ -221,10 +256,8 @@ def write_hparams(writers: Writers | None, config: ml_collections.ConfigDict,
     Keras's hparams callback does."""
     if writers is None:
         return
-    from tensorboardX import summary as tbx_summary
-
     values = hparam_values(config, data)
-    _, session_start, _ = tbx_summary.hparams(values, {})
+    _, session_start, _ = tensorboardx().summary.hparams(values, {})
     writers.run.file_writer.add_summary(experiment_summary(values))
     writers.run.file_writer.add_summary(session_start)
 

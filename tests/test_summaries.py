@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -365,3 +366,24 @@ def test_tensorboard_serves_train_and_test_curves_and_the_key_hparams(tmp_path):
         assert {(m["name"]["group"], m["name"]["tag"]): (m["trainingStep"], m["value"])
                 for m in group["metricValues"]} == dict.fromkeys(summaries.HPARAM_METRICS,
                                                                  (16, 0.5))
+
+
+def test_tensorboardx_is_imported_without_torch_and_torch_still_imports_after(tmp_path):
+    """tensorboardX's writer imports torch where installed (seconds, for tensors nothing here
+    passes it). A stand-in torch on the path records whether it was imported, and when."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "import sys\nIMPORTED_WITH = set(sys.modules)\n")
+    script = (
+        "import sys\n"
+        "import mnist_flax.main\n"
+        "from mnist_flax import summaries\n"
+        "assert 'torch' not in sys.modules and 'tensorboardX' not in sys.modules\n"
+        "tbx = summaries.tensorboardx()\n"
+        "assert 'torch' not in sys.modules, 'tensorboardX imported torch'\n"
+        "assert tbx.SummaryWriter and tbx.summary.hparams and tbx.proto.event_pb2.Event\n"
+        "import torch\n"
+        "assert 'tensorboardX' in torch.IMPORTED_WITH, torch.__file__\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
