@@ -14,7 +14,8 @@ from probing the bucket type over gRPC first. gcsfs reads that last one when it 
 The emulator runs as gcs_emulator_server.py extends it: with generation headers on downloads
 (which tensorstore needs), generation preconditions checked as GCS checks them (412, so of two
 runs creating the same object with `ifGenerationMatch=0` one loses), `moveTo` (so a gcsfs rename
-is a fast copy and delete) and, with `read_only=True`, a bucket whose writes answer 403 as GCS
+is a fast copy and delete), files on disk written whole (so one stopped mid-write starts again
+on its data) and, with `read_only=True`, a bucket whose writes answer 403 as GCS
 answers a service account without write permission. It serves one request at a time.
 """
 
