@@ -1,4 +1,4 @@
-"""predict.py: MNIST-style preprocessing of people's images, load(workdir), the command line.
+"""predict.py and digit_images.py: people's images in MNIST's form, load(workdir), the command line.
 
 The workdir here holds a checkpoint of random params (no training): these tests pin the plumbing
 and the preprocessing; benchmarks/predict_agreement.py measures accuracy with a trained model.
@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mnist_flax import checkpoints, configs, input_pipeline, models, predict
+from mnist_flax import checkpoints, configs, digit_images, input_pipeline, models, predict
 from mnist_flax.run import workdir as workdir_lib
 
 ROOT = str(REPO)
@@ -78,13 +78,13 @@ def ink_box(image: np.ndarray) -> tuple[int, int]:
 
 def test_a_raw_28x28_mnist_digit_passes_unchanged(digits):
     for digit in digits:
-        assert np.array_equal(predict.preprocess(Image.fromarray(digit)), digit)
+        assert np.array_equal(digit_images.preprocess(Image.fromarray(digit)), digit)
 
 
 def test_an_inverted_enlarged_digit_comes_back_close_to_the_original(digits):
     correlations = []
     for digit in digits:
-        result = predict.preprocess(photograph(digit)).astype(np.float32)
+        result = digit_images.preprocess(photograph(digit)).astype(np.float32)
         correlations.append(np.corrcoef(result.ravel(), digit.astype(np.float32).ravel())[0, 1])
         assert max(ink_box(result)) == 20
         assert np.allclose(centre_of_mass(result), (14, 14), atol=0.5)
@@ -94,7 +94,7 @@ def test_an_inverted_enlarged_digit_comes_back_close_to_the_original(digits):
 
 def test_colour_transparency_and_jpeg_give_the_same_digit(digits, tmp_path):
     digit = digits[3]
-    reference = predict.preprocess(photograph(digit)).astype(np.float32)
+    reference = digit_images.preprocess(photograph(digit)).astype(np.float32)
     gray = np.asarray(photograph(digit), np.float32) / 255  # 1 = paper, 0 = ink.
     # Dark blue ink on a cream page.
     rgb = (gray[..., None] * [250, 240, 210] + (1 - gray[..., None]) * [20, 20, 90])
@@ -103,16 +103,16 @@ def test_colour_transparency_and_jpeg_give_the_same_digit(digits, tmp_path):
     alpha = ((1 - gray) * 255).astype(np.uint8)
     transparent = Image.fromarray(np.stack([np.zeros_like(alpha)] * 3 + [alpha], -1), "RGBA")
     colour.save(tmp_path / "digit.jpg", quality=90)
-    jpeg = predict.read_image(str(tmp_path / "digit.jpg"))
+    jpeg = digit_images.read_image(str(tmp_path / "digit.jpg"))
     for image in (colour, transparent, jpeg):
-        result = predict.preprocess(image).astype(np.float32)
+        result = digit_images.preprocess(image).astype(np.float32)
         assert np.corrcoef(result.ravel(), reference.ravel())[0, 1] > 0.95
 
 
 def _png16(pixels: np.ndarray, tmp_path) -> Image.Image:
     """A 16-bit grayscale PNG, read back as predict reads files."""
     Image.fromarray(pixels.astype(np.uint16)).save(tmp_path / "digit16.png")
-    image = predict.read_image(str(tmp_path / "digit16.png"))
+    image = digit_images.read_image(str(tmp_path / "digit16.png"))
     assert np.asarray(image).max() > 255  # Really 16 bits in the file.
     return image
 
@@ -137,10 +137,10 @@ def test_16_bit_32_bit_and_float_images_are_scaled_not_clipped_to_8_bits(digits,
     """Deeper images are scaled to 0-255 by their type's range (floats in [0, 1] x255), so a
     digit keeps its grey levels and is not called blank; clipping left two levels, 0 and 255."""
     for digit in digits[:3]:
-        assert np.array_equal(predict.preprocess(DEEP_FORMS[form](digit, tmp_path)), digit)
+        assert np.array_equal(digit_images.preprocess(DEEP_FORMS[form](digit, tmp_path)), digit)
         photo = np.asarray(photograph(digit))  # Through the crop-fit-centre path too.
-        assert np.array_equal(predict.preprocess(DEEP_FORMS[form](photo, tmp_path)),
-                              predict.preprocess(Image.fromarray(photo)))
+        assert np.array_equal(digit_images.preprocess(DEEP_FORMS[form](photo, tmp_path)),
+                              digit_images.preprocess(Image.fromarray(photo)))
 
 
 @settings(max_examples=25, deadline=None)
@@ -153,7 +153,7 @@ def test_any_blob_is_fitted_into_20_px_and_centred(height, width, light, top, le
     canvas[y:y + h, x:x + w] = 255
     if light:
         canvas = 255 - canvas
-    result = predict.preprocess(Image.fromarray(canvas))
+    result = digit_images.preprocess(Image.fromarray(canvas))
     assert result.shape == (28, 28) and result.dtype == np.uint8
     if canvas.shape != (28, 28):
         assert max(ink_box(result)) == 20
