@@ -25,7 +25,7 @@ with startup.one_line_startup(startup.PREDICT_INTERRUPTED_LINE):
     from absl import flags
 
     from mnist_flax import checkpoints, digit_images, input_pipeline, models
-    from mnist_flax.run import integrity, lock, logs
+    from mnist_flax.run import integrity, lock, logs, storage_errors
     from mnist_flax.run import workdir as workdir_lib
 
 # Images and their one-line errors: `predict.load_images(paths)` is the README's API.
@@ -85,9 +85,9 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
     except (checkpoints.CheckpointError, workdir_lib.WorkdirError) as e:
         raise PredictError(str(e)) from None
     except Exception as e:
-        if not workdir_lib.is_storage_error(e):
+        if not storage_errors.is_storage_error(e):
             raise
-        raise PredictError(workdir_lib.storage_unreachable_line(workdir, e)) from None
+        raise PredictError(storage_errors.storage_unreachable_line(workdir, e)) from None
     probabilities = jax.jit(functools.partial(models.probabilities, model.apply, params))
 
     def predict(images: np.ndarray) -> np.ndarray:
@@ -139,7 +139,7 @@ def run(argv: list[str]) -> int:
     predicted and printed), 2 for bad usage or an unusable workdir.
     """
     logs.quiet_orbax_logging()  # A damaged checkpoint is one warning line, as in main.
-    workdir_lib.quiet_storage_logging()
+    logs.quiet_storage_logging()
     FLAGS = _flags()  # noqa: N806 (absl's name for it)
     if error := startup.quoted_flags_error(argv):
         print(f"error: {error}\n{USAGE}", file=sys.stderr)

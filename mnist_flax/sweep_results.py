@@ -18,7 +18,7 @@ from absl import logging
 
 from mnist_flax import checkpoints, event_reader
 from mnist_flax.configs import ConfigError
-from mnist_flax.run import workdir
+from mnist_flax.run import storage_errors, workdir
 
 _DATA_SIZES = re.compile(r"([\d,]+) train / ([\d,]+) test images")
 
@@ -168,7 +168,7 @@ class ResultsFile:
             write_results(self.path, self.config, results, self.command)
             self.error = None
         except Exception as e:  # noqa: BLE001 (OSError, or a gs:// client's own error types)
-            if not isinstance(e, OSError) and not workdir.is_storage_error(e):
+            if not isinstance(e, OSError) and not storage_errors.is_storage_error(e):
                 raise
             self.error = e
             logging.warning("--results=%s: not written (%s); the sweep goes on",

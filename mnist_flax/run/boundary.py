@@ -23,7 +23,7 @@ from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
 from mnist_flax import checkpoints, configs, input_pipeline, progress
-from mnist_flax.run import config_checks, lease, signals, startup, workdir
+from mnist_flax.run import config_checks, lease, signals, startup, storage_errors, workdir
 
 DEFAULT_CONFIG = configs.DEFAULT
 _CONFIG_ERRORS = (AttributeError, KeyError, OSError, ImportError, SyntaxError, TypeError,
@@ -70,8 +70,8 @@ def describe(error: BaseException) -> str | None:
         where = error.filename or "writing the output"
         return (f"{where}: no space left on device (or over quota); free space and run the same "
                 "command again")
-    if workdir.is_storage_error(error):
-        return workdir.storage_stopped_line(checkpoints.error_line(error))
+    if storage_errors.is_storage_error(error):
+        return storage_errors.storage_stopped_line(checkpoints.error_line(error))
     return None
 
 

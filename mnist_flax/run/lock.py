@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import jax
 
 from mnist_flax.run import lease as lease_lib
+from mnist_flax.run.storage_errors import storage_stopped_line
 from mnist_flax.run.workdir import (
     LEASE_TTL_S,
     LOCK_FILE,
@@ -26,7 +27,6 @@ from mnist_flax.run.workdir import (
     is_remote,
     on_every_process,
     path,
-    storage_stopped_line,
 )
 
 

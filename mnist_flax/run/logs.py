@@ -123,3 +123,22 @@ class _UnraisableFilter:
         if not _orbax_aftermath(unraisable):
             self.previous(unraisable)
 
+
+class _DropGcsfsGivingUp(std_logging.Filter):
+    """gcsfs logs each request it gives up on with a traceback, then raises the error, which
+    becomes our one-line error: the log record only repeats it."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "out of retries on exception" not in record.getMessage()
+
+
+_DROP_GCSFS_GIVING_UP = _DropGcsfsGivingUp()
+
+
+def quiet_storage_logging() -> None:
+    """For the entry points: a gs:// workdir logs no tracebacks that a one-line error already
+    says, and no INFO line per file read (fsspec's read-ahead cache). Idempotent."""
+    logger = std_logging.getLogger("gcsfs")
+    if _DROP_GCSFS_GIVING_UP not in logger.filters:
+        logger.addFilter(_DROP_GCSFS_GIVING_UP)
+    std_logging.getLogger("fsspec.caching").setLevel(std_logging.WARNING)

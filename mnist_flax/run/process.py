@@ -16,7 +16,7 @@ import jax
 from absl import logging as absl_logging
 
 from mnist_flax import checkpoints, configs, fast
-from mnist_flax.run import logs, workdir
+from mnist_flax.run import logs
 
 
 class _DropBackendProbeFailures(logging.Filter):
@@ -43,7 +43,7 @@ def setup_process() -> None:
                           "default CPU library (slower on CPU, the same numerics)",
                           ".".join(map(str, fast.JAXLIB_VERSION)), fast.YNN_OPTION)
     logs.quiet_orbax_logging()
-    workdir.quiet_storage_logging()
+    logs.quiet_storage_logging()
 
 
 def enable_compilation_cache(cache_dir: str) -> str:

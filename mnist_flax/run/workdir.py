@@ -1,4 +1,4 @@
-"""The workdir as a place: its path (local or gs://), whether it can be used, its storage's errors.
+"""The workdir as a place: its path (local or gs://), whether it can be used, its config.json.
 
 Every path under a workdir goes through `etils.epath`, the path layer orbax uses, so a local
 directory and a `gs://` bucket behave the same (gcsfs underneath, from the `gcs` extra). With
@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging as std_logging
 import os
-import re
 import secrets
 
 import jax
@@ -24,6 +22,12 @@ from mnist_flax import checkpoints, configs
 from mnist_flax.checkpoints import error_line
 from mnist_flax.run import config_checks
 from mnist_flax.run import lease as lease_lib
+from mnist_flax.run.storage_errors import (
+    forbidden,
+    forbidden_reason,
+    is_storage_error,
+    storage_unreachable_line,
+)
 
 LOCK_FILE = ".lock"  # Held by the run using the workdir; holds that run's pid (or its lease).
 SHARED_CHECK_FILE = ".shared_check"  # Written by process 0, read by all: do they share the dir?
@@ -118,9 +122,9 @@ def prepare(workdir: str) -> None:
             bucket = workdir[len("gs://"):].split("/")[0]
             if is_storage_error(e):
                 raise WorkdirError(storage_unreachable_line(workdir, e)) from None
-            if _forbidden(e):
+            if forbidden(e):
                 raise WorkdirError(f"--workdir={workdir}: cannot write there ("
-                                   f"{_forbidden_reason(e, bucket)}") from None
+                                   f"{forbidden_reason(e, bucket)}") from None
             reason = (f"bucket {bucket} does not exist" if isinstance(e, FileNotFoundError)
                       else error_line(e))
             raise WorkdirError(f"--workdir={workdir}: cannot write there ({reason}); create the "
@@ -146,70 +150,6 @@ def check_layout(root: epath.Path) -> None:
             kind = ("a file" if directory else "a directory") if wrong else "not writable"
             raise WorkdirError(f"{entry}: is {kind}, where the run keeps its {what}; move it "
                                "aside (or fix its permissions), or use another --workdir")
-
-
-def _forbidden(e: OSError) -> bool:
-    """Whether the bucket refused a write (HTTP 403); gcsfs raises OSError('Forbidden: ...')."""
-    return isinstance(e, PermissionError) or str(e).startswith("Forbidden")
-
-
-def _forbidden_reason(e: OSError, bucket: str) -> str:
-    """Who may not write to the bucket, and the fix, from GCS's answer to a 403 ('PRINCIPAL does
-    not have storage.objects.create access to ...')."""
-    found = re.search(r"(\S+) does not have (storage\.[\w.]+) access", str(e))
-    if found:
-        principal, permission = found.groups()
-        reason = f"{principal} lacks {permission} on bucket {bucket}"
-        member = (f"serviceAccount:{principal}" if principal.endswith(".gserviceaccount.com")
-                  else f"user:{principal}")
-    else:
-        reason = f"this machine's credentials may not write to bucket {bucket}"
-        member = "PRINCIPAL"
-    return (f"403 Forbidden: {reason}); grant write access (gcloud storage buckets "
-            f"add-iam-policy-binding gs://{bucket} --member={member} "
-            "--role=roles/storage.objectAdmin) or pick another bucket")
-
-
-# Where the clients of a gs:// workdir (google-cloud-storage, gcsfs) raise from when the network
-# or the bucket goes away, after their own retries.
-_STORAGE_ERROR_MODULES = ("google.api_core.", "google.auth.", "aiohttp.", "requests.", "urllib3.")
-
-
-def is_storage_error(e: BaseException) -> bool:
-    return isinstance(e, ConnectionError | TimeoutError) or any(
-        type(e).__module__.startswith(m) for m in _STORAGE_ERROR_MODULES)
-
-
-def storage_unreachable_line(workdir: str, e: BaseException) -> str:
-    """The one-line error for a workdir whose storage does not answer (network, endpoint)."""
-    return (f"--workdir={workdir}: its storage did not answer ({error_line(e)}); check the "
-            "network and the bucket, then run again")
-
-
-def storage_stopped_line(why: str) -> str:
-    """The one-line error for a run whose workdir's storage stopped answering mid-run."""
-    return (f"the workdir's storage stopped answering ({why}); the last committed checkpoint is "
-            "intact; run the same command again when it answers")
-
-
-class _DropGcsfsGivingUp(std_logging.Filter):
-    """gcsfs logs each request it gives up on with a traceback, then raises the error, which
-    becomes our one-line error: the log record only repeats it."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return "out of retries on exception" not in record.getMessage()
-
-
-_DROP_GCSFS_GIVING_UP = _DropGcsfsGivingUp()
-
-
-def quiet_storage_logging() -> None:
-    """For the entry points: a gs:// workdir logs no tracebacks that a one-line error already
-    says, and no INFO line per file read (fsspec's read-ahead cache). Idempotent."""
-    logger = std_logging.getLogger("gcsfs")
-    if _DROP_GCSFS_GIVING_UP not in logger.filters:
-        logger.addFilter(_DROP_GCSFS_GIVING_UP)
-    std_logging.getLogger("fsspec.caching").setLevel(std_logging.WARNING)
 
 
 def on_every_process(ok: bool) -> bool:
