@@ -3,7 +3,7 @@
     python benchmarks/import_time.py [--repeats=7] [--compare=DIR]
 
 Median wall seconds, each in a new process, of `import mnist_flax.main`; of that and the
-TensorBoard writer a run imports next (`summaries.tensorboardx()`); and of `import numpy,
+TensorBoard writer a run imports next (`tbx.tensorboardx()`); and of `import numpy,
 ml_dtypes` alone, with the installed ml_dtypes (and torch, where installed: tensorboardX's writer
 would import it). `--compare=DIR` runs the same with DIR first on PYTHONPATH, alternating with
 the installed one in the same run: another ml_dtypes from
@@ -22,11 +22,16 @@ import subprocess
 import sys
 import time
 
-PROBES = {"main": "import mnist_flax.main",
-          # Code from before summaries.tensorboardx() (a --compare checkout) imports it plainly.
-          "main_and_writer": "import mnist_flax.main\nfrom mnist_flax import summaries\n"
-                             "getattr(summaries, 'tensorboardx',\n"
-                             "        lambda: __import__('tensorboardX'))()",
+# A --compare checkout from before mnist_flax/tbx.py imports tensorboardX plainly.
+WRITER = """import mnist_flax.main
+try:
+    from mnist_flax.tbx import tensorboardx
+except ImportError:
+    def tensorboardx():
+        return __import__("tensorboardX")
+tensorboardx()
+"""
+PROBES = {"main": "import mnist_flax.main", "main_and_writer": WRITER,
           "numpy_ml_dtypes": "import numpy, ml_dtypes"}
 
 

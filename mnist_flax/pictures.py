@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mnist_flax import input_pipeline, models
-from mnist_flax.summaries import Writers, tensorboardx
+from mnist_flax.summaries import Writers
+from mnist_flax.tbx import tensorboardx
 
 # Written once at the end of training, on the last step, in the test run. The group sorts after
 # the curves. Per-class accuracy is the confusion matrix's last column.

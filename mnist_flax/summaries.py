@@ -9,17 +9,14 @@ Only process 0 writes (`open_writers` yields None elsewhere, and every function 
 Tag names are an API, pinned by tests/test_summaries.py.
 
 tensorboardX is imported where it writes, not with this module, and always through
-`tensorboardx()`, which keeps torch out of that import.
+`tbx.tensorboardx()`, which keeps torch out of that import.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.abc
-import sys
 import time
-import types
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -32,6 +29,7 @@ from tensorboard.plugins.hparams import api_pb2 as hparams_api
 from tensorboard.plugins.hparams import plugin_data_pb2 as hparams_data
 
 from mnist_flax import input_pipeline
+from mnist_flax.tbx import tensorboardx
 
 if TYPE_CHECKING:
     from tensorboardX import SummaryWriter
@@ -75,40 +73,6 @@ class Writers:
     def flush(self) -> None:
         for writer in (self.run, self.train, self.test):
             writer.flush()
-
-
-class _Hidden(importlib.abc.MetaPathFinder):
-    """An import finder under which `name` and its submodules look absent."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def find_spec(self, fullname: str, path=None, target=None):
-        if fullname == self.name or fullname.startswith(f"{self.name}."):
-            raise ModuleNotFoundError(f"{fullname} is hidden", name=fullname)
-        return None
-
-
-def tensorboardx() -> types.ModuleType:
-    """tensorboardX with its writer, summaries and protos, imported without torch.
-
-    tensorboardX's writer imports torch where it is installed, only to accept torch tensors, which
-    nothing here passes it; that one import took longer than all of main's others together
-    (docs/speed.md). torch stays importable as usual afterwards.
-    """
-    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
-        hidden = _Hidden("torch")
-        sys.meta_path.insert(0, hidden)
-        try:
-            import tensorboardX  # noqa: F401 (imports its writer)
-        finally:
-            sys.meta_path.remove(hidden)
-    import tensorboardX
-    import tensorboardX.proto.event_pb2
-    import tensorboardX.proto.summary_pb2
-    import tensorboardX.summary
-
-    return tensorboardX
 
 
 @contextlib.contextmanager
@@ -231,8 +195,8 @@ def hparam_values(config: ml_collections.ConfigDict,
 def experiment_summary(values: dict[str, bool | float | str]) -> Summary:
     """The HParams table's columns: every hyperparameter, KEY_HPARAMS marked to show by default,
     and HPARAM_METRICS read from the train/ and test/ sub-runs (the metric's `group`)."""
-    Summary = tensorboardx().proto.summary_pb2.Summary  # noqa: N806 (the proto classes)
-    SummaryMetadata = tensorboardx().proto.summary_pb2.SummaryMetadata  # noqa: N806
+    summary_pb2 = tensorboardx().proto.summary_pb2
+    Summary, SummaryMetadata = summary_pb2.Summary, summary_pb2.SummaryMetadata  # noqa: N806
 
     data_types = {bool: "DATA_TYPE_BOOL", str: "DATA_TYPE_STRING"}
     infos = [hparams_api.HParamInfo(name=name, differs=name in KEY_HPARAMS,
