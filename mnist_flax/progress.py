@@ -13,6 +13,12 @@ import numpy as np
 import optax
 from absl import logging
 
+# How many dispatches the host may run ahead of the devices. Unbounded, the host queued ~16 steps
+# on XLA:CPU's virtual devices, whose per-device limit on launched computations then starved one
+# device's share of a step while the others waited in its all-reduce, and XLA aborted the process
+# (docs/reliability.md, "Data parallel on CPU"). A few dispatches ahead keep any device busy.
+MAX_DISPATCHES_AHEAD = 4
+
 
 class TrainingDivergedError(RuntimeError):  # The loss or the parameters became NaN or Inf.
     pass
@@ -72,8 +78,11 @@ class Progress:
         self.last_log = self.epoch_start = (time.perf_counter(), step)
 
     def add(self, step_metrics: dict[str, jax.Array], done: int, end_of_epoch: bool) -> None:
-        """Keeps one dispatch's metrics; every log_every_steps (and at epoch end) logs a line."""
+        """Keeps one dispatch's metrics, and the host at most MAX_DISPATCHES_AHEAD dispatches ahead
+        of the devices; every log_every_steps (and at epoch end) logs a line."""
         self.pending.append(step_metrics)
+        if len(self.pending) > MAX_DISPATCHES_AHEAD:  # Wait for the dispatch that far back.
+            jax.block_until_ready(self.pending[-MAX_DISPATCHES_AHEAD - 1])
         if done % self.config.log_every_steps and not end_of_epoch:
             return
         host, self.pending = jax.device_get(self.pending), []

@@ -1,4 +1,5 @@
-"""Data parallelism: the same training on 1 device, 8 devices, and 2 processes x 2 devices.
+"""Data parallelism: `python -m mnist_flax.main` on 2 and 8 devices as users run it, and the same
+training on 1 device, 8 devices, and 2 processes x 2 devices.
 
 The batch is split over a mesh axis and the parameters are replicated; the loss curve must not
 depend on how many devices or hosts share the work (up to float reassociation).
@@ -6,6 +7,7 @@ depend on how many devices or hosts share the work (up to float reassociation).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -14,7 +16,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, run_module
 
 WORKER = os.path.join(os.path.dirname(__file__), "data_parallel_worker.py")
 
@@ -24,6 +26,40 @@ def _run(*args: str, timeout: int = 300) -> dict:
                             timeout=timeout, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def busy_core():
+    """A CPU-bound process beside the run, as on a machine running other jobs."""
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        burner.kill()
+        burner.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices,flags,tries", [
+    (2, [], 2), (8, [], 1),
+    (2, ["--config.steps_per_dispatch=4", "--config.checkpoint_every_steps=20"], 1)])
+def test_main_on_several_devices_trains_to_the_end_beside_a_busy_core(tmp_path, devices, flags,
+                                                                       tries):
+    """main itself, its loop dispatching asynchronously, the evaluation, and a save inside the
+    epoch: with the host unbounded ahead of the devices, XLA:CPU aborted it in an all-reduce
+    (`progress.MAX_DISPATCHES_AHEAD`). A save syncs the host, so the runs without one are the
+    ones that caught it."""
+    for attempt in range(1, tries + 1):
+        with busy_core():
+            result = run_module(
+                "main", f"--workdir={tmp_path}/run{attempt}", "--config.data_source=sample",
+                "--config.num_epochs=1", *flags,
+                env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"},
+                timeout=900)
+        assert result.returncode == 0, (
+            f"run {attempt} of {tries} on {devices} devices exited {result.returncode}:\n"
+            f"{result.stderr[-3000:]}")
+        assert "Test accuracy: " in result.stdout, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
