@@ -89,7 +89,7 @@ def open_writers(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
     if jax.process_index() != 0:
         yield None
         return
-    SummaryWriter = tensorboardx().SummaryWriter  # noqa: N806 (the class, under its own name)
+    SummaryWriter = tensorboardx(gcs=workdir.startswith("gs://")).SummaryWriter  # noqa: N806 (the class)
 
     purge_step = start_step + 1 if start_step else None
     earlier = sorted(epath.Path(workdir).glob(EVENTS_GLOB))

@@ -368,9 +368,10 @@ def test_tensorboard_serves_train_and_test_curves_and_the_key_hparams(tmp_path):
                                                                  (16, 0.5))
 
 
-def test_tensorboardx_is_imported_without_torch_and_torch_still_imports_after(tmp_path):
+def test_tensorboardx_is_imported_without_torch_or_gcs_and_both_still_import_after(tmp_path):
     """tensorboardX's writer imports torch where installed (seconds, for tensors nothing here
-    passes it). A stand-in torch on the path records whether it was imported, and when."""
+    passes it), and google-cloud-storage (0.7 s, for gs:// event files only). A stand-in torch
+    on the path records whether it was imported, and when; the real GCS client is installed."""
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text(
         "import sys\nIMPORTED_WITH = set(sys.modules)\n")
@@ -381,7 +382,10 @@ def test_tensorboardx_is_imported_without_torch_and_torch_still_imports_after(tm
         "assert 'torch' not in sys.modules and 'tensorboardX' not in sys.modules\n"
         "tbx = tbx.tensorboardx()\n"
         "assert 'torch' not in sys.modules, 'tensorboardX imported torch'\n"
+        "assert 'google.cloud.storage' not in sys.modules, 'tensorboardX imported GCS'\n"
         "assert tbx.SummaryWriter and tbx.summary.hparams and tbx.proto.event_pb2.Event\n"
+        "assert tbx is summaries.tensorboardx(gcs=True) and tbx.record_writer.GCS_ENABLED\n"
+        "assert tbx.record_writer.storage is sys.modules['google.cloud.storage']\n"
         "import torch\n"
         "assert 'tensorboardX' in torch.IMPORTED_WITH, torch.__file__\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
