@@ -5,18 +5,18 @@ and one step a dispatch; on GPU/TPU: XLA's own, and 16 steps a dispatch (`fast.d
 divides the host's overhead per step by 16. docs/speed.md has the measurements.
 """
 
+import importlib.metadata
 from typing import Any
 
 import jax
 import ml_collections
-from jax._src.lib import version_str as _jaxlib_version  # Without starting a backend.
 
 # Per-jit XLA option of the training step: YNNPACK takes dots and reductions only, convolutions go
 # to XLA:CPU's Eigen kernels (faster here); REDUCE must stay, or the bias-gradient sums become slow
 # reduce-windows. jaxlib < 0.10 has no such option; GPU and TPU compilers ignore it.
 YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 CPU_OPTIONS = {YNN_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-JAXLIB_VERSION = tuple(int(part) for part in _jaxlib_version.split(".")[:2])
+JAXLIB_VERSION = tuple(int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2])
 COMPILER_OPTIONS = dict(CPU_OPTIONS) if JAXLIB_VERSION >= (0, 10) else {}
 ACCELERATOR_STEPS_PER_DISPATCH = 16
 

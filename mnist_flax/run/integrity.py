@@ -189,7 +189,8 @@ def _restore_params(workdir: str, expected_params: Any) -> tuple[Any, int]:
                                  checkpoints.tree_shapes({"params": expected_params}), where)
         # Onto this machine's first device: the saved shardings name the devices of the run that
         # wrote it (a pod slice's, say), which orbax cannot map onto another topology.
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        one_device = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("device",))
+        device = jax.sharding.NamedSharding(one_device, jax.sharding.PartitionSpec())
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                               saved_tree)
         tree, saved_position = checkpoints.read(manager, step, target, where)
