@@ -220,9 +220,18 @@ def test_what_the_package_imports_is_what_it_declares():
     assert runtime - imported == VERSION_BOUNDS_ONLY, "declared in install_requires, never imported"
 
 
-def test_the_cuda12_extra_has_the_same_bounds_as_jax():
+@pytest.mark.parametrize("cuda", ["cuda12", "cuda13"])
+def test_the_cuda_extras_have_the_same_bounds_as_jax(cuda):
     extras = _setup_cfg()["options.extras_require"]
     requires = [r.strip() for r in _setup_cfg()["options"]["install_requires"].splitlines()]
     jax = next(r for r in requires if _name(r) == "jax")
-    assert extras["cuda12"].split() == [jax.replace("jax", "jax[cuda12]", 1)]
+    assert extras[cuda].split() == [jax.replace("jax", f"jax[{cuda}]", 1)]
     assert _setup_cfg()["options"]["python_requires"] == ">=3.11"
+
+
+def test_the_package_imports_no_private_jax_module():
+    """`jax._src` changes without notice between releases (the floors to the newest must work)."""
+    private = [f"{path.relative_to(REPO)}:{n}" for path in (REPO / "mnist_flax").rglob("*.py")
+               for n, line in enumerate(path.read_text().splitlines(), 1)
+               if re.match(r"\s*(from|import)\s+jax\._src\b", line)]
+    assert not private
