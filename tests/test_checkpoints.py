@@ -138,7 +138,7 @@ def ctrl_c_raises():
     signal.signal(signal.SIGINT, previous)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_stop_signal_sets_the_flag_and_the_old_handlers_come_back(signum, ctrl_c_raises):
     previous = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
     with signals.StopFlag() as flag:
@@ -308,16 +308,21 @@ def test_sigkill_at_any_step_then_resume_is_bit_identical(resume_setup):
     assert 3 <= resume_to_the_end(command, base / "killed", expected) < NUM_STEPS
 
 
-def test_sigterm_saves_exits_143_then_resume_is_bit_identical(resume_setup):
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_or_sighup_saves_exits_128_plus_it_then_resume_is_bit_identical(resume_setup,
+                                                                                signum, code):
+    """SIGTERM is a preemption; SIGHUP is what a run started over ssh gets when it drops."""
     base, expected = resume_setup
-    command = main_command(base / "data", base / "terminated")
-    rc, log = run_and_interrupt(command, base / "terminated.log", signal.SIGTERM, after_step=10)
-    assert rc == signals.PREEMPTED_EXIT_CODE == 143, log[-3000:]
-    stopped_at = int(re.search(r"SIGTERM: saved the checkpoint at step (\d+)", log).group(1))
+    workdir = base / signal.Signals(signum).name
+    command = main_command(base / "data", workdir)
+    rc, log = run_and_interrupt(command, base / f"{workdir.name}.log", signum, after_step=10)
+    assert rc == 128 + signum == code, log[-3000:]
+    stopped_at = int(re.search(rf"{signal.Signals(signum).name}[^:]*: saved the checkpoint at "
+                               r"step (\d+)", log).group(1))
     assert 10 <= stopped_at < NUM_STEPS
-    assert checkpoints.latest_step(str(base / "terminated")) == stopped_at  # The last word.
+    assert checkpoints.latest_step(str(workdir)) == stopped_at  # The last word.
 
-    assert resume_to_the_end(command, base / "terminated", expected) == stopped_at
+    assert resume_to_the_end(command, workdir, expected) == stopped_at
 
 
 def test_ctrl_c_finishes_the_step_saves_exits_130_then_resume_is_bit_identical(resume_setup):

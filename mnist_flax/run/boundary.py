@@ -4,7 +4,7 @@ Whatever is raised, from flag parsing to the last flush, the user sees one line,
 and a non-zero exit: a known cause its own line; any other the exception's first line, with the
 full traceback written to a file the line names. After that line the process's stderr goes to the
 same file, so no background thread (TensorBoard's writer, orbax's) or exit handler can print a
-traceback after it. SIGTERM and Ctrl-C stops exit 143 and 130, as a shell reports them.
+traceback after it. SIGTERM, SIGHUP and Ctrl-C stops exit 143, 129 and 130, as a shell reports them.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
         train.train_and_evaluate(config, workdir, hooks)
 
 They hold the workdir (a flock, or a lease on gs://; on a pod, a check that every host sees it),
-stop on SIGTERM or Ctrl-C after saving (every host of a pod after the same step), restore only a
-checkpoint whose checksum holds (moving damaged ones aside), refuse to save a diverged state or
-after a lost lease, and draw the end-of-run pictures. A run that stopped early raises `Preempted`.
+stop on SIGTERM, SIGHUP or Ctrl-C after saving (every host of a pod after the same step), restore
+only a checkpoint whose checksum holds (moving damaged ones aside), refuse to save a diverged state
+or after a lost lease, and draw the end-of-run pictures. A run that stopped early raises `Preempted`.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ class Operations(hooks.Hooks):
         with lock.lock(workdir_path, self.lease_seconds) as self.held:
             yield
         if self.stop.signum is not None and self.finished:
-            name = "Ctrl-C" if self.stop.signum == signal.SIGINT else "SIGTERM"
+            name = ("Ctrl-C" if self.stop.signum == signal.SIGINT
+                    else signal.Signals(self.stop.signum).name)
             logging.warning("%s came after the last step: the run has finished", name)
         elif self.stop.signum is not None:  # Stopped early by should_stop, after saving.
             signals.log_preempted(self.stopped_at, self.stop.signum)

@@ -1,6 +1,7 @@
-"""SIGTERM (a preemption) and SIGINT (Ctrl-C): the loop finishes its step, saves and stops; on a
-pod every process stops after the same step, agreed on the devices one dispatch late, so that
-the host never waits for them to agree."""
+"""SIGTERM (a preemption), SIGINT (Ctrl-C) and SIGHUP (the terminal or ssh session that started
+the run closed): the loop finishes its step, saves and stops; on a pod every process stops after
+the same step, agreed on the devices one dispatch late, so that the host never waits for them to
+agree."""
 
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ from mnist_flax.run import startup
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 # Exit status of a run stopped by Ctrl-C (SIGINT), with or without saving: what a shell reports.
 INTERRUPTED_EXIT_CODE = startup.INTERRUPTED_EXIT_CODE
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Preempted(Exception):  # noqa: N818 (a signal, not an error)
-    """SIGTERM or SIGINT arrived; the checkpoint at `step` was saved and the run should exit with
-    `exit_code` (143 or 130)."""
+    """A stop signal arrived; the checkpoint at `step` was saved and the run should exit with
+    `exit_code`, 128 + the signal, as a shell reports it (143 SIGTERM, 130 Ctrl-C, 129 SIGHUP)."""
 
     def __init__(self, step: int, signum: int = signal.SIGTERM):
         super().__init__(stop_message(step, signum))
@@ -41,13 +42,13 @@ class Preempted(Exception):  # noqa: N818 (a signal, not an error)
 
 @dataclasses.dataclass
 class StopFlag:
-    """While installed, SIGTERM and SIGINT only set `requested` and remember the first `signum`;
+    """While installed, the STOP_SIGNALS only set `requested` and remember the first `signum`;
     the loop finishes its step, saves and stops. A second Ctrl-C raises KeyboardInterrupt at once
     (the first puts Python's default handler back), for a user who will not wait for the save.
 
     A context manager: leaving it puts the previous handlers back. A signal the process ignores
     (SIGINT in a background job, nohup) stays ignored. Outside the main thread (where Python
-    cannot install handlers) it does nothing and both signals keep their usual meaning.
+    cannot install handlers) it does nothing and the signals keep their usual meaning.
     """
 
     requested: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -122,8 +123,9 @@ def stop_message(step: int, signum: int) -> str:
     if signum == signal.SIGINT:
         return (f"Interrupted (Ctrl-C) at step {step}; checkpoint saved; exiting with status "
                 f"{INTERRUPTED_EXIT_CODE}. Run the same command to resume.")
-    return (f"SIGTERM: saved the checkpoint at step {step}; exiting with status "
-            f"{128 + signum}. Run the same command again to resume.")
+    why = " (the terminal or ssh session closed)" if signum == signal.SIGHUP else ""
+    return (f"{signal.Signals(signum).name}{why}: saved the checkpoint at step {step}; exiting "
+            f"with status {128 + signum}. Run the same command again to resume.")
 
 
 def log_preempted(step: int, signum: int = signal.SIGTERM) -> None:
