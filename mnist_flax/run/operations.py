@@ -6,7 +6,7 @@
 They hold the workdir (a flock, or a lease on gs://; on a pod, a check that every host sees it),
 stop on SIGTERM, SIGHUP or Ctrl-C after saving (every host of a pod after the same step), restore
 only a checkpoint whose checksum holds (moving damaged ones aside), refuse to save a diverged state
-or after a lost lease, and draw the end-of-run pictures. A run that stopped early raises `Preempted`.
+or after a lost lease, and draw the end-of-run pictures. A run stopped early raises `Preempted`.
 """
 
 from __future__ import annotations
