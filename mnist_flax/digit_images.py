@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mnist_flax import paper
 from mnist_flax.checkpoints import error_line
 
 BOX = 20  # MNIST fits the digit's longer side into 20 px ...
@@ -134,14 +135,10 @@ def preprocess(image: Image.Image | np.ndarray, name: str = "image") -> np.ndarr
             raise PredictError(f"{name}: blank image (no digit found)")
         return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
-    background = float(np.median(_border(pixels)))
-    ink = pixels.max()
-    if ink - background < MIN_CONTRAST:
+    found = paper.find_digit(255.0 - pixels, MIN_CONTRAST / 255)
+    if found is None:
         raise PredictError(f"{name}: blank image (no digit found)")
-    scaled = np.clip((pixels - background) / (ink - background), 0.0, 1.0)
-    scaled[scaled < INK_FLOOR] = 0.0
-    rows, cols = np.flatnonzero(scaled.any(axis=1)), np.flatnonzero(scaled.any(axis=0))
-    crop = scaled[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    crop = found.crop
 
     h, w = crop.shape
     factor = BOX / max(h, w)

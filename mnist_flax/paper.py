@@ -1,0 +1,158 @@
+"""Finds the digit's ink on paper as phones photograph it, for `digit_images.preprocess`.
+
+A photo is not MNIST's clean black and white: the light falls off to a corner, the paper is
+ruled, squared or has a margin line, and it is coloured and noisy. Taking every non-paper pixel
+as ink made the crop the whole page. Here the lighting is flattened against a page-scale
+estimate of the paper, the ink is thresholded (Otsu), printed lines that run across the page are
+removed (the digit's pixels where a line crosses it are kept), specks dropped, and the largest
+mark with the pieces near it is the digit. scipy.ndimage is imported on the first call only.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+WORK_SIDE = 96  # The paper's brightness is estimated on the page shrunk to this longer side ...
+PAPER_WINDOW = 6  # ... where anything narrower than 1/6 of the page is not paper, ...
+SMOOTH = 6  # ... and smoothed by 1/6 of that window (a softer estimate misses shadows).
+LINE_SPAN = 0.75  # A printed line runs across at least 3/4 of the page, ...
+LINE_THIN = 60  # ... is at most 1/60 of the page thick (a digit's strokes are more), ...
+LINE_TILT = 5  # ... and may drift by this many pixels across it (tilted a little).
+SPECK = 0.02  # Marks under 2% of the digit's area are specks (noise, dust, line remains).
+NEAR = 0.3  # Pieces within 30% of the digit's size of it belong to it (a 5's top bar).
+RIVAL = 0.25  # Another mark of 25% of the digit's area or more makes the page unclear.
+MIN_SIDE = 1 / 200  # A digit is at least 1/200 of the page's longer side.
+
+
+class Ink(NamedTuple):
+    """The digit cropped to its box, in [0, 1] (1 = full ink), and what made it doubtful."""
+
+    crop: np.ndarray
+    notes: list[str]
+
+
+def flatten_lighting(pixels: np.ndarray) -> np.ndarray:
+    """Ink in [0, 1] of dark marks on light paper (0-255): 1 - pixel / paper's brightness there.
+
+    The paper's brightness is a grey closing (strokes and lines vanish in it) of the page shrunk
+    to WORK_SIDE, smoothed and enlarged back: it follows a shadow or a darker corner, so they
+    are paper, not ink. A ratio, so a black mark is full ink however dark the paper around it.
+    """
+    from scipy import ndimage
+
+    height, width = pixels.shape
+    scale = min(1.0, WORK_SIDE / max(height, width))
+    small_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = np.asarray(Image.fromarray(pixels, "F").resize(small_size, Image.Resampling.BOX))
+    window = max(3, round(max(small.shape) / PAPER_WINDOW))
+    paper = ndimage.gaussian_filter(ndimage.grey_closing(small, size=window), window / SMOOTH,
+                                    mode="nearest")
+    paper = np.asarray(Image.fromarray(paper.astype(np.float32), "F").resize(
+        (width, height), Image.Resampling.BILINEAR))
+    return np.clip(1 - pixels / np.maximum(paper, 1.0), 0, 1).astype(np.float32)
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """The threshold that best splits `values` (in [0, 1]) into two classes (Otsu, 1979)."""
+    counts, edges = np.histogram(values, bins=256, range=(0.0, float(values.max()) or 1.0))
+    centres = (edges[:-1] + edges[1:]) / 2
+    below = np.cumsum(counts)
+    above = below[-1] - below
+    mass = np.cumsum(counts * centres)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_below, mean_above = mass / below, (mass[-1] - mass) / above
+        between = below * above * (mean_below - mean_above) ** 2
+    return float(edges[1:][np.nanargmax(np.where(np.isfinite(between), between, -1))])
+
+
+def printed_lines(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(axis, pixels of `mask` on lines along that axis across the page): rows' lines on 1.
+
+    A line survives an opening by a run LINE_SPAN of the page long (the mask is first widened
+    by LINE_TILT across the run, so a slightly tilted line still survives it) and is thin: its
+    mean thickness at most 1/LINE_THIN of the page across it. A digit's stroke is shorter, or
+    thicker for its page (a 1 cropped to its height), except where it lies on a line.
+    """
+    from scipy import ndimage
+
+    found = []
+    for axis in (0, 1):  # 1: horizontal lines (runs along a row), 0: vertical ones.
+        length = mask.shape[axis]
+        run = int(length * LINE_SPAN) | 1
+        if run < 15:
+            continue
+        widened = ndimage.maximum_filter1d(mask.view(np.uint8), LINE_TILT, axis=1 - axis)
+        opened = ndimage.maximum_filter1d(ndimage.minimum_filter1d(widened, run, axis=axis),
+                                          run, axis=axis).astype(bool) & mask
+        labels, _ = ndimage.label(opened, np.ones((3, 3), bool))
+        areas = np.bincount(labels.ravel())
+        across = mask.shape[1 - axis]
+        thin = [i for i, box in enumerate(ndimage.find_objects(labels), 1)
+                if (span := box[axis].stop - box[axis].start) >= run
+                and areas[i] * LINE_THIN <= span * across]
+        if thin:
+            found.append((axis, np.isin(labels, thin)))
+    return found
+
+
+def _crossed(marks: np.ndarray, axis: int, line: np.ndarray) -> np.ndarray:
+    """The pixels of `line` (along `axis`) with marks on both sides across it: where the digit
+    crosses the line, which removing the line took out of it."""
+    from scipy import ndimage
+
+    span, across = 2 * LINE_TILT + 1, 1 - axis
+    closed = ndimage.minimum_filter1d(ndimage.maximum_filter1d(
+        marks.view(np.uint8), span, axis=across), span, axis=across)
+    return line & closed.astype(bool)
+
+
+def find_digit(pixels: np.ndarray, min_contrast: float) -> Ink | None:
+    """The digit among dark marks on light paper (0-255), or None when the page has none.
+
+    `min_contrast` (0-1) is the least ink a digit's darkest part must have over the paper.
+    """
+    from scipy import ndimage
+
+    ink = flatten_lighting(pixels)
+    smooth = ndimage.gaussian_filter(ink, 1.0) if min(ink.shape) >= 8 else ink
+    if smooth.max() < min_contrast:
+        return None
+    threshold = max(otsu_threshold(smooth), min_contrast / 2)
+    marks = smooth > threshold
+    found = printed_lines(smooth > threshold / 2)  # Faint lines too, so none is left in dashes.
+    lines = np.zeros_like(marks)
+    for _, line in found:
+        lines |= line
+    kept = marks & ~lines
+    for axis, line in found:
+        kept |= _crossed(kept, axis, line & marks)
+    marks = kept
+
+    labels, count = ndimage.label(marks, np.ones((3, 3), bool))
+    if count == 0:
+        return None
+    areas = np.bincount(labels.ravel())[1:]
+    boxes = ndimage.find_objects(labels)
+    largest = int(np.argmax(areas))
+    box = boxes[largest]
+    extent = max(box[0].stop - box[0].start, box[1].stop - box[1].start)
+    if extent < max(pixels.shape) * MIN_SIDE:
+        return None
+    near = [(s.start - NEAR * extent, s.stop + NEAR * extent) for s in box]
+    parts, notes = [largest + 1], []
+    for i, other in enumerate(boxes):
+        if i == largest or areas[i] < SPECK * areas[largest]:
+            continue
+        if all(o.start < high and o.stop > low for o, (low, high) in zip(other, near, strict=True)):
+            parts.append(i + 1)
+        elif areas[i] >= RIVAL * areas[largest]:
+            notes.append("more than one mark on the page; the largest was taken")
+    digit = np.isin(labels, parts)
+    region = ndimage.maximum_filter(digit.view(np.uint8), 3).astype(bool) & ~(lines & ~digit)
+    strength = float(np.percentile(ink[digit], 95)) or 1.0
+    values = np.where(region, np.clip(ink / strength, 0, 1), 0)
+    rows, cols = np.flatnonzero(values.any(axis=1)), np.flatnonzero(values.any(axis=0))
+    return Ink(values[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], sorted(set(notes)))
