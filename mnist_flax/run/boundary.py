@@ -146,6 +146,13 @@ def run_app(define_flags: Callable[[], None], main: Callable[[list[str]], None])
         if error := startup.quoted_flags_error(sys.argv):  # Before ml_collections reads argv.
             sys.exit(f"error: {error}")
         define_flags()
+        # --help lists the key flags of the module named sys.argv[0]: a console script's path,
+        # under which nothing is defined (the flags belong to main's module), so name them there.
+        module = sys.modules[main.__module__]
+        for flag in flags.FLAGS.get_key_flags_for_module(module):
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+        if not sys.modules["__main__"].__doc__:  # The script's: absl's usage line is its doc.
+            sys.modules["__main__"].__doc__ = module.__doc__
         app.run(main, flags_parser=parse_flags)
 
 
