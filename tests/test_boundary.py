@@ -122,7 +122,7 @@ def test_the_workdirs_own_entries_in_the_way_are_one_line_and_nothing_is_written
 def test_a_workdir_inside_another_runs_own_directories_is_refused_and_nothing_made(tmp_path,
                                                                                   part):
     """orbax prunes and cleans RUN/checkpoints (a run inside would go with it), and RUN/train and
-    RUN/test are RUN's TensorBoard runs. Beside them, a directory of its own is fine."""
+    RUN/test are RUN's TensorBoard runs. Beside RUN, a directory of its own is fine."""
     run = tmp_path / "run"
     (run / "checkpoints" / "31").mkdir(parents=True)
     (run / "train").mkdir(), (run / "test").mkdir()
@@ -134,7 +134,30 @@ def test_a_workdir_inside_another_runs_own_directories_is_refused_and_nothing_ma
                                   f"{part.split('/')[0]}/); a run there would mix with that one: "
                                   "use another --workdir")
     assert snapshot(run) == before
-    workdir_lib.prepare(str(run / "nested"))
+    workdir_lib.prepare(str(tmp_path / "beside"))
+
+
+@pytest.mark.parametrize("nested", ["seed=0", "lr=1/seed=0"])
+def test_a_workdir_inside_or_above_another_run_is_refused_and_nothing_made(tmp_path, nested):
+    """A sweep in a finished run's workdir nested its seed=0/ inside it, and TensorBoard on
+    either mixed the two: a run's directory holds that run only, whichever side comes second."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    with pytest.raises(workdir_lib.WorkdirError) as refused:
+        workdir_lib.prepare(str(run / nested))
+    assert str(refused.value) == (f"--workdir={run / nested} is inside the run {run}; a run "
+                                  "there would mix with that one: use another --workdir")
+    assert not (run / nested.split("/")[0]).exists()
+    parent = tmp_path / "parent"
+    (parent / nested).parent.mkdir(parents=True)
+    run.rename(parent / nested)
+    with pytest.raises(workdir_lib.WorkdirError) as refused:
+        workdir_lib.prepare(str(parent))
+    assert str(refused.value) == (f"--workdir={parent} is above the run {parent / nested}; a run "
+                                  "there would mix with that one: use another --workdir")
+    assert sorted(os.listdir(parent)) == [nested.split("/")[0]]
+    workdir_lib.prepare(str(parent / nested))  # The run itself resumes.
 
 
 @pytest.mark.parametrize("target", ["missing", "loop"])

@@ -214,16 +214,21 @@ def enclosing_run(workdir: str) -> str | None:
 
 
 def _refuse_a_part_of_a_run(workdir: str) -> None:
-    """WorkdirError for a workdir inside another run's checkpoints/, train/ or test/: orbax
-    prunes and cleans checkpoints/ (taking a run inside with it), and the events dirs are that
-    run's TensorBoard runs."""
-    run = enclosing_run(workdir)
-    if run is None:
-        return
-    part = os.path.relpath(path(workdir), path(run)).split(os.sep)[0]
-    if LAYOUT.get(part, (False,))[0]:  # One of the directories a run keeps.
-        raise WorkdirError(f"--workdir={workdir} is inside the run {run} (its {part}/); a run "
-                           "there would mix with that one: use another --workdir")
+    """WorkdirError for a workdir inside another run (orbax prunes and cleans its checkpoints/,
+    and TensorBoard on that run would show this one in it) or above one (the reverse, as a sweep
+    in a finished run's workdir did): a run's directory holds that run only."""
+    root, run = path(workdir), enclosing_run(workdir)
+    if run is None and not (root / checkpoints.CONFIG_FILE).exists():  # Not a run itself.
+        run = next((str(c.parent) for pattern in ("*/", "*/*/")
+                    for c in sorted(root.glob(pattern + checkpoints.CONFIG_FILE))
+                    if (c.parent / checkpoints.CHECKPOINT_DIR).is_dir()), None)
+        where = f"above the run {run}"
+    else:
+        part = os.path.relpath(root, path(run)).split(os.sep)[0] if run else ""
+        where = f"inside the run {run}" + (f" (its {part}/)" if LAYOUT.get(part, (0,))[0] else "")
+    if run is not None:
+        raise WorkdirError(f"--workdir={workdir} is {where}; a run there would mix with that one: "
+                           "use another --workdir")
 
 
 def config_path(workdir: str) -> epath.Path:
