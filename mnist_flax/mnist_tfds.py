@@ -31,9 +31,26 @@ def _tfds_corrupt(data_dir: str | None, e: Exception) -> DataError:
     )
 
 
-def tfds_prepared(data_dir: str | None) -> bool:
+def _not_found(data_dir: str | None) -> DataError:
+    """One line for --config.data_source=tfds where no prepared copy is: where it looked, and the
+    two ways to get MNIST (TFDS's download, or the IDX files)."""
+    return DataError(
+        f"--config.data_source=tfds: no prepared TFDS mnist found in {_tfds_root(data_dir)} "
+        "(--config.tfds_data_dir or $TFDS_DATA_DIR to look elsewhere); run once with network "
+        "access so TFDS downloads MNIST, or use --config.data_source=idx with $MNIST_DATA_DIR (or "
+        "--config.data_dir) pointing at the four MNIST IDX files"
+    )
+
+
+def _copy_exists(data_dir: str | None) -> bool:
+    """Whether a local TFDS mnist copy has metadata at all (a gs:// one: asked of TFDS)."""
     root = _tfds_root(data_dir)
-    if "://" not in root and not glob.glob(os.path.join(root, "mnist", "*", "dataset_info.json")):
+    return "://" in root or bool(
+        glob.glob(os.path.join(root, "mnist", "*", "dataset_info.json")))
+
+
+def tfds_prepared(data_dir: str | None) -> bool:
+    if not _copy_exists(data_dir):
         return False  # Asking TFDS would log a warning about a folder that is not there.
     import tensorflow_datasets as tfds
 
@@ -48,6 +65,8 @@ def load_tfds_prepared(data_dir: str | None) -> Dataset:
     import tensorflow_datasets as tfds
 
     where = data_dir or "TFDS's default data dir"
+    if not _copy_exists(data_dir):  # Asking TFDS would log a warning line first.
+        raise _not_found(data_dir)
     arrays = {}
     for split in ("train", "test"):
         try:
@@ -58,6 +77,8 @@ def load_tfds_prepared(data_dir: str | None) -> Dataset:
                 "TensorFlow to read); use --config.data_source=idx, or let TFDS download MNIST"
             ) from None
         except Exception as e:  # Damaged metadata: TFDS raises many types.
+            if "has not been generated" in str(e):  # Metadata, but never prepared.
+                raise _not_found(data_dir) from None
             raise _tfds_corrupt(data_dir, e) from None
         try:
             records = [source[i] for i in range(len(source))]

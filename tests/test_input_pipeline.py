@@ -252,18 +252,33 @@ def test_network_check_is_quick_when_host_is_unreachable():
 # TFDS.
 
 
-def test_tfds_prepared_copy_under_mock_data(monkeypatch):
+def test_tfds_prepared_copy_under_mock_data(monkeypatch, tmp_path):
     monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
-    with tfds.testing.mock_data(num_examples=40):
-        dataset = input_pipeline.load_dataset(_config(data_source="tfds"))
+    info = tmp_path / "tfds" / "mnist" / "3.0.1" / "dataset_info.json"  # A copy is there...
+    info.parent.mkdir(parents=True)
+    info.write_text("{}")
+    with tfds.testing.mock_data(num_examples=40):  # ... and TFDS reads mock data for it.
+        dataset = input_pipeline.load_dataset(_config(data_source="tfds",
+                                                      tfds_data_dir=str(tmp_path / "tfds")))
     assert dataset.source.startswith("tfds")
     assert dataset.train_images.shape == (40, 28, 28, 1) and dataset.train_images.dtype == np.uint8
     assert dataset.train_labels.dtype == np.int32 and dataset.train_labels.max() <= 9
 
 
-def test_tfds_dir_without_mnist_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="no TFDS mnist prepared as array_record"):
-        mnist_tfds.load_tfds_prepared(str(tmp_path))
+def test_tfds_without_a_prepared_copy_or_network_says_where_it_looked_and_how_to_get_one(
+        tmp_path, monkeypatch, caplog):
+    """It said the copy 'is corrupt' and to delete a directory that did not exist."""
+    monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
+    monkeypatch.setattr(mnist_tfds, "mnist_url", lambda: f"http://127.0.0.1:{_closed_port()}/")
+    for tfds_dir in (str(tmp_path / "missing"), str(tmp_path)):
+        with pytest.raises(DataError) as info:
+            input_pipeline.load_dataset(_config(data_source="tfds", tfds_data_dir=tfds_dir))
+        assert str(info.value) == (
+            f"--config.data_source=tfds: no prepared TFDS mnist found in {tfds_dir} "
+            "(--config.tfds_data_dir or $TFDS_DATA_DIR to look elsewhere); run once with network "
+            "access so TFDS downloads MNIST, or use --config.data_source=idx with $MNIST_DATA_DIR "
+            "(or --config.data_dir) pointing at the four MNIST IDX files")
+    assert "corrupt" not in caplog.text and "dataset_info" not in caplog.text, caplog.text
 
 
 @pytest.fixture

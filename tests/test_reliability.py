@@ -434,7 +434,7 @@ def _write_tfds_mnist(root, shard: bytes | None, info: str | None = None) -> Non
 
 
 @pytest.mark.parametrize("layout, message", [
-    ({}, "no TFDS mnist prepared as array_record"),
+    ({}, "no prepared TFDS mnist found in"),
     ({"shard": b"\x00garbage" * 100}, "TFDS mnist train split is unreadable"),
     ({"shard": b""}, "TFDS mnist train split is unreadable"),
     ({"shard": None}, "TFDS mnist train split is unreadable"),  # Shards missing.
@@ -453,7 +453,8 @@ def test_an_empty_or_corrupt_tfds_dir_is_a_one_line_error(tmp_path, monkeypatch,
     with pytest.raises(DataError) as error:
         input_pipeline.load_dataset(config)
     assert message in str(error.value) and "\n" not in str(error.value)
-    assert str(error.value).startswith(str(root))
+    assert str(error.value).startswith(str(root) if layout else f"--config.data_source=tfds: "
+                                       f"no prepared TFDS mnist found in {root} ")
 
 
 # ---------------------------------------------------------------------------------------------
