@@ -10,7 +10,7 @@ A bucket is created on the GCS emulator at $STORAGE_EMULATOR_HOST. A TPU VM is W
 hosts under $GCLOUD_STANDIN_DIR/tpus/NAME/worker-N, each with its own home and /tmp. `ssh` runs
 CMD with `bash -c` on each host at once, each in a mount namespace of its own (`unshare -m`, as
 tests/test_pod.py runs hosts) where its home and tmp are mounted on $GCLOUD_STANDIN_DIR/home and
-/tmp-like $GCLOUD_STANDIN_DIR/tmp: the same paths on every host, different files, as on a pod.
+$GCLOUD_STANDIN_DIR/tmp (HOME, TMPDIR): the same paths on every host, different files, as on a pod.
 Each host's environment is this process's, with HOME and TMPDIR and what the TPU metadata gives
 JAX: JAX_COORDINATOR_ADDRESS (host 0, a free port per ssh), JAX_NUM_PROCESSES, JAX_PROCESS_ID.
 When CMD ends, or this process gets SIGTERM or SIGINT (the connection dropped), whatever is left

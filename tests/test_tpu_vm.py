@@ -13,6 +13,7 @@ package) and MNIST_FLAX_FLAGS (a tiny model on the sample)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -134,9 +135,24 @@ def _follow_until(line: str, env: dict, state: pathlib.Path, pattern: str) -> st
             if select.select([process.stdout], [], [], 1)[0]:
                 output += process.stdout.readline()
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # The user's Ctrl-C or a lost connection.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)  # The user's Ctrl-C or a lost connection.
         process.communicate(timeout=60)
     return output
+
+
+@contextlib.contextmanager
+def _leftovers_killed(state: pathlib.Path):
+    """On the way out, SIGKILL to a run still going on a worker (a failed test's), by the pid
+    run.sh wrote: the stand-in's delete, unlike a real one, ends no process."""
+    try:
+        yield
+    finally:
+        for pidfile in state.glob("tpus/*/worker-*/home/mnist_flax/train.pid"):
+            pid = pidfile.read_text().strip()
+            with contextlib.suppress(OSError, ValueError):
+                if b"mnist_flax.main" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(int(pid), signal.SIGKILL)
 
 
 def _test_lines(run_log: str) -> list[str]:
@@ -146,7 +162,7 @@ def _test_lines(run_log: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.skipif(not _unshare_works(),
                     reason="needs `unshare -m` (root or user namespaces) for private mounts")
-def test_the_readme_tpu_block_from_create_to_delete(tmp_path, monkeypatch):
+def test_the_readme_tpu_block_from_create_to_delete(tmp_path):
     block = readme_tpu_block()
     expected = ["storage buckets create", "tpu-vm create", "mkdir -p mnist_flax", "tpu-vm scp",
                 f"run.sh {WORKDIR}", "tail -f", "run.sh --stop", "tpu-vm delete"]
@@ -162,14 +178,13 @@ def test_the_readme_tpu_block_from_create_to_delete(tmp_path, monkeypatch):
     gcloud.write_text(f'#!/bin/sh\nexec {sys.executable} {STANDIN} "$@"\n')
     gcloud.chmod(0o755)
 
-    with separate_emulator(tmp_path) as emulator:
-        for name, value in emulator.env.items():
-            monkeypatch.setenv(name, value)  # For this process's look at the bucket too.
+    with separate_emulator(tmp_path) as emulator, _leftovers_killed(state):
         env = {**os.environ, **emulator.env, "GCLOUD_STANDIN_DIR": str(state),
                # The hosts' PATH, as on a VM: not this venv's bin.
                "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
                "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
                "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "MNIST_DATA_DIR": "",
+               # The Python this venv was made with (not the venv's, whose packages it has).
                "MNIST_FLAX_PYTHON": sys._base_executable, "MNIST_FLAX_EXTRA": "gcs",
                "PYTHONPATH": str(_image_packages(tmp_path)),
                "MNIST_FLAX_FLAGS": " ".join(FLAGS)}
