@@ -24,13 +24,14 @@ class TrainingDivergedError(RuntimeError):  # The loss or the parameters became 
     pass
 
 
-def check_finite(losses: list[float], last_step: int) -> None:
-    """Raises on the first NaN/Inf among the per-step `losses` of the steps up to `last_step`."""
+def check_finite(losses: list[float], last_step: int, what: str = "training loss") -> None:
+    """Raises on the first NaN/Inf among the per-step `losses` (or another per-step `what`) of
+    the steps up to `last_step`."""
     for offset, loss in enumerate(losses):
         if not math.isfinite(loss):
             step = last_step - len(losses) + 1 + offset
             raise TrainingDivergedError(
-                f"training loss became {loss} at step {step}; stopped without saving it (the last "
+                f"{what} became {loss} at step {step}; stopped without saving it (the last "
                 "good checkpoint, if any, is kept); lower --config.learning_rate")
 
 
@@ -88,6 +89,8 @@ class Progress:
         host, self.pending = jax.device_get(self.pending), []
         per_step = {k: np.concatenate([np.ravel(m[k]) for m in host]) for k in host[0]}
         check_finite([float(loss) for loss in per_step["loss"]], done)
+        if "grad_norm" in per_step:  # A finite loss can still come with NaN gradients.
+            check_finite([float(norm) for norm in per_step["grad_norm"]], done, "gradient norm")
         mean = {k: float(np.mean(v)) for k, v in per_step.items()}
         self.logged.append({**mean, "n": len(per_step["loss"])})
         now, (then, last_step) = time.perf_counter(), self.last_log
@@ -104,9 +107,9 @@ class Progress:
         total = sum(m["n"] for m in self.logged)
         seconds = time.perf_counter() - self.epoch_start[0]  # Training only, not evaluation.
         epoch = done // self.steps_per_epoch
-        self.metrics = {
-            "train/loss": sum(m["loss"] * m["n"] for m in self.logged) / total,
-            "train/accuracy": sum(m["accuracy"] * m["n"] for m in self.logged) / total,
+        self.metrics = {  # Every train metric of the step: loss, accuracy, the health norms.
+            **{f"train/{k}": sum(m[k] * m["n"] for m in self.logged) / total
+               for k in self.logged[0] if k != "n"},
             "train/images_per_second":
                 (done - self.epoch_start[1]) * self.config.batch_size / seconds,
             "test/loss": test["loss"], "test/accuracy": test["accuracy"],

@@ -45,6 +45,11 @@ SCALAR_TAGS = {
     "test/accuracy": ("test", "accuracy"),
     "train/learning_rate": ("train", "optimizer/learning_rate"),
     "train/images_per_second": ("train", "speed/images_per_second"),
+    # Training health: the epoch's means of per-step global norms (`train.train_step_fn`), in a
+    # group that sorts after the curves ("health" would come before "loss").
+    "train/grad_norm": ("train", "norms/gradients"),
+    "train/update_norm": ("train", "norms/update"),
+    "train/param_norm": ("train", "norms/parameters"),
     "epoch": ("train", "progress/epoch"),
 }
 RUNS = ("train", "test")

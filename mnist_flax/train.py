@@ -115,7 +115,8 @@ def train_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> 
 
 
 def train_step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One Adam step on a batch of 0-255 images; metrics come from the same forward pass."""
+    """One Adam step on a batch of 0-255 images; metrics come from the same forward pass, and the
+    training-health norms (gradients, update, parameters after it) from the same step."""
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
     images = models.normalize(batch["image"])
 
@@ -125,8 +126,12 @@ def train_step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str
         return train_loss(logits, batch["label"], state.label_smoothing).mean(), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    accuracy = (logits.argmax(-1) == batch["label"]).mean()
-    return state.apply_gradients(grads=grads), {"loss": loss, "accuracy": accuracy}
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)  # apply_gradients,
+    params = optax.apply_updates(state.params, updates)  # with the update kept for its norm.
+    metrics = {"loss": loss, "accuracy": (logits.argmax(-1) == batch["label"]).mean(),
+               "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
+               "param_norm": optax.tree.norm(params)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 # The plain function is what `fast.dispatch` runs, k per dispatch; this is the step on a batch.

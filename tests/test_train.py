@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import assert_trees_identical, load_config, synthetic_digits, write_idx_files
 from jax.sharding import PartitionSpec as P
@@ -38,8 +39,44 @@ def test_train_steps_lower_the_loss(config):
     for _ in range(5):
         state, metrics = train.train_step(state, batch)
     assert int(state.step) == 5
-    assert set(metrics) == {"loss", "accuracy"} and np.isfinite(float(metrics["loss"]))
+    assert set(metrics) == {"loss", "accuracy", "grad_norm", "update_norm", "param_norm"}
+    assert all(np.isfinite(float(value)) for value in metrics.values())
     assert _eval_loss(state, batch) < 0.5 * before
+
+
+def test_the_health_norms_are_those_of_a_plain_gradient_and_update(config):
+    """grad_norm: optax's norm of plain `jax.grad` on the same batch and dropout mask; the
+    update's and the parameters' norms follow from the two states."""
+    state = train.create_train_state(config, jax.random.key(0))
+    batch = _batch()
+    key = jax.random.fold_in(state.dropout_key, state.step)
+
+    def loss(params):
+        logits = state.apply_fn({"params": params}, batch["image"].astype(jnp.float32) / 255.0,
+                                train=True, rngs={"dropout": key})
+        return train.cross_entropy_loss(logits, batch["label"]).mean()
+
+    grad_norm = float(optax.tree.norm(jax.grad(loss)(state.params)))
+    before = jax.tree.map(np.asarray, state.params)  # The step donates the state.
+    after, metrics = train.train_step(state, batch)
+    update = jax.tree.map(lambda a, b: a - b, after.params, before)
+    assert float(metrics["grad_norm"]) == pytest.approx(grad_norm, rel=1e-4)
+    assert float(metrics["update_norm"]) == pytest.approx(float(optax.tree.norm(update)),
+                                                          rel=1e-3)
+    assert float(metrics["param_norm"]) == pytest.approx(float(optax.tree.norm(after.params)),
+                                                         rel=1e-6)
+
+
+def test_a_non_finite_gradient_norm_stops_as_a_nan_loss_does(config):
+    schedule = train.learning_rate_schedule(config)
+    tracker = progress.Progress(config, 10, 10, schedule)
+    tracker.add({"loss": jnp.float32(0.5), "accuracy": jnp.float32(1.0),
+                 "grad_norm": jnp.float32(1.0)}, 1, False)
+    with pytest.raises(progress.TrainingDivergedError, match=(
+            r"^gradient norm became nan at step 2; stopped without saving it \(the last good "
+            r"checkpoint, if any, is kept\); lower --config.learning_rate$")):
+        tracker.add({"loss": jnp.float32(0.5), "accuracy": jnp.float32(1.0),
+                     "grad_norm": jnp.float32(jnp.nan)}, 2, True)
 
 
 def test_train_step_is_deterministic_and_dropout_changes_with_step(config):
