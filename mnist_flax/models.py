@@ -1,6 +1,5 @@
 """The Keras tutorial CNN (keras/examples/mnist_cnn.py) as a Linen module, built from a config."""
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,9 +26,8 @@ class CNN(nn.Module):
     num_classes: int = 10
     kernel_init: str = "glorot_uniform"  # Keras's default; Flax's is lecun_normal.
     dtype: Any = jnp.float32
-    conv: Callable[..., nn.Module] = nn.Conv
-    pool: Callable[[jax.Array], jax.Array] = functools.partial(nn.max_pool, window_shape=(2, 2),
-                                                               strides=(2, 2))
+    conv: Callable[..., nn.Module] = nn.Conv  # Called as nn.Conv and nn.max_pool are, so `fast`'s
+    pool: Callable[..., jax.Array] = nn.max_pool  # cover any shape (they fall back to these).
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -39,7 +37,7 @@ class CNN(nn.Module):
             x = self.conv(features, (3, 3), padding="VALID", kernel_init=init, dtype=self.dtype,
                           name=f"Conv_{i}")(x)
             x = nn.relu(x)  # (B, 26, 26, 32), then (B, 24, 24, 64).
-        x = self.pool(x)  # (B, 12, 12, 64).
+        x = self.pool(x, (2, 2), strides=(2, 2))  # (B, 12, 12, 64).
         x = nn.Dropout(self.dropout_rates[0], deterministic=not train)(x)
         x = x.reshape((x.shape[0], -1))  # (B, 9216), the order of Keras's channels-last Flatten.
         x = nn.Dense(self.dense_features, kernel_init=init, dtype=self.dtype)(x)

@@ -55,7 +55,7 @@ def test_configurable_widths_depth_and_classes(conv_features, pooled_side):
 def test_fast_ops_compute_the_same_function_and_gradients(train):
     """fast.ops' layers are a faster implementation, not another model: same tree, values,
     grads (`fast.model_layers` picks them on CPU)."""
-    fast, plain = models.CNN(conv=ops.Conv3x3, pool=ops.max_pool_2x2), models.CNN()
+    fast, plain = models.CNN(conv=ops.Conv3x3, pool=ops.max_pool), models.CNN()
     params = _params(fast, seed=1)
     assert jax.tree.structure(params) == jax.tree.structure(_params(plain))
     images = jax.random.uniform(jax.random.key(2), (4, 28, 28, 1))

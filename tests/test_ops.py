@@ -84,6 +84,36 @@ def test_conv2d_equals_flax_conv():
         assert_close(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("kernel_size, options", [
+    ((3, 3), {"padding": "SAME"}), ((5, 5), {}), ((5, 5), {"padding": "SAME"}),
+    ((3, 3), {"strides": (2, 2)}), ((3, 3), {"kernel_dilation": (2, 2)}),
+])
+def test_conv3x3_is_flax_conv_for_any_shape(kernel_size, options):
+    """A model edited to another padding or kernel size trains on CPU as nn.Conv would: the
+    shapes conv2d covers go through it, the others are nn.Conv itself (it raised for SAME)."""
+    x = rand(1, 3, 12, 10, 4)
+    fast, flax = (layer(6, kernel_size, **options) for layer in (ops.Conv3x3, nn.Conv))
+    params = fast.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, flax.init(
+        jax.random.key(0), x))
+    assert_close(jax.jit(fast.apply)(params, x), flax.apply(params, x), 1e-5)
+    g_fast = jax.grad(lambda p: jnp.sum(jnp.sin(fast.apply(p, x))))(params)
+    g_flax = jax.grad(lambda p: jnp.sum(jnp.sin(flax.apply(p, x))))(params)
+    for got, want in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_flax), strict=True):
+        assert_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("window, strides, padding", [
+    ((2, 2), (2, 2), "VALID"), ((3, 3), (3, 3), "VALID"), ((2, 2), (1, 1), "VALID"),
+    ((2, 2), (2, 2), "SAME"), ((2, 2), None, "VALID"),
+])
+def test_max_pool_is_flax_max_pool_for_any_window(window, strides, padding):
+    x = rand(2, 2, 9, 8, 3)
+    want = nn.max_pool(x, window, strides=strides, padding=padding)
+    assert_close(jax.jit(ops.max_pool, static_argnums=(1, 2, 3))(x, window, strides, padding),
+                 want, 0)
+
+
 @pytest.mark.parametrize("shape", [(4, 28, 28, 1, 32), (3, 9, 7, 5, 6), (2, 26, 26, 32, 64)])
 def test_conv2d_bfloat16(shape):
     b, h, w, cin, cout = shape

@@ -32,7 +32,7 @@ def model_layers(config: ml_collections.ConfigDict) -> dict[str, Any]:
         return {}
     from mnist_flax.fast import ops  # Only where it is used: CPU processes.
 
-    return {"conv": ops.Conv3x3, "pool": ops.max_pool_2x2}
+    return {"conv": ops.Conv3x3, "pool": ops.max_pool}
 
 
 def steps_per_dispatch(config: ml_collections.ConfigDict) -> int:

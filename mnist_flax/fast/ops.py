@@ -3,22 +3,22 @@ on CPU only).
 
 Each piece computes the same function as Linen's `nn.Conv` / `nn.max_pool` (tests/test_ops.py pins
 values and gradients) and exists because it measured faster on CPU; the figures, and what was
-tried and lost, are in docs/speed.md. Everything runs under jit on any backend and with batch
-sharding.
+tried and lost, are in docs/speed.md. `Conv3x3` and `max_pool` are the layers the model uses:
+any shape these kernels do not cover (SAME padding, strides, another window) is Linen's own.
+Everything runs under jit on any backend and with batch sharding.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["Conv3x3", "conv2d", "max_pool_2x2"]
+__all__ = ["Conv3x3", "conv2d", "max_pool", "max_pool_2x2"]
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _TAPS_MAX_CIN = 4  # Input channels up to which conv2d uses the 9-tap elementwise form.
@@ -168,21 +168,33 @@ def _pool_bwd(res, g):
 max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
 
 
-class Conv3x3(nn.Module):
-    """`nn.Conv(features, (3, 3), padding="VALID")` through `conv2d`: the same parameters
-    ('kernel' HWIO, 'bias') and the same function, so checkpoints move freely between the two."""
-
-    features: int
-    kernel_size: Sequence[int] = (3, 3)
-    padding: str = "VALID"
-    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
-    dtype: Any = jnp.float32
+class Conv3x3(nn.Conv):
+    """`nn.Conv` through `conv2d` where that covers it (stride 1, VALID, no dilation or groups,
+    a bias, 2-D): the same parameters ('kernel' HWIO, 'bias') and function, so checkpoints move
+    freely between the two; any other shape (SAME padding, strides, ...) is `nn.Conv` itself, so
+    a model edited to use one stays correct on CPU."""
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.padding != "VALID":
-            raise ValueError(f"Conv3x3 computes VALID convolutions, not {self.padding!r}")
-        shape = (*self.kernel_size, x.shape[-1], self.features)
-        kernel = self.param("kernel", self.kernel_init, shape)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return conv2d(x, kernel, bias, compute_dtype=self.dtype)
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        ones = (None, 1, (1,) * len(self.kernel_size))
+        if not (self.padding == "VALID" and inputs.ndim == 4 and len(self.kernel_size) == 2
+                and self.strides in ones and self.input_dilation in ones
+                and self.kernel_dilation in ones and self.feature_group_count == 1
+                and self.use_bias and self.mask is None and self.precision is None
+                and getattr(self, "conv_general_dilated", None) is None
+                and getattr(self, "conv_general_dilated_cls", None) is None):
+            return super().__call__(inputs)
+        shape = (*self.kernel_size, inputs.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        return conv2d(inputs, kernel, bias, compute_dtype=self.dtype)
+
+
+def max_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
+             padding: str | Sequence[tuple[int, int]] = "VALID") -> jax.Array:
+    """`nn.max_pool`, through `max_pool_2x2` for its 2x2, stride 2, VALID NHWC case; any other
+    window, stride or padding is `nn.max_pool` itself."""
+    if (tuple(window_shape) == (2, 2) and tuple(strides or (1, 1)) == (2, 2)
+            and padding == "VALID" and inputs.ndim == 4):
+        return max_pool_2x2(inputs)
+    return nn.max_pool(inputs, window_shape, strides=strides, padding=padding)
