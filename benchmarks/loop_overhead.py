@@ -192,10 +192,10 @@ def main() -> None:
     null = interleaved(loops, args.null_steps, args.rounds)
     report(null)
 
+    real_after = f"after: device data, dispatch.run, k={backend_k}"
     real = {"before: batch_at + shard_batch + train_step": BeforeLoop(
                 config, mesh, dataset, new_state(), train.train_step),
-            f"after: device data, dispatch.run, k={backend_k}": AfterLoop(
-                config, mesh, data, new_state(), backend_k)}
+            real_after: AfterLoop(config, mesh, data, new_state(), backend_k)}
     print(f"Real model ({args.real_steps} steps per round, median of {args.rounds}):",
           flush=True)
     interleaved(real, min(args.real_steps, 10), 1)
@@ -212,8 +212,7 @@ def main() -> None:
         "overhead_us_per_step": round(after[best_k] * 1e6, 2),
         "floor_us": round(floor * 1e6, 2),
         "ratio_to_floor": round(after[best_k] / floor, 3),
-        "images_per_second": round(BATCH / real_times[f"after: device data, train_steps, "
-                                                      f"k={backend_k}"], 1),
+        "images_per_second": round(BATCH / real_times[real_after], 1),
         "k": best_k,
         "before_us_per_step": round(before * 1e6, 2),
         "after_us_per_step_by_k": {k: round(v * 1e6, 2) for k, v in after.items()},
