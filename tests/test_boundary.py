@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import REPO, one_line, run_module, snapshot, tiny_main_flags, train_as_main
 
-from mnist_flax import checkpoints
+from mnist_flax import checkpoints, configs
 from mnist_flax.run import boundary, integrity, startup
 from mnist_flax.run import lock as lock_lib
 from mnist_flax.run import workdir as workdir_lib
@@ -48,6 +48,15 @@ CONFIG_FILES = {
                        "    c.learning_rat = 0.1\n    return c\n",
                        "sets 'learning_rat', which is not a field of the config; did you mean "
                        '"learning_rate"?'),
+    # A new field belongs in default.py (config files only override), not in the user's file:
+    # the nearest field alone ("did you mean dense_features?") left them nowhere to go.
+    "a new field": ("from mnist_flax.configs import default\n"
+                    "def get_config():\n    c = default.get_config()\n"
+                    "    c.dense_layers = 2\n    return c\n",
+                    "sets 'dense_layers', which is not a field of the config; did you mean "
+                    f'"dense_features"? To add it, declare it with its default in {configs.DEFAULT}'
+                    " (config files only override fields) and read it where it is used, e.g. "
+                    "models.create_model"),
     "a value of the wrong type": ("from mnist_flax.configs import default\n"
                                   "def get_config():\n    c = default.get_config()\n"
                                   "    c.batch_size = '128'\n    return c\n",

@@ -37,7 +37,11 @@ class UnknownFieldError(ConfigError):
     (so a reader of a stored config can say it in its own words)."""
 
     def __init__(self, field: str, close: str | None):
-        hint = f'did you mean "{close}"?' if close else f"the fields are in {configs.DEFAULT}"
+        # Config files only override: each field is declared once, with its default, in
+        # default.py, so every config (and every stored config.json) has the same fields.
+        new = (f"declare it with its default in {configs.DEFAULT} (config files only override "
+               "fields) and read it where it is used, e.g. models.create_model")
+        hint = f'did you mean "{close}"? To add it, {new}' if close else f"to add it, {new}"
         super().__init__(f"--config: the config file sets {field!r}, which is not a field of the "
                          f"config; {hint}")
         self.field, self.close = field, close
