@@ -27,6 +27,7 @@ from mnist_flax import (
     fast,
     input_pipeline,
     models,
+    profiling,
     sharding,
     summaries,
 )
@@ -204,7 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         progress = progress_lib.Progress(config, num_steps, steps_per_epoch,
                                          learning_rate_schedule(config, steps_per_epoch), step)
         with (checkpoints.open_manager(workdir, config.checkpoint_keep) as manager,
-              summaries.open_writers(workdir, start_step) as writers):
+              summaries.open_writers(workdir, start_step) as writers,
+              profiling.StepProfile(workdir, config.profile_steps, start_step) as profile):
             checkpoints.write_config(workdir, config)
             summaries.write_run_info(writers, config, dataset, models.create_model(config),
                                      state.params)
@@ -215,10 +217,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     progress.start_epoch(step)
                     order = dispatch.device_epoch_order(mesh, config.seed, epoch, num_train)
                 state, n = hooks.before_dispatch(state, step, progress.chunk(step, k))
-                state, step_metrics = dispatch.run(
-                    train_step_fn, state, data, order, num_steps=n, batch_size=config.batch_size,
-                    steps_per_epoch=steps_per_epoch, mesh=mesh)
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    state, step_metrics = dispatch.run(
+                        train_step_fn, state, data, order, num_steps=n,
+                        batch_size=config.batch_size, steps_per_epoch=steps_per_epoch, mesh=mesh)
                 step, end_of_epoch = step + n, index + n == steps_per_epoch
+                profile.after_dispatch(step, step_metrics)
                 progress.add(step_metrics, step, end_of_epoch)
                 if end_of_epoch:
                     test = evaluate(state, dataset.test_images, dataset.test_labels,

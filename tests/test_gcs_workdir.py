@@ -49,9 +49,11 @@ def test_train_keep_resume_predict_and_tensorboard_on_gs(gcs_emulator, gcs_bucke
     workdir = gcs_bucket_path
     result = _main(gcs_emulator, f"--workdir={workdir}", f"--config.data_dir={idx_dir}",
                    "--config.num_epochs=2", "--config.checkpoint_keep=2",
-                   "--config.checkpoint_every_steps=4")
+                   "--config.checkpoint_every_steps=4", "--config.profile_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
     root = epath.Path(workdir)
+    traces = list((root / "plugins" / "profile").iterdir())  # --config.profile_steps, on gs://.
+    assert len(traces) == 1 and list(traces[0].glob("*.xplane.pb")), traces
     assert json.loads((root / "config.json").read_text())["num_epochs"] == 2
     assert sorted(int(p.name) for p in (root / "checkpoints").iterdir() if p.name.isdigit()) == [
         12, 16]  # Keep-2 of 4, 8, 12, 16.
@@ -61,9 +63,10 @@ def test_train_keep_resume_predict_and_tensorboard_on_gs(gcs_emulator, gcs_bucke
     # A second start with one more epoch resumes from step 16 (the same command + an override).
     result = _main(gcs_emulator, f"--workdir={workdir}", f"--config.data_dir={idx_dir}",
                    "--config.num_epochs=3", "--config.checkpoint_keep=2",
-                   "--config.checkpoint_every_steps=4")
+                   "--config.checkpoint_every_steps=4", "--config.profile_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming from the checkpoint at step 16" in result.stderr
+    assert list((root / "plugins" / "profile").iterdir()) == traces  # Traced once, not again.
 
     from tensorboard.backend.event_processing import event_multiplexer
 

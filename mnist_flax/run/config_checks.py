@@ -121,6 +121,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
              "must be an integer >= 0 (0 = 1 on CPU, 16 on GPU/TPU)")
     _require(isinstance(config.compilation_cache_dir, str), "compilation_cache_dir",
              config.compilation_cache_dir, "must be a directory, a gs:// URL, 'auto' or '' (off)")
+    profile = config.profile_steps
+    _require(isinstance(profile, int) and not isinstance(profile, bool) and profile >= 0,
+             "profile_steps", profile, "must be an integer >= 0 (0 = no profile)")
     nan_at = config.debug_nan_at_step
     _require(isinstance(nan_at, int) and not isinstance(nan_at, bool) and nan_at >= 0,
              "debug_nan_at_step", nan_at, "must be an integer >= 0 (0 = off; for tests)")

@@ -31,8 +31,8 @@ from mnist_flax.run.process import CompileCacheLog
 # still reports its own results. Any other change to a finished run is refused.
 RESULT_NEUTRAL_FIELDS = frozenset({
     "checkpoint_every_steps", "checkpoint_keep", "compilation_cache_dir", "data_dir",
-    "debug_nan_at_step", "eval_batch_size", "fast_ops", "log_every_steps", "steps_per_dispatch",
-    "tfds_data_dir", "verify_checksums"})
+    "debug_nan_at_step", "eval_batch_size", "fast_ops", "log_every_steps", "profile_steps",
+    "steps_per_dispatch", "tfds_data_dir", "verify_checksums"})
 
 
 @jax.jit
