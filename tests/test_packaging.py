@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import configparser
 import importlib.metadata
+import json
 import os
 import pathlib
 import re
@@ -225,6 +226,28 @@ def test_what_the_package_imports_is_what_it_declares():
         if len(dists) == 1:
             imported |= dists
     assert runtime - imported == VERSION_BOUNDS_ONLY, "declared in install_requires, never imported"
+
+
+def test_the_notebook_extra_runs_the_tutorial_with_the_test_extras_bounds():
+    """`pip install -e '.[notebook]'` (README) gives what docs/tutorial.ipynb imports beyond the
+    install, Jupyter to open it and its kernel, each bounded as the test extra that runs it."""
+    extras = _setup_cfg()["options.extras_require"]
+    notebook, test = ({_name(r): r for r in extras[name].split("\n") if r and r[0] != "#"}
+                      for name in ("notebook", "test"))
+    assert {"matplotlib", "jupyterlab", "ipykernel"} <= set(notebook)
+    for name in set(notebook) & set(test):
+        assert notebook[name] == test[name], name
+    cells = json.loads((REPO / "docs" / "tutorial.ipynb").read_text())["cells"]
+    tree = ast.parse("\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code"))
+    imported = {alias.name.partition(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.partition(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    installed = {_name(r) for r in importlib.metadata.requires("mnist_flax") if "extra ==" not in r}
+    providers = importlib.metadata.packages_distributions()
+    for module in imported - set(sys.stdlib_module_names) - {"mnist_flax"}:
+        dists = {_name(d) for d in providers.get(module, [])}
+        assert dists & (installed | set(notebook)), f"the tutorial imports {module} ({dists})"
 
 
 @pytest.mark.parametrize("cuda", ["cuda12", "cuda13"])

@@ -59,8 +59,13 @@ def test_tutorial_notebook_runs(kernel_env):
 
     text = stream_text(nb)
     accuracies = re.findall(r"Test accuracy:\s*([0-9.]+)", text)
-    assert accuracies, text[-2000:]
+    assert len(accuracies) == 1 and text.count("Test loss:") == 1, text[-2000:]  # Once.
     assert float(accuracies[-1]) >= MIN_ACCURACY, accuracies
+    assert "conv_features: (32, 64)" in text and "!!python" not in text  # config_text, no YAML.
+    # The training cell shows its progress (absl logging routed to the notebook), then the score.
+    training = "".join(out.get("text", "") for out in code_cells[4].outputs)
+    assert re.search(r"epoch 1/1 done: train loss [0-9.]+ accuracy", training), training
+    assert training.rstrip().endswith(f"Test accuracy: {accuracies[0]}"), training
 
     predicted = re.findall(r"Predicted digit:\s*(-?\d+)", text)
     assert predicted, text[-2000:]
