@@ -72,9 +72,10 @@ def printed_lines(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """(axis, pixels of `mask` on lines along that axis across the page): rows' lines on 1.
 
     A line survives an opening by a run LINE_SPAN of the page long (the mask is first widened
-    by LINE_TILT across the run, so a slightly tilted line still survives it) and is thin: its
-    mean thickness at most 1/LINE_THIN of the page across it. A digit's stroke is shorter, or
-    thicker for its page (a 1 cropped to its height), except where it lies on a line.
+    by LINE_TILT across the run, so a slightly tilted line still survives it), and one by 1/8 of
+    that without widening (so only the line's own pixels, not a stroke beside it, are taken); and
+    it is thin: its mean thickness at most 1/LINE_THIN of the page across it. A digit's stroke is
+    shorter, or thicker for its page (a 1 cropped to its height), except where it lies on a line.
     """
     from scipy import ndimage
 
@@ -85,8 +86,7 @@ def printed_lines(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
         if run < 15:
             continue
         widened = ndimage.maximum_filter1d(mask.view(np.uint8), LINE_TILT, axis=1 - axis)
-        opened = ndimage.maximum_filter1d(ndimage.minimum_filter1d(widened, run, axis=axis),
-                                          run, axis=axis).astype(bool) & mask
+        opened = _opened(widened, run, axis) & _opened(mask.view(np.uint8), run // 8 | 1, axis)
         labels, _ = ndimage.label(opened, np.ones((3, 3), bool))
         areas = np.bincount(labels.ravel())
         across = mask.shape[1 - axis]
@@ -96,6 +96,14 @@ def printed_lines(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
         if thin:
             found.append((axis, np.isin(labels, thin)))
     return found
+
+
+def _opened(mask: np.ndarray, run: int, axis: int) -> np.ndarray:
+    """The pixels of `mask` (uint8) on a run of at least `run` along `axis` (an opening)."""
+    from scipy import ndimage
+
+    eroded = ndimage.minimum_filter1d(mask, run, axis=axis)
+    return ndimage.maximum_filter1d(eroded, run, axis=axis).astype(bool)
 
 
 def _crossed(marks: np.ndarray, axis: int, line: np.ndarray) -> np.ndarray:
@@ -120,7 +128,7 @@ def find_digit(pixels: np.ndarray, min_contrast: float) -> Ink | None:
     smooth = ndimage.gaussian_filter(ink, 1.0) if min(ink.shape) >= 8 else ink
     if smooth.max() < min_contrast:
         return None
-    threshold = max(otsu_threshold(smooth), min_contrast / 2)
+    threshold = max(otsu_threshold(smooth), min_contrast)
     marks = smooth > threshold
     found = printed_lines(smooth > threshold / 2)  # Faint lines too, so none is left in dashes.
     lines = np.zeros_like(marks)
