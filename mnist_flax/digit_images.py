@@ -1,9 +1,11 @@
 """People's digit pictures -> MNIST-style (28, 28) uint8, as `mnist_flax.predict` feeds them.
 
-Photographs and drawings are brought to MNIST's form (`preprocess`): grayscale, white ink on
-black (inverted when the border is light), cropped to the ink, the longer side fitted into 20 px,
-and placed in 28x28 with the centre of mass in the middle, which is how MNIST's digits were made.
-A 28x28 image with a dark background is taken to be MNIST-style already and passes unchanged.
+Photographs and drawings are brought to MNIST's form (`preprocess`): grayscale, dark ink on
+light paper (inverted first when the border is dark), the digit found on the page (`paper`:
+uneven lighting flattened, ruled, squared and margin lines and specks dropped), cropped to it, the
+longer side fitted into 20 px and placed in 28x28 with the centre of mass in the middle, which is
+how MNIST's digits were made. A 28x28 image with a dark background is taken to be MNIST-style
+already and passes unchanged. What made a digit doubtful comes back with it (`prepare`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from mnist_flax.checkpoints import error_line
 BOX = 20  # MNIST fits the digit's longer side into 20 px ...
 SIZE = 28  # ... and centres it by mass in 28x28.
 MIN_CONTRAST = 32  # Ink must differ from the background by this much (of 255), else "blank".
-INK_FLOOR = 0.1  # After stretching to [0, 1], values below this are background (paper, noise).
+SHOW_SCALE = 8  # --show writes each of the 28x28 pixels the model saw as an 8x8 block.
 
 
 class PredictError(ValueError):
@@ -121,6 +123,11 @@ def preprocess(image: Image.Image | np.ndarray, name: str = "image") -> np.ndarr
     An array is scaled to 0-255 by `to_255` (floats in [0, 1] x255), as images are. Raises
     PredictError for an empty, blank (no ink) or non-finite image. `name` goes into the message.
     """
+    return prepare(image, name)[0]
+
+
+def prepare(image: Image.Image | np.ndarray, name: str = "image") -> tuple[np.ndarray, list[str]]:
+    """`preprocess`'s digit, and why it may not be the digit meant (several marks on the page)."""
     try:
         pixels = to_grayscale(image) if isinstance(image, Image.Image) else to_255(
             np.asarray(image).squeeze())
@@ -133,7 +140,7 @@ def preprocess(image: Image.Image | np.ndarray, name: str = "image") -> np.ndarr
     if pixels.shape == (SIZE, SIZE):  # MNIST-style already.
         if pixels.max() - pixels.min() < MIN_CONTRAST:
             raise PredictError(f"{name}: blank image (no digit found)")
-        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), []
 
     found = paper.find_digit(255.0 - pixels, MIN_CONTRAST / 255)
     if found is None:
@@ -158,20 +165,39 @@ def preprocess(image: Image.Image | np.ndarray, name: str = "image") -> np.ndarr
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(top + new_h, SIZE), min(left + new_w, SIZE)
     out[y0:y1, x0:x1] = fitted[y0 - top:y1 - top, x0 - left:x1 - left]
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8), found.notes
 
 
-def digit_from_file(path: str) -> np.ndarray:
-    """One image file as MNIST's (28, 28) uint8; whatever reading or converting it raises (PIL's
-    modes, numpy's arithmetic) is PredictError naming the file, so one odd file stops no other."""
+def prepare_file(path: str) -> tuple[np.ndarray, list[str]]:
+    """One image file as MNIST's (28, 28) uint8 and its doubts (`prepare`); whatever reading or
+    converting it raises (PIL's modes, numpy's arithmetic) is PredictError naming the file, so
+    one odd file stops no other."""
     try:
         with np.errstate(divide="raise", over="raise", invalid="raise"):  # Not a RuntimeWarning.
-            return preprocess(read_image(path), path)
+            return prepare(read_image(path), path)
     except PredictError:
         raise
     except Exception as e:  # noqa: BLE001 (any image PIL opens may fail to convert)
         raise PredictError(f"{path}: cannot use it as a digit image ({error_line(e)}); save it "
                            "as a grayscale or RGB PNG or JPEG") from None
+
+
+def digit_from_file(path: str) -> np.ndarray:
+    """One image file as MNIST's (28, 28) uint8 (`prepare_file` without the doubts)."""
+    return prepare_file(path)[0]
+
+
+def show(digit: np.ndarray, path: str, directory: str, taken: set[str]) -> str:
+    """Writes the 28x28 the model saw for the image `path` as DIRECTORY/NAME.28x28.png (each
+    pixel an 8x8 block, so it can be looked at), a name not in `taken`; returns where."""
+    stem = os.path.splitext(os.path.basename(path))[0] or "image"
+    shown, n = os.path.join(directory, f"{stem}.28x28.png"), 1
+    while shown in taken:  # Two inputs of one name (a/1.png, b/1.png): 1.28x28.png, 1-2.28x28.png
+        n += 1
+        shown = os.path.join(directory, f"{stem}-{n}.28x28.png")
+    taken.add(shown)
+    Image.fromarray(digit).resize((SIZE * SHOW_SCALE,) * 2, Image.Resampling.NEAREST).save(shown)
+    return shown
 
 
 def load_images(paths: list[str]) -> np.ndarray:

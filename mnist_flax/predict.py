@@ -1,10 +1,12 @@
 """Predicts digits in people's own images with a trained workdir.
 
-    python -m mnist_flax.predict --workdir=runs/default IMAGE [IMAGE...] [--json]
+    python -m mnist_flax.predict --workdir=runs/default IMAGE [IMAGE...] [--json] [--show=DIR]
     predict = mnist_flax.predict.load("runs/default"); predict(images)  # (N, 10) probabilities
 
-Photographs and drawings are brought to MNIST's form first (`digit_images.preprocess`: grayscale,
-white ink on black, fitted into 20 px and centred by mass in 28x28, as MNIST's digits were made).
+Photographs and drawings are brought to MNIST's form first (`digit_images.preprocess`: the digit
+found on the page, white ink on black, fitted into 20 px and centred by mass in 28x28, as MNIST's
+digits were made); --show=DIR writes that 28x28. An answer below UNSURE_BELOW, or from a page
+with more than one mark, is marked unsure: a wrong answer otherwise prints like a sure one.
 The model is built from the config stored in the workdir, with the newest checkpoint's params.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -34,6 +37,7 @@ load_images = digit_images.load_images
 preprocess = digit_images.preprocess
 TOP_K = 3  # Probabilities printed per image.
 DECIMALS = 4  # Places every probability in --json output is rounded to.
+UNSURE_BELOW = 0.8  # A top probability under this is marked unsure.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +112,8 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
 # The command line. Its own FlagValues, so importing this module next to mnist_flax.main (which
 # also has --workdir) defines nothing twice.
 
-USAGE = "usage: python -m mnist_flax.predict --workdir=DIR IMAGE [IMAGE...] [--json]"
+USAGE = ("usage: python -m mnist_flax.predict --workdir=DIR IMAGE [IMAGE...] [--json] "
+         "[--show=DIR]")
 
 
 def _flags() -> flags.FlagValues:
@@ -117,19 +122,36 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and "
                         "checkpoints/), local or gs://.", flag_values=values)
     flags.DEFINE_bool("json", False, "Print one JSON object per image (JSON Lines): image, digit, "
-                      "top, probabilities (rounded to 4 places), step; or image and error.",
-                      flag_values=values)
+                      "top, probabilities (rounded to 4 places), unsure, why, step (and shown "
+                      "with --show); or image and error.", flag_values=values)
+    flags.DEFINE_string("show", None, "Write the 28x28 the model saw for each image to this "
+                        "directory, as NAME.28x28.png (each pixel an 8x8 block).",
+                        flag_values=values)
     flags.DEFINE_bool("help", False, "Show this help.", flag_values=values, short_name="h")
     return values
 
 
-def describe(path: str, probabilities: np.ndarray) -> dict:
-    """One image's result; every probability rounded to DECIMALS places, as printed."""
+def describe(path: str, probabilities: np.ndarray, doubts: tuple[str, ...] = ()) -> dict:
+    """One image's result; every probability rounded to DECIMALS places, as printed. `unsure`
+    when the top probability is under UNSURE_BELOW or the page had `doubts`; `why` says which."""
     top = np.argsort(-probabilities, kind="stable")[:TOP_K]
+    why = list(doubts)
+    if probabilities[top[0]] < UNSURE_BELOW:
+        why.insert(0, f"top probability {probabilities[top[0]]:.2f} is under {UNSURE_BELOW}")
     return {"image": path, "digit": int(top[0]),
             "top": [{"digit": int(d), "probability": round(float(probabilities[d]), DECIMALS)}
                     for d in top],
-            "probabilities": [round(float(p), DECIMALS) for p in probabilities]}
+            "probabilities": [round(float(p), DECIMALS) for p in probabilities],
+            "unsure": bool(why), "why": why}
+
+
+def _line(result: dict) -> str:
+    """One image's line of the text output: digit, top probabilities, doubts, what was shown."""
+    top = ", ".join(f"{t['digit']}: {t['probability']:.3f}" for t in result["top"])
+    line = f"{result['image']}: {result['digit']}  ({top})"
+    if result["unsure"]:
+        line += f"  unsure: {'; '.join(result['why'])}"
+    return line + (f"  model saw {result['shown']}" if "shown" in result else "")
 
 
 def run(argv: list[str]) -> int:
@@ -158,30 +180,37 @@ def run(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     try:
+        if FLAGS.show:
+            os.makedirs(FLAGS.show, exist_ok=True)
         predict = load(FLAGS.workdir)
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results, images = [], []
+    except OSError as e:
+        print(f"error: --show={FLAGS.show}: cannot write there ({e.strerror}); give a directory "
+              "you can write to", file=sys.stderr)
+        return 2
+    results, images, shown = [], [], set()
     for path in paths:  # A bad file is reported and skipped; the others are still predicted.
         try:
-            images.append(digit_images.digit_from_file(path))
-            results.append({"image": path})
+            digit, doubts = digit_images.prepare_file(path)
+            images.append(digit)
+            results.append({"image": path, "doubts": doubts})
+            if FLAGS.show:
+                results[-1]["shown"] = digit_images.show(digit, path, FLAGS.show, shown)
         except PredictError as e:
             results.append({"image": path, "error": str(e)})
             print(f"error: {e}", file=sys.stderr)
     if images:
         probabilities = iter(predict(np.stack(images)[..., None]))
-        results = [r if "error" in r else describe(r["image"], next(probabilities))
-                   for r in results]
-    if FLAGS.json:  # JSON Lines: one object per image, in the order given.
-        for r in results:
+        results = [r if "error" in r else {
+            **describe(r["image"], next(probabilities), r["doubts"]),
+            **({"shown": r["shown"]} if "shown" in r else {})} for r in results]
+    for r in results:  # --json: JSON Lines, one object per image, in the order given.
+        if FLAGS.json:
             print(json.dumps({**r, "step": predict.step}))
-    else:
-        for r in results:
-            if "error" not in r:
-                top = ", ".join(f"{t['digit']}: {t['probability']:.3f}" for t in r["top"])
-                print(f"{r['image']}: {r['digit']}  ({top})")
+        elif "error" not in r:
+            print(_line(r))
     return 1 if len(images) < len(paths) else 0
 
 
