@@ -57,7 +57,8 @@ def main(argv: list[str]) -> None:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         sys.exit(f"predict failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
-    predicted = np.array([r["digit"] for r in json.loads(result.stdout)["results"]])
+    # JSON Lines: one object per image, in the order given.
+    predicted = np.array([json.loads(line)["digit"] for line in result.stdout.splitlines()])
     agreement = float(np.mean(predicted == labels))
     wrong = [(os.path.basename(p), int(d)) for p, d, t in zip(paths, predicted, labels,
                                                                strict=True) if d != t]
