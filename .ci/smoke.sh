@@ -24,7 +24,10 @@ fail() { echo "smoke: FAILED: $*" >&2; exit 1; }
     || fail "import"
 "$PYTHON" -c "import mnist_flax; print('smoke: mnist_flax', mnist_flax.__version__)"
 
-"$PYTHON" - <<'EOF' || fail "the tfds source under tfds.testing.mock_data"
+TFDS_DIR="$work/tfds" "$PYTHON" - <<'EOF' || fail "the tfds source under tfds.testing.mock_data"
+import os
+import pathlib
+
 import tensorflow_datasets as tfds
 
 from mnist_flax import input_pipeline
@@ -32,6 +35,12 @@ from mnist_flax.configs import default
 
 config = default.get_config()
 config.data_source = "tfds"
+# A copy's metadata is there (mnist_tfds looks for it before asking TFDS), and TFDS reads mock
+# data for it, as tests/test_input_pipeline.py::test_tfds_prepared_copy_under_mock_data does.
+config.tfds_data_dir = os.environ["TFDS_DIR"]
+info = pathlib.Path(config.tfds_data_dir, "mnist", "3.0.1", "dataset_info.json")
+info.parent.mkdir(parents=True)
+info.write_text("{}")
 with tfds.testing.mock_data(num_examples=40):
     dataset = input_pipeline.load_dataset(config)
 assert dataset.train_images.shape == (40, 28, 28, 1), dataset.train_images.shape
