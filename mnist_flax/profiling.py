@@ -19,8 +19,21 @@ import jax
 from absl import logging
 from etils import epath
 
+# Dense peak TFLOP/s of one JAX device, by `device.device_kind`, for (float32, bfloat16) inputs at
+# JAX's default matmul precision (float32 runs as bf16 passes on TPU, TF32 on these GPUs). From
+# the vendors' pages: cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e; NVIDIA's A100 and H100
+# (SXM) datasheets. A kind not listed (CPUs) gets no utilisation.
+PEAK_TFLOPS = {
+    "TPU v4": (275.0, 275.0), "TPU v5 lite": (197.0, 197.0), "TPU v5": (459.0, 459.0),
+    "TPU v6 lite": (918.0, 918.0), "NVIDIA A100-SXM4-40GB": (156.0, 312.0),
+    "NVIDIA A100-SXM4-80GB": (156.0, 312.0), "NVIDIA H100 80GB HBM3": (494.0, 989.0)}
 WARMUP_STEPS = 5  # Past compilation and the first dispatches' allocations.
 PROFILE_DIR = "plugins/profile"  # Under the workdir: TensorBoard's profile plugin reads it.
+
+
+def peak_tflops(device_kind: str, compute_dtype: str) -> float | None:
+    peaks = PEAK_TFLOPS.get(device_kind)
+    return None if peaks is None else peaks[compute_dtype == "bfloat16"]
 
 
 def profile_root(workdir: str) -> epath.Path:

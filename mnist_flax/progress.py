@@ -55,10 +55,13 @@ class Progress:
     """Train metrics kept on device until a progress line; the epoch's averages and speed."""
 
     def __init__(self, config: ml_collections.ConfigDict, num_steps: int, steps_per_epoch: int,
-                 schedule: optax.Schedule, start_step: int = 0):
-        """Logs where a run restored from a checkpoint (`start_step` > 0) starts."""
+                 schedule: optax.Schedule, start_step: int = 0,
+                 flops_per_step: float | None = None, peak_tflops: float | None = None):
+        """Logs where a run restored from a checkpoint (`start_step` > 0) starts. With the step's
+        FLOPs (and a device's peak TFLOP/s), an epoch also reports TFLOP/s per device (and the
+        share of the peak)."""
         self.config, self.num_steps, self.steps_per_epoch = config, num_steps, steps_per_epoch
-        self.schedule = schedule
+        self.schedule, self.flops_per_step, self.peak_tflops = schedule, flops_per_step, peak_tflops
         if start_step >= num_steps:
             logging.info("The checkpoint at step %d has finished all %d epochs: nothing to train",
                          start_step, config.num_epochs)
@@ -114,6 +117,12 @@ class Progress:
                 (done - self.epoch_start[1]) * self.config.batch_size / seconds,
             "test/loss": test["loss"], "test/accuracy": test["accuracy"],
             "train/learning_rate": float(self.schedule(done)), "epoch": epoch}
+        if self.flops_per_step:
+            steps_per_second = self.metrics["train/images_per_second"] / self.config.batch_size
+            tflops = steps_per_second * self.flops_per_step / jax.device_count() / 1e12
+            self.metrics["train/tflops_per_device"] = tflops
+            if self.peak_tflops:
+                self.metrics["train/utilization"] = tflops / self.peak_tflops
         logging.info("epoch %d/%d done: train loss %.4f accuracy %.4f | test loss %.4f accuracy "
                      "%.4f | %.0f images/s", epoch, self.config.num_epochs,
                      self.metrics["train/loss"], self.metrics["train/accuracy"], test["loss"],

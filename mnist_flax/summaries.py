@@ -45,6 +45,9 @@ SCALAR_TAGS = {
     "test/accuracy": ("test", "accuracy"),
     "train/learning_rate": ("train", "optimizer/learning_rate"),
     "train/images_per_second": ("train", "speed/images_per_second"),
+    # From the step's FLOPs (XLA's cost analysis); utilisation only where the peak is known.
+    "train/tflops_per_device": ("train", "speed/tflops_per_device"),
+    "train/utilization": ("train", "speed/utilization"),
     # Training health: the epoch's means of per-step global norms (`train.train_step_fn`), in a
     # group that sorts after the curves ("health" would come before "loss").
     "train/grad_norm": ("train", "norms/gradients"),

@@ -202,15 +202,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with hooks.hold(workdir):
         state = hooks.restore(workdir, state, position(0))
         start_step = step = int(state.step)
-        progress = progress_lib.Progress(config, num_steps, steps_per_epoch,
-                                         learning_rate_schedule(config, steps_per_epoch), step)
+        data = dispatch.device_dataset(mesh, dataset)
+        progress = progress_lib.Progress(
+            config, num_steps, steps_per_epoch, learning_rate_schedule(config, steps_per_epoch),
+            step, dispatch.step_flops(train_step_fn, state, data, config.batch_size),
+            profiling.peak_tflops(jax.devices()[0].device_kind, config.compute_dtype))
         with (checkpoints.open_manager(workdir, config.checkpoint_keep) as manager,
               summaries.open_writers(workdir, start_step) as writers,
               profiling.StepProfile(workdir, config.profile_steps, start_step) as profile):
             checkpoints.write_config(workdir, config)
             summaries.write_run_info(writers, config, dataset, models.create_model(config),
                                      state.params)
-            data, k = dispatch.device_dataset(mesh, dataset), fast.steps_per_dispatch(config)
+            k = fast.steps_per_dispatch(config)
             while step < num_steps:
                 epoch, index = divmod(step, steps_per_epoch)
                 if index == 0 or step == start_step:  # A resumed run may start mid-epoch.

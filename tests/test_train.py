@@ -67,6 +67,24 @@ def test_the_health_norms_are_those_of_a_plain_gradient_and_update(config):
                                                          rel=1e-6)
 
 
+def test_the_steps_flops_come_from_xla_and_give_tflops_per_device(config):
+    """The tutorial CNN's training step: about 3x its 24 MFLOP forward pass per image."""
+    mesh = sharding.make_mesh()
+    images, labels = synthetic_digits(256, 0)
+    dataset = input_pipeline.Dataset(images, labels, images, labels, "synthetic")
+    state = sharding.replicate(mesh, train.create_train_state(config, jax.random.key(0)))
+    flops = dispatch.step_flops(train.train_step_fn, state,
+                                dispatch.device_dataset(mesh, dataset), 128)
+    assert 60e6 < flops / 128 < 90e6
+    tracker = progress.Progress(config, 10, 10, train.learning_rate_schedule(config),
+                                flops_per_step=flops, peak_tflops=2.0)
+    tracker.add({"loss": jnp.float32(0.5), "accuracy": jnp.float32(1.0)}, 10, True)
+    metrics = tracker.end_epoch(10, {"loss": 0.5, "accuracy": 1.0})
+    expected = (metrics["train/images_per_second"] / 128 * flops / jax.device_count() / 1e12)
+    assert metrics["train/tflops_per_device"] == pytest.approx(expected)
+    assert metrics["train/utilization"] == pytest.approx(expected / 2.0)
+
+
 def test_a_non_finite_gradient_norm_stops_as_a_nan_loss_does(config):
     schedule = train.learning_rate_schedule(config)
     tracker = progress.Progress(config, 10, 10, schedule)

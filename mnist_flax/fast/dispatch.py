@@ -82,3 +82,14 @@ def run(step_fn: StepFn, state: Any, data: Batch, order: jax.Array, *, num_steps
         batch = device_batch(state, data, order, batch_size, steps_per_epoch, mesh)
         return _jitted(step_fn)(state, batch)
     return train_steps(step_fn, state, data, order, num_steps, batch_size, steps_per_epoch, mesh)
+
+
+def step_flops(step_fn: StepFn, state: Any, data: Batch, batch_size: int) -> float | None:
+    """FLOPs of one step on a global batch: XLA's cost analysis of the lowered step (a trace, no
+    compilation); None where the backend gives none."""
+    dtype = jnp.float32 if state.augmentation.enabled else data["image"].dtype  # augment_batch.
+    batch = {"image": jax.ShapeDtypeStruct((batch_size, *data["image"].shape[1:]), dtype),
+             "label": jax.ShapeDtypeStruct((batch_size,), data["label"].dtype)}
+    cost = _jitted(step_fn).lower(state, batch).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # A list of one on older jax.
+    return float(cost["flops"]) if cost and cost.get("flops", 0) > 0 else None
