@@ -37,23 +37,18 @@ if TYPE_CHECKING:
     from tensorboardX.proto.summary_pb2 import Summary
 
 # The names `train_and_evaluate` returns -> the (sub-run, tag) each is written under; Time Series
-# groups tags by the part before the first '/' and opens the first two groups, accuracy and loss.
+# groups tags by the part before the first '/' and opens the first two groups, accuracy and loss
+# (so the health norms are "norms/", not "health/"). TFLOP/s come from XLA's cost analysis of the
+# step, utilisation only where the device's peak is known (`profiling.PEAK_TFLOPS`).
 SCALAR_TAGS = {
-    "train/loss": ("train", "loss"),
-    "train/accuracy": ("train", "accuracy"),
-    "test/loss": ("test", "loss"),
-    "test/accuracy": ("test", "accuracy"),
+    "train/loss": ("train", "loss"), "train/accuracy": ("train", "accuracy"),
+    "test/loss": ("test", "loss"), "test/accuracy": ("test", "accuracy"),
     "train/learning_rate": ("train", "optimizer/learning_rate"),
     "train/images_per_second": ("train", "speed/images_per_second"),
-    # From the step's FLOPs (XLA's cost analysis); utilisation only where the peak is known.
     "train/tflops_per_device": ("train", "speed/tflops_per_device"),
     "train/utilization": ("train", "speed/utilization"),
-    # Training health: the epoch's means of per-step global norms (`train.train_step_fn`), in a
-    # group that sorts after the curves ("health" would come before "loss").
-    "train/grad_norm": ("train", "norms/gradients"),
-    "train/update_norm": ("train", "norms/update"),
-    "train/param_norm": ("train", "norms/parameters"),
-    "epoch": ("train", "progress/epoch"),
+    "train/grad_norm": ("train", "norms/gradients"), "train/update_norm": ("train", "norms/update"),
+    "train/param_norm": ("train", "norms/parameters"), "epoch": ("train", "progress/epoch"),
 }
 RUNS = ("train", "test")
 # In the workdir's own run, at the step each start began from.
