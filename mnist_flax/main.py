@@ -72,7 +72,9 @@ def next_steps(workdir_path: str) -> str:
     head, sep, _ = workdir_path.rstrip("/").rpartition("/")
     parent = head if sep and head and not head.endswith(":/") else (
         workdir_path if "://" in workdir_path else "/" if workdir_path.startswith("/") else ".")
-    remote = " --load_fast=false" if "://" in workdir_path else ""  # Else TensorBoard shows none.
+    # TensorBoard's fast loader reads gs:// but not with your application-default credentials
+    # (tensorflow/tensorboard #4784, #5819); the Python loader does.
+    remote = " --load_fast=false" if "://" in workdir_path else ""
     return (f"\nResults in {workdir_path}: TensorBoard events (train/, test/), checkpoints, "
             f"config.json. Next:\n"
             f"  tensorboard --logdir={shlex.quote(parent)}{remote}\n"
