@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -188,3 +189,13 @@ def tiny_main_flags(data_dir, workdir, *extra: str) -> list[str]:
     return [f"--workdir={workdir}", f"--config.data_dir={data_dir}", "--config.num_epochs=1",
             "--config.batch_size=32", "--config.verify_checksums=False",
             "--config.conv_features=(4,8)", "--config.dense_features=16", *extra]
+
+
+def unshare_works() -> bool:
+    """Whether `unshare -m` can give a process private mounts (root, or user namespaces): the
+    pod and TPU VM tests run each host in one, with a home and /tmp of its own."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"],
+                           capture_output=True)
+    return probe.returncode == 0

@@ -10,7 +10,6 @@ once with one line."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_MODEL
+from conftest import REPO, TINY_MODEL, unshare_works
 from gcs_emulator import gcs_bucket_path, gcs_emulator  # noqa: F401 (fixtures)
 
 pytest.importorskip("gcsfs")
@@ -33,16 +32,8 @@ WAIT_S = 600  # Start to a checkpoint.
 RUN_S = 900  # A whole start, to its exit.
 
 
-def _unshare_works() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"],
-                           capture_output=True)
-    return probe.returncode == 0
-
-
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not _unshare_works(), reason="needs `unshare -m` (root or user namespaces) for private mounts")]
+    not unshare_works(), reason="needs `unshare -m` (root or user namespaces) for private mounts")]
 
 
 def _port() -> int:

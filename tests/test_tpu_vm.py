@@ -19,7 +19,6 @@ import os
 import pathlib
 import re
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import sysconfig
 import time
 
 import pytest
-from conftest import REPO, TINY_MODEL, snapshot
+from conftest import REPO, TINY_MODEL, snapshot, unshare_works
 from gcs_emulator import separate_emulator
 
 pytest.importorskip("gcsfs")
@@ -44,16 +43,6 @@ STEPS = 62
 # Sized for a machine 3x slower than a busy 2-core one, where a pod's start (venv and install
 # included) to its first checkpoint took ~25 s and a whole run ~35 s.
 WAIT_S = 300
-
-
-def _unshare_works() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"],
-                           capture_output=True)
-    return probe.returncode == 0
-
-
 
 
 def readme_tpu_block() -> list[str]:
@@ -160,7 +149,7 @@ def _test_lines(run_log: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _unshare_works(),
+@pytest.mark.skipif(not unshare_works(),
                     reason="needs `unshare -m` (root or user namespaces) for private mounts")
 def test_the_readme_tpu_block_from_create_to_delete(tmp_path):
     block = readme_tpu_block()
