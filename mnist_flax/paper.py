@@ -20,7 +20,8 @@ PAPER_WINDOW = 6  # ... where anything narrower than 1/6 of the page is not pape
 SMOOTH = 6  # ... and smoothed by 1/6 of that window (a softer estimate misses shadows).
 LINE_SPAN = 0.75  # A printed line runs across at least 3/4 of the page, ...
 LINE_THIN = 60  # ... is at most 1/60 of the page thick (a digit's strokes are more), ...
-LINE_TILT = 5  # ... and may drift by this many pixels across it (tilted a little).
+MAX_TILT = 3  # ... may be tilted up to 3 degrees (a page photographed a little askew) ...
+LINE_TILT = 5  # ... and drift by this many pixels across it after that is undone.
 SPECK = 0.02  # Marks under 2% of the digit's area are specks (noise, dust, line remains).
 NEAR = 0.3  # Pieces within 30% of the digit's size of it belong to it (a 5's top bar).
 RIVAL = 0.25  # Another mark of 25% of the digit's area or more makes the page unclear.
@@ -69,33 +70,55 @@ def otsu_threshold(values: np.ndarray) -> float:
 
 
 def printed_lines(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """(axis, pixels of `mask` on lines along that axis across the page): rows' lines on 1.
+    """(axis, pixels of `mask` on lines along that axis across the page): rows' lines on 1."""
+    found = []
+    for axis in (0, 1):  # 1: horizontal lines (runs along a row), 0: vertical ones.
+        rows = mask if axis == 1 else mask.T
+        lines = _rows_lines(rows)
+        if lines.any():
+            found.append((axis, lines if axis == 1 else lines.T))
+    return found
 
-    A line survives an opening by a run LINE_SPAN of the page long (the mask is first widened
-    by LINE_TILT across the run, so a slightly tilted line still survives it), and one by 1/8 of
-    that without widening (so only the line's own pixels, not a stroke beside it, are taken); and
-    it is thin: its mean thickness at most 1/LINE_THIN of the page across it. A digit's stroke is
-    shorter, or thicker for its page (a 1 cropped to its height), except where it lies on a line.
+
+def _rows_lines(mask: np.ndarray) -> np.ndarray:
+    """The pixels of `mask` on lines across it, nearly along its rows (tilted up to MAX_TILT).
+
+    The page is sheared by the tilt that makes its rows' ink counts peakiest, so the lines lie
+    along rows. A line then survives an opening by a run LINE_SPAN of the page long (the mask is
+    widened by LINE_TILT across the run, for what the shear left), and one by 1/8 of that without
+    widening (so only the line's own pixels, not a stroke beside it, are taken); and it is thin:
+    its mean thickness at most 1/LINE_THIN of the page across it. A digit's stroke is shorter,
+    or thicker for its page (a 1 cropped to its height), except where it lies on a line.
     """
     from scipy import ndimage
 
-    found = []
-    for axis in (0, 1):  # 1: horizontal lines (runs along a row), 0: vertical ones.
-        length = mask.shape[axis]
-        run = int(length * LINE_SPAN) | 1
-        if run < 15:
-            continue
-        widened = ndimage.maximum_filter1d(mask.view(np.uint8), LINE_TILT, axis=1 - axis)
-        opened = _opened(widened, run, axis) & _opened(mask.view(np.uint8), run // 8 | 1, axis)
-        labels, _ = ndimage.label(opened, np.ones((3, 3), bool))
-        areas = np.bincount(labels.ravel())
-        across = mask.shape[1 - axis]
-        thin = [i for i, box in enumerate(ndimage.find_objects(labels), 1)
-                if (span := box[axis].stop - box[axis].start) >= run
-                and areas[i] * LINE_THIN <= span * across]
-        if thin:
-            found.append((axis, np.isin(labels, thin)))
-    return found
+    height, width = mask.shape
+    run = int(width * LINE_SPAN) | 1
+    if run < 15:
+        return np.zeros_like(mask)
+    every = max(1, width // 160)  # Columns sampled to choose the tilt.
+    slopes = np.tan(np.radians(np.linspace(-MAX_TILT, MAX_TILT, 2 * MAX_TILT * 2 + 1)))
+    slope = max(slopes, key=lambda s: np.square(
+        _shear(mask[:, ::every], s * every).sum(axis=1, dtype=np.int64)).sum())
+    level = _shear(mask, slope).view(np.uint8)
+    widened = ndimage.maximum_filter1d(level, LINE_TILT, axis=0)
+    opened = _opened(widened, run, 1) & _opened(level, run // 8 | 1, 1)
+    labels, _ = ndimage.label(opened, np.ones((3, 3), bool))
+    areas = np.bincount(labels.ravel())
+    thin = [i for i, box in enumerate(ndimage.find_objects(labels), 1)
+            if (span := box[1].stop - box[1].start) >= run
+            and areas[i] * LINE_THIN <= span * height]
+    return _shear(np.isin(labels, thin), -slope) & mask
+
+
+def _shear(mask: np.ndarray, slope: float) -> np.ndarray:
+    """`mask` with each column moved up by `slope` times its distance from the middle column, so
+    a line of that slope lies along a row; what leaves the page is dropped. -slope undoes it."""
+    height, width = mask.shape
+    offsets = np.rint(slope * (np.arange(width) - width // 2)).astype(np.intp)
+    rows = np.arange(height)[:, None] + offsets
+    inside = (rows >= 0) & (rows < height)
+    return np.take_along_axis(mask, np.clip(rows, 0, height - 1), axis=0) & inside
 
 
 def _opened(mask: np.ndarray, run: int, axis: int) -> np.ndarray:
