@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-KINDS = ("plain", "ruled", "squared", "margin", "shadow", "coloured", "noisy", "notebook")
+KINDS = ("plain", "ruled", "squared", "margin", "tilted", "shadow", "coloured", "noisy",
+         "notebook")
 PAGE = (480, 640)  # (height, width) of every page, in pixels.
 WHITE_PAPER, BLACK_INK, BLUE_INK = (246, 244, 238), (35, 35, 40), (25, 45, 165)
 PAPERS = ((250, 240, 170), (250, 215, 220), (205, 230, 250), (215, 245, 210), (235, 225, 205))
@@ -56,13 +57,13 @@ def make_page(digit: np.ndarray, kind: str, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     shape = PAGE
     paper, ink = WHITE_PAPER, BLACK_INK
-    if kind in ("ruled", "margin", "notebook"):
+    if kind in ("ruled", "margin", "tilted", "notebook"):
         ink = BLUE_INK
     if kind == "coloured":
         paper, ink = PAPERS[rng.integers(len(PAPERS))], INKS[rng.integers(len(INKS))]
     page = np.ones((*shape, 3), np.float32) * paper
     spacing = int(rng.integers(24, 36))
-    if kind in ("ruled", "margin", "notebook"):
+    if kind in ("ruled", "margin", "tilted", "notebook"):
         page = _layer(page, _lines(shape, spacing, int(rng.integers(1, 3)), 0,
                                    int(rng.integers(0, spacing))), (140, 175, 225))
     if kind == "squared":
@@ -70,7 +71,7 @@ def make_page(digit: np.ndarray, kind: str, seed: int) -> Image.Image:
             page = _layer(page, _lines(shape, spacing, int(rng.integers(1, 3)), axis,
                                        int(rng.integers(0, spacing))), (150, 170, 200))
     margin = int(rng.integers(60, 140))
-    if kind in ("margin", "notebook"):
+    if kind in ("margin", "tilted", "notebook"):
         page = _layer(page, _lines(shape, shape[1], int(rng.integers(2, 4)), 1, margin),
                       (225, 70, 70))
 
@@ -78,8 +79,9 @@ def make_page(digit: np.ndarray, kind: str, seed: int) -> Image.Image:
     side = int(rng.uniform(60, 150) * 28 / 20)
     coverage = np.asarray(Image.fromarray(digit).resize((side, side), Image.BICUBIC),
                           np.float32) / 255
-    top = int(rng.integers(0, shape[0] - side))
-    left = int(rng.integers(0, shape[1] - side))
+    inset = 25 if kind == "tilted" else 0  # Turning the page moves its corners by up to 21 px.
+    top = int(rng.integers(inset, shape[0] - side - inset))
+    left = int(rng.integers(inset, shape[1] - side - inset))
     if kind == "margin" and rng.random() < 0.5:  # Half of them written across the margin line.
         left = int(np.clip(margin - side // 2 + rng.integers(-side // 4, side // 4), 0,
                            shape[1] - side))
@@ -87,6 +89,10 @@ def make_page(digit: np.ndarray, kind: str, seed: int) -> Image.Image:
     placed[top:top + side, left:left + side] = np.clip(coverage, 0, 1)
     page = _layer(page, placed * rng.uniform(0.85, 1.0), ink)
 
+    if kind == "tilted":  # The corners it turns in are the same white paper.
+        angle = rng.uniform(1, 3) * rng.choice([-1, 1])
+        page = np.asarray(Image.fromarray(np.clip(np.rint(page), 0, 255).astype(np.uint8)).rotate(
+            angle, Image.BILINEAR, fillcolor=paper), np.float32)
     if kind in ("shadow", "notebook"):
         page = page * _lighting(shape, rng)[..., None]
     noise, blur, quality = 2.0, 0.0, 90
