@@ -19,6 +19,10 @@ from mnist_flax import configs
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
 # A model small enough that a test trains it in seconds; every other field is the tutorial's.
+# The metrics `train_and_evaluate` returns that are timings, not results: they differ between two
+# runs of the same config.
+TIMING_METRICS = frozenset({"train/images_per_second", "train/tflops_per_device",
+                            "train/utilization"})
 TINY_MODEL = {"conv_features": (4, 8), "dense_features": 16}
 
 

@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import (
     REPO,
+    TIMING_METRICS,
     TINY_MODEL,
     assert_trees_identical,
     load_config,
@@ -121,7 +122,7 @@ def saved_state(workdir, step: int) -> dict:
 
 
 def deterministic(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if k != "train/images_per_second"}
+    return {k: v for k, v in metrics.items() if k not in TIMING_METRICS}
 
 
 def test_same_seed_and_config_give_bit_identical_params_and_metrics(base, reference):
