@@ -180,12 +180,12 @@ def run(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     try:
-        if FLAGS.show:
-            os.makedirs(FLAGS.show, exist_ok=True)
         predict = load(FLAGS.workdir)
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        os.makedirs(FLAGS.show or ".", exist_ok=True)
     except OSError as e:
         print(f"error: --show={FLAGS.show}: cannot write there ({e.strerror}); give a directory "
               "you can write to", file=sys.stderr)
