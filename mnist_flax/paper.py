@@ -186,4 +186,6 @@ def find_digit(pixels: np.ndarray, min_contrast: float) -> Ink | None:
     strength = float(np.percentile(ink[digit], 95)) or 1.0
     values = np.where(region, np.clip(ink / strength, 0, 1), 0)
     rows, cols = np.flatnonzero(values.any(axis=1)), np.flatnonzero(values.any(axis=0))
+    if not rows.size:  # No ink left where the marks were (a constant page).
+        return None
     return Ink(values[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], sorted(set(notes)))

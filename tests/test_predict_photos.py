@@ -91,6 +91,17 @@ def test_the_digit_is_found_wherever_it_is_on_the_page(sample):
             assert correlation > 0.75, (kind, correlation)
 
 
+def test_a_tiny_digit_on_a_big_canvas_is_still_found(sample):
+    """A 14 px digit on a 2000 x 2000 page (a scan at full size): not a speck, not blank."""
+    digits, _ = sample
+    for digit in digits[:3]:
+        page = np.full((2000, 2000), 255, np.uint8)
+        page[700:714, 1200:1214] = 255 - np.asarray(Image.fromarray(digit).resize((14, 14)))
+        result = digit_images.preprocess(Image.fromarray(page)).astype(np.float32)
+        reference = digit_images.preprocess(Image.fromarray(digit)).astype(np.float32)
+        assert np.corrcoef(result.ravel(), reference.ravel())[0, 1] > 0.7
+
+
 def _two_digits(sample, path: pathlib.Path) -> str:
     """Two digits far apart on one page: the largest is read, and the answer is marked."""
     digits, _ = sample
