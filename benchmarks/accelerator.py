@@ -10,7 +10,8 @@ On whatever device JAX finds (one GPU, a TPU VM's chips, or the CPU), with the d
                      for: the device's time with the host's dispatch overlapped;
   images_per_second  through `train.train_and_evaluate` itself (main's loop, default steps per
                      dispatch), the last epoch's, as TensorBoard shows it;
-  host_us_per_step   what the loop adds per step beyond the device's time;
+  host_us_per_step   what the loop adds per step beyond the device's time (on a CPU, where the
+                     host is the device, noise around 0, negative too);
   tflops_per_device  and `utilization` where the peak is known (`profiling.PEAK_TFLOPS`);
   profile            where the loop's trace of 10 steps is (TensorBoard's PROFILE tab, `profile`
                      extra).
