@@ -19,6 +19,8 @@ import jax
 from absl import logging
 from etils import epath
 
+from mnist_flax import checkpoints
+
 # Dense peak TFLOP/s of one JAX device, by `device.device_kind`, for (float32, bfloat16) inputs at
 # JAX's default matmul precision (float32 runs as bf16 passes on TPU, TF32 on these GPUs). From
 # the vendors' pages: cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e; NVIDIA's A100 and H100
@@ -37,8 +39,7 @@ def peak_tflops(device_kind: str, compute_dtype: str) -> float | None:
 
 
 def profile_root(workdir: str) -> epath.Path:
-    text = workdir.rstrip("/")
-    return epath.Path(text if "://" in text else epath.Path(text).resolve()) / PROFILE_DIR
+    return checkpoints.path(workdir) / PROFILE_DIR
 
 
 class StepProfile:
