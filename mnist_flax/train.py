@@ -177,6 +177,27 @@ def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, batch_si
             "accuracy": totals["correct"] / totals["count"]}
 
 
+def check_against_data(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset) -> None:
+    """The checks that need the data (sizes, labels, steps): ConfigError before anything compiles
+    or is written. `sweep` runs them for every grid point before the first trains."""
+    num_train, top_label = len(dataset.train_labels), int(dataset.train_labels.max())
+    if config.batch_size > num_train:
+        raise configs.ConfigError(f"--config.batch_size={config.batch_size} is larger than the "
+                                  f"{num_train:,} training images; use a smaller batch")
+    if top_label >= config.num_classes:
+        raise configs.ConfigError(f"--config.num_classes={config.num_classes} but the data has "
+                                  f"label {top_label}; use --config.num_classes={top_label + 1} "
+                                  "or more")
+    steps_per_epoch = num_train // config.batch_size
+    total = steps_per_epoch * config.num_epochs
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    if config.lr_schedule != "constant" and warmup >= total:
+        raise configs.ConfigError(
+            f"--config.warmup_epochs={config.warmup_epochs} is {warmup} steps, not fewer than the "
+            f"run's {total} ({config.num_epochs} epochs of {steps_per_epoch}): the "
+            f"{config.lr_schedule} schedule would never decay; use a smaller warmup_epochs")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        hooks: hooks_lib.Hooks | None = None) -> tuple[TrainState, dict[str, float]]:
     """Trains for `config.num_epochs`, testing after every epoch; checkpoints and TensorBoard
@@ -185,13 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     hooks = hooks or hooks_lib.Hooks()
     dataset = input_pipeline.load_dataset(config)
     logging.info("Data: %s", dataset.describe())
-    num_train, top_label = len(dataset.train_labels), int(dataset.train_labels.max())
-    if config.batch_size > num_train or top_label >= config.num_classes:
-        raise configs.ConfigError(
-            f"--config.batch_size={config.batch_size} is larger than the {num_train:,} training "
-            "images; use a smaller batch" if config.batch_size > num_train else
-            f"--config.num_classes={config.num_classes} but the data has label {top_label}; use "
-            f"--config.num_classes={top_label + 1} or more")
+    check_against_data(config, dataset)
+    num_train = len(dataset.train_labels)
     mesh = sharding.make_mesh()
     steps_per_epoch = num_train // config.batch_size
     num_steps = steps_per_epoch * config.num_epochs

@@ -8,7 +8,12 @@ from ml_collections.config_flags import config_flags
 DEFAULT = str(importlib.resources.files(__name__) / "default.py")  # The Keras tutorial's recipe.
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Bad input, or a run that cannot go on: its message is the one line the user sees (each
+    entry point's boundary prints it, no traceback). Every such error derives from this."""
+
+
+class ConfigError(UserError):
     """A config value that cannot work; the message names the field and the fix."""
 
 
