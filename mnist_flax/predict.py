@@ -38,6 +38,7 @@ preprocess = digit_images.preprocess
 TOP_K = 3  # Probabilities printed per image.
 DECIMALS = 4  # Places every probability in --json output is rounded to.
 UNSURE_BELOW = 0.8  # A top probability under this is marked unsure.
+BATCH = 256  # Images read, classified and printed at a time: memory does not grow with N.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,9 +101,15 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
             images = images[..., None]
         if images.ndim != 4 or images.shape[1:] != input_pipeline.IMAGE_SHAPE:
             raise ValueError(f"images must be (N, 28, 28) or (N, 28, 28, 1); got {images.shape}")
-        if images.dtype != np.uint8:  # Floats in [0, 1]: the 0-255 scale the model expects.
-            images = images.astype(np.float32) * 255.0
-        return np.asarray(probabilities(images))
+        # BATCH at a time, the last padded to a power of two: a few compiled shapes serve all N.
+        size = min(BATCH, 1 << (max(len(images), 1) - 1).bit_length())
+        out = []
+        for chunk in (images[i:i + size] for i in range(0, max(len(images), 1), size)):
+            if chunk.dtype != np.uint8:  # Floats in [0, 1]: the 0-255 scale the model expects.
+                chunk = chunk.astype(np.float32) * 255.0
+            padded = np.pad(chunk, [(0, size - len(chunk))] + [(0, 0)] * 3)
+            out.append(np.asarray(probabilities(padded))[:len(chunk)])
+        return np.concatenate(out)
 
     predict.step = step
     return predict
@@ -154,6 +161,21 @@ def _line(result: dict) -> str:
     return line + (f"  model saw {result['shown']}" if "shown" in result else "")
 
 
+def _print(results: list[dict], probabilities, step: int, as_json: bool) -> None:
+    """One batch's results in the order given (--json: JSON Lines, errors too), flushed so that
+    a reader sees each batch as it is done."""
+    for r in results:
+        if "error" not in r:
+            r = {**describe(r["image"], next(probabilities), r["doubts"]),
+                 **({"shown": r["shown"]} if "shown" in r else {})}
+        if as_json:
+            print(json.dumps({**r, "step": step}))
+        elif "error" not in r:
+            print(_line(r))
+    if sys.stdout is not None:
+        sys.stdout.flush()
+
+
 def run(argv: list[str]) -> int:
     """The command: prints predictions (or one-line errors on stderr); returns the exit status.
 
@@ -190,28 +212,23 @@ def run(argv: list[str]) -> int:
         print(f"error: --show={FLAGS.show}: cannot write there ({e.strerror}); give a directory "
               "you can write to", file=sys.stderr)
         return 2
-    results, images, shown = [], [], set()
-    for path in paths:  # A bad file is reported and skipped; the others are still predicted.
-        try:
-            digit, doubts = digit_images.prepare_file(path)
-            images.append(digit)
-            results.append({"image": path, "doubts": doubts})
-            if FLAGS.show:
-                results[-1]["shown"] = digit_images.show(digit, path, FLAGS.show, shown)
-        except PredictError as e:
-            results.append({"image": path, "error": str(e)})
-            print(f"error: {e}", file=sys.stderr)
-    if images:
-        probabilities = iter(predict(np.stack(images)[..., None]))
-        results = [r if "error" in r else {
-            **describe(r["image"], next(probabilities), r["doubts"]),
-            **({"shown": r["shown"]} if "shown" in r else {})} for r in results]
-    for r in results:  # --json: JSON Lines, one object per image, in the order given.
-        if FLAGS.json:
-            print(json.dumps({**r, "step": predict.step}))
-        elif "error" not in r:
-            print(_line(r))
-    return 1 if len(images) < len(paths) else 0
+    failed, shown = 0, set()
+    for start in range(0, len(paths), BATCH):  # Read, classified and printed BATCH at a time.
+        results, images = [], []
+        for path in paths[start:start + BATCH]:  # A bad file is reported and skipped.
+            try:
+                digit, doubts = digit_images.prepare_file(path)
+                images.append(digit)
+                results.append({"image": path, "doubts": doubts})
+                if FLAGS.show:
+                    results[-1]["shown"] = digit_images.show(digit, path, FLAGS.show, shown)
+            except PredictError as e:
+                results.append({"image": path, "error": str(e)})
+                print(f"error: {e}", file=sys.stderr)
+        _print(results, iter(predict(np.stack(images)) if images else ()), predict.step,
+               FLAGS.json)
+        failed += len(results) - len(images)
+    return 1 if failed else 0
 
 
 def main() -> None:

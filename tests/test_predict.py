@@ -476,3 +476,57 @@ def test_loads_overlapping_in_threads_keep_orbax_notices_out_until_the_last_ends
     for thread in threads:
         thread.join(120)
     assert seen == [1] and logger.filters == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded batches: memory that does not grow with the number of images.
+
+
+def traced_batch_sizes(monkeypatch) -> list[int]:
+    """The batch sizes the model is compiled for from now on (models.probabilities is traced
+    once per input shape): what bounds the memory of one call."""
+    sizes, real = [], models.probabilities
+
+    def recording(apply_fn, params, images):
+        sizes.append(images.shape[0])
+        return real(apply_fn, params, images)
+    monkeypatch.setattr(models, "probabilities", recording)
+    return sizes
+
+
+@pytest.mark.parametrize("n", [1, 37, 3 * predict.BATCH + 5])
+def test_load_classifies_in_bounded_batches_with_the_unbatched_results(workdir, monkeypatch, n):
+    path, model, params = workdir
+    sizes = traced_batch_sizes(monkeypatch)
+    images = np.random.default_rng(n).integers(0, 256, (n, 28, 28), np.uint8)
+    probabilities = predict.load(path)(images)
+    assert sizes and max(sizes) <= predict.BATCH and len(set(sizes)) <= 2, sizes
+    logits = model.apply({"params": params}, images[..., None] / np.float32(255), train=False)
+    assert np.allclose(probabilities, jax.nn.softmax(logits), atol=1e-6)  # All at once.
+
+
+def test_cli_reads_classifies_and_prints_a_batch_at_a_time(workdir, images, monkeypatch):
+    """Each batch's lines are out before the next batch's images are read, and the model sees
+    no more than BATCH images at once; the lines are those of one unbatched call."""
+    keys = [0, 7, "raw", "blank", 0, "raw", 7, "text"]
+    paths = [images[k] for k in keys]
+    unbatched = run_cli(f"--workdir={workdir[0]}", "--json", *paths)
+    monkeypatch.setattr(predict, "BATCH", 3)
+    sizes = traced_batch_sizes(monkeypatch)
+    out, printed_when_read, prepare_file = io.StringIO(), [], digit_images.prepare_file
+
+    def prepare(path):
+        printed_when_read.append(out.getvalue().count("\n"))
+        return prepare_file(path)
+    monkeypatch.setattr(digit_images, "prepare_file", prepare)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        status = predict.run(["predict", f"--workdir={workdir[0]}", "--json", *paths])
+    assert printed_when_read == [i // 3 * 3 for i in range(len(paths))]
+    assert sizes and max(sizes) <= 3, sizes
+    assert status == unbatched[0] == 1
+    batched, whole = ([json.loads(line) for line in o.splitlines()] for o in (out.getvalue(),
+                                                                            unbatched[1]))
+    assert [r["image"] for r in batched] == [r["image"] for r in whole] == paths
+    for b, w in zip(batched, whole, strict=True):  # Rounded to 4 places: equal within 1e-4.
+        assert b.keys() == w.keys() and b.get("digit") == w.get("digit")
+        assert np.allclose(b.get("probabilities", []), w.get("probabilities", []), atol=1e-4)
