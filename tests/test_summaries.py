@@ -391,3 +391,23 @@ def test_tensorboardx_is_imported_without_torch_or_gcs_and_both_still_import_aft
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("num_classes", [10, 100, 1000])
+def test_pictures_are_bounded_by_the_classes_in_the_data_not_num_classes(tmp_path, num_classes):
+    """A model of 1,000 classes on MNIST's 10: the pictures are drawn for the classes the test
+    labels hold (a prediction of any other is counted as "other"), so their size, and the memory
+    drawing them takes, cannot grow with num_classes (1,000 needed 6 GB, after training)."""
+    dataset = fake_dataset()
+    n = len(dataset.test_labels)
+    probabilities = np.zeros((n, num_classes), np.float32)
+    predicted = np.where(np.arange(n) % 7, dataset.test_labels, num_classes - 1)  # Some "other".
+    probabilities[np.arange(n), predicted] = 1
+    with summaries.open_writers(str(tmp_path)) as writer:
+        pictures.write_final(writer, 7, dataset, probabilities, num_classes)
+    acc = accumulator(f"{tmp_path}/test")
+    sizes = {tag: (acc.Images(tag)[-1].width, acc.Images(tag)[-1].height)
+             for tag in pictures.IMAGE_TAGS}
+    assert all(w * h <= 1000 * 1000 for w, h in sizes.values()), sizes
+    rows = 10 * 40 + 40 + pictures.FONT_SIZE + 10  # The 10 classes of the labels, as for 10.
+    assert sizes["predictions/confusion_matrix"][1] == rows, sizes
