@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import zlib
 
 import numpy as np
 
@@ -36,6 +37,7 @@ MNIST_MD5 = {
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
 IDX_MAGIC = {"images": 2051, "labels": 2049}  # 0x0803: ubyte, 3 dims; 0x0801: ubyte, 1 dim.
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _read_bytes(path: str) -> bytes:
@@ -44,13 +46,11 @@ def _read_bytes(path: str) -> bytes:
         what = "a directory" if os.path.isdir(path) else "a pipe or device"
         raise DataError(f"{path}: not a regular file ({what}); put the IDX file itself there "
                         "(or a symlink to it)")
-    try:
-        if path.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
+    try:  # Gzipped or not by its content (gzip's magic bytes), not its name: `x.gz` may be plain.
         with open(path, "rb") as f:
-            return f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+            data = f.read()
+        return gzip.decompress(data) if data[:2] == GZIP_MAGIC else data
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError.
         raise DataError(f"{path}: cannot read it ({e}); re-download the file") from None
 
 

@@ -31,9 +31,13 @@ def _config(**overrides):
 # IDX files.
 
 
-@pytest.mark.parametrize("gz", [True, False])
-def test_idx_dir_round_trip(tmp_path, gz):
+@pytest.mark.parametrize("gz, named_gz", [(True, True), (False, False), (False, True),
+                                          (True, False)])
+def test_idx_dir_round_trip(tmp_path, gz, named_gz):
+    """Gzipped or not is read from the bytes, not the name (a plain file may be named .gz)."""
     directory = write_idx_dir(tmp_path / "d", n_train=30, n_test=20, gz=gz)
+    for path in list(directory.iterdir()) if gz != named_gz else []:
+        path.rename(path.with_name(path.name + ".gz" if named_gz else path.stem))
     dataset = mnist_idx.load_dir(str(directory))
     expected_train, expected_test = synthetic_digits(30, 0), synthetic_digits(20, 1)
     np.testing.assert_array_equal(dataset.train_images, expected_train[0])
