@@ -27,7 +27,7 @@ with startup.one_line_startup(startup.PREDICT_INTERRUPTED_LINE):
     import numpy as np
     from absl import flags
 
-    from mnist_flax import checkpoints, digit_images, input_pipeline, models
+    from mnist_flax import checkpoints, digit_images, input_pipeline, models, paths
     from mnist_flax.run import integrity, lock, logs, storage_errors
     from mnist_flax.run import workdir as workdir_lib
 
@@ -71,6 +71,7 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
     manager opened) are kept out of the caller's log; its other warnings are not.
     """
     try:
+        workdir = paths.parse(workdir, "--workdir")  # `~` expanded; gs:/x or s3://x: one line.
         root = workdir_lib.path(workdir)  # A gs:// workdir without the gcs extra: one line.
         try:  # Not is_dir() alone: fsspec reads a storage that does not answer as "absent".
             root.stat()
@@ -87,7 +88,7 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
         dummy = np.zeros((1, *input_pipeline.IMAGE_SHAPE), np.float32)
         expected = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
         params, step = integrity.restore_params(workdir, expected["params"])
-    except (checkpoints.CheckpointError, workdir_lib.WorkdirError) as e:
+    except (checkpoints.CheckpointError, workdir_lib.WorkdirError, paths.PathError) as e:
         raise PredictError(str(e)) from None
     except Exception as e:
         if not storage_errors.is_storage_error(e):
