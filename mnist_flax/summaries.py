@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -60,8 +61,10 @@ HPARAM_METRICS = (("test", "accuracy"), ("test", "loss"), ("train", "accuracy"),
 DATA_HPARAM = "data"
 # The five hyperparameters the HParams dashboard shows first (marked `differs`).
 KEY_HPARAMS = ("learning_rate", "num_epochs", "batch_size", "seed", DATA_HPARAM)
-# The event files of one writer; the workdir's own run holds one, its latest start's.
+# The event files of one writer; the workdir's own run holds one, its latest start's. The run's
+# own end in a suffix of 20 digits (`open_writers`); it never deletes or rewrites another's.
 EVENTS_GLOB = "events.out.tfevents.*"
+OWN_EVENTS = re.compile(r"events\.out\.tfevents\..*\.\d{20}")
 
 
 @dataclasses.dataclass
@@ -82,28 +85,23 @@ class Writers:
 def open_writers(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
     """The run's event writers (None off process 0), closed when the block ends. A resumed run
     (`start_step` > 0) purges what the interrupted run logged after its checkpoint's step.
-
     The workdir's own run gets a new file holding the earlier starts' texts (those before
-    `start_step`, as the purge keeps curves); the earlier files are deleted once it is written:
-    TensorBoard takes a tag's metadata from its first event only, and the HParams row is
-    metadata, so an earlier start's file would keep its config in the table after a resume with
-    new values. `write_run_info`, called next, writes this start's.
-    """
+    `start_step`), then the earlier starts' files go, as TensorBoard takes the HParams row from
+    a tag's first event only: the run's own files read whole; a damaged one is moved aside."""
     if jax.process_index() != 0:
         yield None
         return
     SummaryWriter = tensorboardx(gcs=workdir.startswith("gs://")).SummaryWriter  # noqa: N806 (the class)
 
     purge_step = start_step + 1 if start_step else None
-    earlier = sorted(epath.Path(workdir).glob(EVENTS_GLOB))
-    texts = [event for events in earlier for event in _text_events(events)
+    earlier = {f: _text_events(f) for f in sorted(epath.Path(workdir).glob(EVENTS_GLOB))
+               if OWN_EVENTS.fullmatch(f.name)}
+    texts = [event for events, _ in earlier.values() for event in events
              if event.step < start_step]
     with contextlib.ExitStack() as stack:
         def open_one(logdir: str) -> SummaryWriter:
-            # A suffix of its own: tensorboardX names files by the second and host, so a start
-            # in the same second as the previous one would write over that one's file. The
-            # nanoseconds keep such files in the order they were written: TensorBoard reads a
-            # run's files in name order, and a resumed run's purge needs that order.
+            # A suffix of its own (OWN_EVENTS), in nanoseconds: tensorboardX names files by the
+            # second and host, and TensorBoard reads them in name order, which a purge needs.
             writer = SummaryWriter(logdir=logdir, flush_secs=10, purge_step=purge_step,
                                    filename_suffix=f".{time.time_ns():020d}")
             stack.callback(_close, writer)
@@ -113,24 +111,28 @@ def open_writers(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
         for event in texts:
             run.file_writer.add_event(event, step=event.step, walltime=event.wall_time)
         run.flush()
-        for events in earlier:
-            events.unlink()
+        for events, (_, whole) in earlier.items():  # Damaged: renamed out of TensorBoard's sight.
+            if whole:
+                events.unlink()
+            else:
+                aside = events.rename(events.with_name(
+                    "damaged-" + events.name.replace(".tfevents.", ".")))
+                logging.warning("The event file %s is damaged; moved aside to %s", events, aside)
         yield Writers(run, *(open_one(f"{workdir.rstrip('/')}/{name}") for name in RUNS),
                       start_step=start_step)
 
 
-def _text_events(events: epath.Path) -> list[Event]:
-    """The TEXT_TAGS events in one event file (a truncated last record ends it quietly)."""
+def _text_events(events: epath.Path) -> tuple[list[Event], bool]:
+    """The TEXT_TAGS events in one event file, and whether it was read whole: TensorBoard's
+    reader stops quietly at a damaged or truncated record (a record is its data and 16 bytes)."""
     from tensorboard.backend.event_processing import event_file_loader
 
     Event = tensorboardx().proto.event_pb2.Event  # noqa: N806 (the proto class)
     tags = {f"{tag}/text_summary" for tag in TEXT_TAGS}
-    found = []
-    for record in event_file_loader.RawEventFileLoader(str(events)).Load():
-        event = Event.FromString(record)
-        if event.HasField("summary") and {v.tag for v in event.summary.value} <= tags:
-            found.append(event)
-    return found
+    records = list(event_file_loader.RawEventFileLoader(str(events)).Load())
+    found = [event for event in map(Event.FromString, records)
+             if event.HasField("summary") and {v.tag for v in event.summary.value} <= tags]
+    return found, sum(len(r) + 16 for r in records) == len(events.read_bytes())
 
 
 def _close(writer: SummaryWriter) -> None:
