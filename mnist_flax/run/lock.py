@@ -1,7 +1,8 @@
 """One run per workdir: a kernel flock on a local disk, a lease (run.lease) in a bucket.
 
 Only process 0 locks (it alone writes the config and events); all processes agree on whether it
-got the lock. A run that loses its gs:// lease saves no more, and ends when the lease runs out.
+got the lock, and first that they all see the workdir it locks (`check_shared`). A run that loses
+its gs:// lease saves no more, and ends when the lease runs out.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import secrets
 import sys
 import threading
 import time
 from collections.abc import Iterator
 
 import jax
+import numpy as np
 
 from mnist_flax.run import lease as lease_lib
 from mnist_flax.run.storage_errors import storage_stopped_line
@@ -25,9 +28,10 @@ from mnist_flax.run.workdir import (
     WorkdirError,
     error_line,
     is_remote,
-    on_every_process,
     path,
 )
+
+SHARED_CHECK_FILE = ".shared_check"  # Written by process 0, read by all: do they share the dir?
 
 
 @dataclasses.dataclass
@@ -56,9 +60,9 @@ def lock(workdir: str, lease_seconds: float = LEASE_TTL_S) -> Iterator[Held]:
     Locally: an exclusive flock on the workdir directory (`.lock` names the holder's pid), which
     the kernel drops when the process dies, so a SIGKILLed run never blocks the next one. In a
     bucket: a lease on workdir/.lock that a live run renews and a killed run's runs out after
-    `lease_seconds`; a run that loses it stops (`_stop_when_lost`). Only process 0 locks (it
-    alone writes the config and events); all processes agree on whether it got the lock.
+    `lease_seconds`; a run that loses it stops (`_stop_when_lost`).
     """
+    check_shared(workdir)
     held = Held(workdir)
     with contextlib.ExitStack() as stack:
         error = None
@@ -75,6 +79,44 @@ def lock(workdir: str, lease_seconds: float = LEASE_TTL_S) -> Iterator[Held]:
             raise error or WorkdirError(f"process 0 could not lock --workdir={workdir} (see its "
                                         "error)")
         yield held
+
+
+def on_every_process(ok: bool) -> bool:
+    """True if `ok` holds on every process (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def check_shared(workdir: str) -> None:
+    """With several processes, stops unless all of them read the random token process 0 writes
+    (a collective): hosts of a pod slice share no disk, so a local workdir would give each its own
+    checkpoints (and process 0's lock would guard only its own). A bucket is shared."""
+    if jax.process_count() == 1 or is_remote(workdir):
+        return
+    from jax.experimental import multihost_utils
+
+    probe = path(workdir) / SHARED_CHECK_FILE
+    if jax.process_index() == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(str(secrets.randbits(31)))
+    multihost_utils.sync_global_devices("mnist_flax.workdir.check_shared: written")
+    try:
+        token = int(probe.read_text())
+    except (OSError, ValueError):
+        token = -1
+    tokens = np.asarray(multihost_utils.process_allgather(np.int32(token))).ravel()
+    blind = [i for i, t in enumerate(tokens) if t != tokens[0]]
+    if jax.process_index() == 0:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise WorkdirError(
+            f"--workdir={workdir} is not shared by the {len(tokens)} processes: process(es) "
+            f"{', '.join(map(str, blind))} cannot see what process 0 writes there, so they would "
+            "not see its checkpoints; use a bucket all hosts reach, e.g. "
+            "--workdir=gs://BUCKET/runs/NAME")
 
 
 def _lease(workdir: str, seconds: float) -> lease_lib.Lease:
@@ -157,7 +199,9 @@ def _flock(workdir: str) -> Iterator[None]:
         raise WorkdirError(f"another run (pid {pid}) is using --workdir={workdir}; wait "
                            "for it or use another workdir") from None
     try:
-        with open(root / LOCK_FILE, "w") as f:
+        # Never through a link (`workdir.check_layout` refuses one): it may leave the workdir.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        with os.fdopen(os.open(root / LOCK_FILE, flags, 0o644), "w") as f:
             f.write(f"{os.getpid()}\n")
         yield
     finally:
