@@ -8,7 +8,9 @@ Each value (each combination, for several --sweep flags) trains in `workdir/key=
 A value's `%`, `/` and `\\` are written `%25`, `%2F`, `%5C` there: one directory per value.
 The summary table, and the optional JSON, give each run's final test accuracy, its wall time and the
 machine, and the mean ± std over the seeds of each combination of the other swept values; the JSON
-is rewritten after every run, so an interrupted sweep keeps what it measured.
+is rewritten after every run, so an interrupted sweep keeps what it measured. Every value is
+checked, against its data too, before the first trains; a value that diverges is marked in the
+table and the JSON, the others still train, and the sweep exits 3 (1 where an error stopped it).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ with startup.one_line_startup():  # Seconds of imports before the boundary exist
     from absl import flags, logging
     from ml_collections.config_flags import tuple_parser
 
-    from mnist_flax import event_reader, sweep_results, train
-    from mnist_flax.configs import ConfigError
+    from mnist_flax import input_pipeline, paths, sweep_results, train
+    from mnist_flax.configs import ConfigError, check_against_data
+    from mnist_flax.progress import TrainingDivergedError
     from mnist_flax.run import boundary, config_checks, operations, process, workdir
 
 FLAGS = flags.FLAGS
@@ -44,6 +47,8 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["workdir", "sweep"])
 
 Assignment = tuple[tuple[str, Any, str], ...]  # ((key, value, value as typed), ...) for one run.
+DATA_FIELDS = ("data_source", "data_dir", "tfds_data_dir", "verify_checksums")  # load_dataset's.
+DIVERGED_EXIT_CODE = 3  # The sweep ran to its end, but some values diverged.
 
 
 def split_values(text: str) -> list[str]:
@@ -165,35 +170,49 @@ def group_name(assignment: Assignment) -> str:
     return run_name(tuple(a for a in assignment if a[0] != "seed"))
 
 
+def load_checked(grid: list[Assignment],
+                 configs: list[ml_collections.ConfigDict]) -> list[input_pipeline.Dataset]:
+    """Each point's data, loaded once per distinct DATA_FIELDS (the fields `load_dataset` reads)
+    and checked against the point: one that cannot train is refused, named, before any trains."""
+    loaded: dict[tuple[Any, ...], input_pipeline.Dataset] = {}
+    for assignment, cfg in zip(grid, configs, strict=True):
+        key = tuple(cfg[field] for field in DATA_FIELDS)
+        if key not in loaded:
+            loaded[key] = input_pipeline.load_dataset(cfg)
+        try:
+            check_against_data(cfg, loaded[key].train_labels)
+        except ConfigError as e:
+            raise ConfigError(f"--sweep {_typed(assignment)}: {e}") from None
+    return [loaded[tuple(cfg[field] for field in DATA_FIELDS)] for cfg in configs]
+
+
 def run_sweep(config: ml_collections.ConfigDict, parent: str, specs: list[str],
               on_result=None) -> list[dict[str, Any]]:
-    """Validates every run's config first, then trains them one after the other."""
+    """Checks every run's config and data first, then trains them one after the other; a run
+    that diverges is recorded as such and the next one trains."""
     grid = expand(specs, config)
     logdirs = run_dirs(parent, grid)
     configs = [run_config(config, a) for a in grid]
     for cfg in configs:
         config_checks.validate(cfg, jax.device_count())
+    datasets = load_checked(grid, configs)
     process.enable_compilation_cache(config.compilation_cache_dir)  # One cache for the whole sweep.
     results = []
-    for assignment, cfg, logdir in zip(grid, configs, logdirs, strict=True):
+    for assignment, cfg, logdir, data in zip(grid, configs, logdirs, datasets, strict=True):
         workdir.prepare(logdir)
-        logging.info("Sweep run %s", run_name(assignment))
+        name, metrics, error = run_name(assignment), None, None
+        logging.info("Sweep run %s", name)
         start = time.perf_counter()
-        with operations.Operations(cfg) as hooks:
-            _, metrics = train.train_and_evaluate(cfg, logdir, hooks)
-        results.append({
-            "name": run_name(assignment),
-            "group": group_name(assignment),
-            "overrides": {key: value for key, value, _ in assignment},
-            "test_accuracy": metrics["test/accuracy"],
-            "test_loss": metrics["test/loss"],
-            "epochs": cfg.num_epochs,
-            "run_seconds": time.perf_counter() - start,  # Data loading and compilation included.
-            "test_accuracy_per_epoch": [
-                v for _, v in event_reader.read_scalars(f"{logdir}/test", "accuracy")],
-            "train_images": (sweep_results.read_data_sizes(logdir) or (None,))[0],
-            "logdir": logdir,
-        })
+        try:
+            with operations.held(logdir, cfg) as hooks:
+                _, metrics = train.train_and_evaluate(cfg, logdir, hooks, data)
+        except TrainingDivergedError as e:  # Any other error stops the sweep.
+            error = str(e)
+            logging.warning("Sweep run %s diverged: %s; the sweep goes on", name, error)
+        run = {"name": name, "group": group_name(assignment),
+               "overrides": {key: value for key, value, _ in assignment}}
+        results.append(sweep_results.run_result(run, cfg, logdir, time.perf_counter() - start,
+                                                metrics, error))
         if on_result:
             on_result(results)
     return results
@@ -206,6 +225,7 @@ def main(argv: list[str]) -> None:
                     else None)
     with boundary.one_line_errors(FLAGS.workdir):
         boundary.no_extra_arguments(argv)
+        FLAGS.workdir = paths.parse(FLAGS.workdir, "--workdir")  # `~` expanded, gs:/x refused.
         if results_file:
             sweep_results.check_results(results_file.path)
         process.setup_process()
@@ -215,6 +235,9 @@ def main(argv: list[str]) -> None:
         print(sweep_results.format_table(results))
         if results_file:
             results_file.finish(FLAGS.workdir)
+        if line := sweep_results.diverged_line(results):
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(DIVERGED_EXIT_CODE)
 
 
 def run() -> None:

@@ -1,6 +1,8 @@
 """What a sweep measured: each run's results read back from its TensorBoard events
 (`event_reader`), their mean ± std over the seeds of each group, the table the sweep
 prints, and the JSON file it writes after every run (`--results`), checked before any training.
+A run that diverged is kept in both, marked `"status": "diverged"` with its error line, and left
+out of the means.
 """
 
 from __future__ import annotations
@@ -59,12 +61,35 @@ def process_seconds() -> float | None:
     return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _stats(results: list[dict[str, Any]]) -> dict[str, float]:
-    accuracies = [r["test_accuracy"] for r in results]
+def run_result(run: dict[str, Any], config: ml_collections.ConfigDict, logdir: str,
+               seconds: float, metrics: dict[str, float] | None,
+               error: str | None = None) -> dict[str, Any]:
+    """`run` (its name, group and overrides) with what it measured, as the table and the JSON
+    give it; `metrics` is None for a run that diverged, whose `error` line is kept instead."""
+    return {
+        **run,
+        "status": "diverged" if metrics is None else "trained",
+        "error": error,
+        "test_accuracy": None if metrics is None else metrics["test/accuracy"],
+        "test_loss": None if metrics is None else metrics["test/loss"],
+        "epochs": config.num_epochs,
+        "run_seconds": seconds,  # Data loading and compilation included.
+        "test_accuracy_per_epoch": [
+            v for _, v in event_reader.read_scalars(f"{logdir}/test", "accuracy")],
+        "train_images": (read_data_sizes(logdir) or (None,))[0],
+        "logdir": logdir,
+    }
+
+
+def _stats(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy mean and sample std over the runs that trained (None if none did)."""
+    accuracies = [r["test_accuracy"] for r in results if r["status"] == "trained"]
     return {
         "runs": len(accuracies),
-        "test_accuracy_mean": statistics.fmean(accuracies),
-        "test_accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+        "diverged": len(results) - len(accuracies),
+        "test_accuracy_mean": statistics.fmean(accuracies) if accuracies else None,
+        "test_accuracy_std": (statistics.stdev(accuracies) if len(accuracies) > 1
+                              else 0.0 if accuracies else None),
         "run_seconds_mean": statistics.fmean(r["run_seconds"] for r in results),
     }
 
@@ -89,25 +114,43 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _accuracy_line(group: dict[str, Any]) -> str:
     mean, std, runs = group["test_accuracy_mean"], group["test_accuracy_std"], group["runs"]
+    diverged = f", {group['diverged']} diverged" if group["diverged"] else ""
+    if runs == 0:
+        return f"no test accuracy ({group['diverged']} diverged)"
     if runs == 1:
-        return f"test accuracy {100 * mean:.2f}% (1 run)"
-    return f"test accuracy {100 * mean:.2f} ± {100 * std:.2f}% (mean ± sample std over {runs} runs)"
+        return f"test accuracy {100 * mean:.2f}% (1 run{diverged})"
+    return (f"test accuracy {100 * mean:.2f} ± {100 * std:.2f}% (mean ± sample std over {runs} "
+            f"runs{diverged})")
+
+
+def _row(r: dict[str, Any], width: int) -> str:
+    measured = (f"{r['test_accuracy']:8.4f}  {r['test_loss']:9.4f}" if r["status"] == "trained"
+                else f"{r['status']:>8}  {'-':>9}")
+    return f"{r['name']:<{width}}  {measured}  {r['epochs']:6d}  {r['run_seconds']:7.1f}"
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    """One row per run, then one accuracy line per group (its seeds' mean ± std)."""
+    """One row per run, one accuracy line per group (its seeds' mean ± std), then each diverged
+    run's error line."""
     width = max([len("run")] + [len(r["name"]) for r in results])
     lines = [f"{'run':<{width}}  test acc  test loss  epochs  seconds"]
-    for r in results:
-        lines.append(f"{r['name']:<{width}}  {r['test_accuracy']:8.4f}  {r['test_loss']:9.4f}  "
-                     f"{r['epochs']:6d}  {r['run_seconds']:7.1f}")
+    lines.extend(_row(r, width) for r in results)
     groups = summarize(results)["groups"]
     if len(groups) == 1:
         lines.append(_accuracy_line(groups[0]))
-        return "\n".join(lines)
-    width = max(len(g["group"]) for g in groups) + 1
-    lines.extend(f"{g['group'] + ':':<{width}} {_accuracy_line(g)}" for g in groups)
+    else:
+        width = max(len(g["group"]) for g in groups) + 1
+        lines.extend(f"{g['group'] + ':':<{width}} {_accuracy_line(g)}" for g in groups)
+    lines.extend(f"{r['name']} {r['status']}: {r['error']}" for r in results
+                 if r["status"] != "trained")
     return "\n".join(lines)
+
+
+def diverged_line(results: list[dict[str, Any]]) -> str | None:
+    """The sweep's last line when some runs diverged (None when none did)."""
+    names = [r["name"] for r in results if r["status"] == "diverged"]
+    return (f"{len(names)} of {len(results)} runs diverged ({', '.join(names)}); the table above "
+            "has the others' results" if names else None)
 
 
 def write_results(path: str, config: ml_collections.ConfigDict, results: list[dict[str, Any]],

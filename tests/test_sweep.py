@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, load_config
+from conftest import REPO, load_config, one_line, run_module, write_idx_dir
 
 from mnist_flax import event_reader, sweep, sweep_results
 from mnist_flax.run import config_checks
@@ -164,10 +164,61 @@ def test_every_run_is_validated_before_any_trains(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("spec, overrides, message", [
+    ("batch_size=500,5000", {}, "--sweep batch_size=5000: --config.batch_size=5000 is larger "
+     "than the 4,000 training images; use a smaller batch"),
+    ("num_classes=10,5", {}, "--sweep num_classes=5: --config.num_classes=5 but the data has "
+     "label 9; use --config.num_classes=10 or more"),
+    ("num_epochs=2,1", {"lr_schedule": "cosine", "warmup_epochs": 0.95},
+     "--sweep num_epochs=1: --config.warmup_epochs=0.95 is 8 steps, not fewer than the run's 8 "
+     "(1 epochs of 8): the cosine schedule would never decay; use a smaller warmup_epochs"),
+    # Each point is checked against its own data: here 256 training images, not the sample's.
+    ("data_source=sample,idx", {"verify_checksums": False}, "--sweep data_source=idx: "
+     "--config.batch_size=500 is larger than the 256 training images; use a smaller batch"),
+])
+def test_every_point_is_checked_against_its_data_before_any_trains(tmp_path, spec, overrides,
+                                                                   message):
+    """`batch_size=128,5000` on 4,000 images trained 128 first, then refused 5000."""
+    config = _tiny_config()
+    config.update(data_dir=str(write_idx_dir(tmp_path / "mnist")), **overrides)
+    with pytest.raises(config_checks.ConfigError) as info:
+        sweep.run_sweep(config, str(tmp_path / "sweep"), [spec])
+    assert not (tmp_path / "sweep").exists()  # Nothing trained, nothing written.
+    assert str(info.value) == message
+
+
+def test_cli_a_diverged_value_is_marked_and_the_others_still_train(tmp_path):
+    """One diverging value stopped the whole sweep: the values after it never trained, and no
+    table. Now it is a row of the table and of the JSON, with its error line, and exit 3."""
+    diverged, trained = "learning_rate=1e10", "learning_rate=1e-3"
+    results = tmp_path / "results.json"
+    out = run_module("sweep", f"--workdir={tmp_path}/sweep", "--sweep=learning_rate=1e10,1e-3",
+                     f"--results={results}", "--config.data_source=sample",
+                     "--config.num_epochs=1", "--config.batch_size=500",
+                     "--config.conv_features=(4,8)", "--config.dense_features=16")
+    last = one_line(out, 3)  # Not 1: the sweep ran to its end, and its table is whole.
+    assert last == (f"error: 1 of 2 runs diverged ({diverged}); the table above has the others' "
+                    "results")
+    payload = json.loads(results.read_text())
+    runs = {r["name"]: r for r in payload["runs"]}
+    assert runs[diverged]["status"] == "diverged" and runs[diverged]["test_accuracy"] is None
+    assert runs[diverged]["error"].startswith("training loss became nan at step "), runs[diverged]
+    assert runs[trained]["status"] == "trained" and 0 <= runs[trained]["test_accuracy"] <= 1
+    assert [(g["group"], g["runs"], g["diverged"]) for g in payload["summary"]["groups"]] == [
+        (diverged, 0, 1), (trained, 1, 0)]
+    lines = out.stdout.splitlines()
+    row = {name: next(line.split() for line in lines if line.startswith(name + "  "))
+           for name in runs}
+    assert row[diverged][1:3] == ["diverged", "-"], out.stdout
+    assert float(row[trained][1]) == pytest.approx(runs[trained]["test_accuracy"], abs=1e-4)
+    assert f"{diverged}: no test accuracy (1 diverged)" in lines, out.stdout
+    assert f"{diverged} diverged: {runs[diverged]['error']}" in lines, out.stdout
+
+
 def _result(name: str, accuracy: float, **overrides) -> dict:
     """A run's result as run_sweep records it (only the fields the summary reads)."""
     group = "/".join(f"{k}={v}" for k, v in overrides.items() if k != "seed")
-    return {"name": name, "group": group, "overrides": overrides,
+    return {"name": name, "group": group, "overrides": overrides, "status": "trained",
             "test_accuracy": accuracy, "test_loss": 0.1, "epochs": 1, "run_seconds": 1.0}
 
 
