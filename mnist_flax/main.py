@@ -1,8 +1,8 @@
 """Trains the MNIST CNN: `python -m mnist_flax.main --workdir=runs/ [--config=...] [--config.x=y]`.
 
-Flags -> config -> `train.train_and_evaluate(config, workdir, hooks)`, where the hooks are the
-operations (`run.Operations`: lock, signals, checksums) and everything sits inside the one error
-boundary (`run.boundary`), so this file only parses, checks and reports.
+Flags -> config -> data -> `train.train_and_evaluate(config, workdir, hooks, dataset)` inside
+`run.operations.held` (the workdir's lock, the stop signals), all inside the one error boundary
+(`run.boundary`), so this file only parses, checks and reports.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ with startup.one_line_startup():  # Seconds of imports before the boundary exist
     from absl import flags, logging
     from ml_collections import config_flags
 
-    from mnist_flax import summaries, train
+    from mnist_flax import configs, input_pipeline, paths, summaries, train
     from mnist_flax.run import boundary, config_checks, operations, process, workdir
 
 FLAGS = flags.FLAGS
@@ -46,6 +46,7 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
     with boundary.one_line_errors(FLAGS.workdir):
         boundary.no_extra_arguments(argv)
+        FLAGS.workdir = paths.parse(FLAGS.workdir, "--workdir")  # `~` expanded, gs:/x refused.
         process.setup_process()
         process.start_jax(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes,
                           FLAGS.process_id)
@@ -58,8 +59,10 @@ def main(argv: list[str]) -> None:
                      jax.devices())
         logging.info("Config (%s):\n%s", config_flags.get_config_filename(FLAGS["config"]),
                      summaries.config_text(config))
-        with operations.Operations(config, FLAGS.lease_seconds) as hooks:
-            train.train_and_evaluate(config, FLAGS.workdir, hooks)
+        dataset = input_pipeline.load_dataset(config)  # Checked before the workdir is held:
+        configs.check_against_data(config, dataset.train_labels)  # bad input writes nothing.
+        with operations.held(FLAGS.workdir, config, FLAGS.lease_seconds) as hooks:
+            train.train_and_evaluate(config, FLAGS.workdir, hooks, dataset)
         if jax.process_index() == 0:
             print(next_steps(FLAGS.workdir), file=sys.stderr)
 

@@ -108,6 +108,7 @@ def test_label_smoothing_zero_is_the_tutorial_loss_and_alpha_mixes_in_uniform():
     ({"lr_schedule": "cosine", "warmup_epochs": 12.0}, "warmup_epochs=12.0: must be in"),
     ({"lr_schedule": "one_cycle"}, "and > 0 for one_cycle"),
     ({"label_smoothing": 1.0}, "label_smoothing=1.0: must be in"),
+    ({"adam_eps": 0.0}, "adam_eps=0.0: must be a finite number > 0, e.g. 1e-7 (at 0, Adam"),
     ({"augment_max_rotation": -5.0}, "augment_max_rotation=-5.0: must be in"),
     ({"augment_max_scale": 1.0}, "augment_max_scale=1.0: must be in"),
     ({"conv_features": ()}, "conv_features=(): must be 1 to 6 positive integers"),

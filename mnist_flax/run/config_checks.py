@@ -13,15 +13,12 @@ import math
 
 import ml_collections
 
-from mnist_flax import configs, input_pipeline, models
+from mnist_flax import configs, input_pipeline, models, paths
 from mnist_flax.configs import ConfigError
 
 ADAM_EPS_PLACEMENTS = ("optax", "keras")  # Where Adam's epsilon goes: train.create_optimizer.
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine", "one_cycle")
-
-
-_NUMBER = (int, float)
 
 
 class FieldError(ConfigError):
@@ -37,8 +34,6 @@ class UnknownFieldError(ConfigError):
     (so a reader of a stored config can say it in its own words)."""
 
     def __init__(self, field: str, close: str | None):
-        # Config files only override: each field is declared once, with its default, in
-        # default.py, so every config (and every stored config.json) has the same fields.
         new = (f"declare it with its default in {configs.DEFAULT} (config files only override "
                "fields) and read it where it is used, e.g. models.create_model")
         hint = f'did you mean "{close}"? To add it, {new}' if close else f"to add it, {new}"
@@ -64,7 +59,7 @@ def _fits(value, reference) -> bool:
     if isinstance(reference, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(reference, bool)
     if isinstance(reference, float):
-        return isinstance(value, _NUMBER)
+        return isinstance(value, int | float)
     if isinstance(reference, tuple | list):
         return isinstance(value, tuple | list) and all(
             _fits(v, reference[0]) for v in value) if reference else isinstance(value, tuple | list)
@@ -98,67 +93,48 @@ def _require(ok: bool, name: str, value, rule: str) -> None:
         raise FieldError(name, value, rule)
 
 
-def _positive_int(config: ml_collections.ConfigDict, name: str) -> None:
-    value = config[name]
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-             name, value, "must be a positive integer")
-
-
 def validate(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
-    """Raises ConfigError on the first field or value that cannot work."""
+    """Raises ConfigError on the first field or value that cannot work; paths are parsed in place
+    (`~` expanded), so what runs and what config.json records is the path used."""
     check_schema(config)
-    _require(config.data_source in input_pipeline.SOURCES, "data_source", config.data_source,
-             f"must be one of {', '.join(input_pipeline.SOURCES)}")
+    for name, valid in (("data_source", input_pipeline.SOURCES), ("lr_schedule", LR_SCHEDULES),
+                          ("adam_eps_placement", ADAM_EPS_PLACEMENTS),
+                          ("kernel_init", models.KERNEL_INITS), ("compute_dtype", COMPUTE_DTYPES)):
+        _require(config[name] in valid, name, config[name], f"must be one of {', '.join(valid)}")
     for name in ("num_epochs", "batch_size", "dense_features", "num_classes", "log_every_steps",
                  "eval_batch_size", "checkpoint_keep"):
-        _positive_int(config, name)
-    every = config.checkpoint_every_steps
-    _require(isinstance(every, int) and not isinstance(every, bool) and every >= 0,
-             "checkpoint_every_steps", every,
-             "must be an integer >= 0 (0 = only at the end of each epoch)")
-    k = config.steps_per_dispatch
-    _require(isinstance(k, int) and not isinstance(k, bool) and k >= 0, "steps_per_dispatch", k,
-             "must be an integer >= 0 (0 = 1 on CPU, 16 on GPU/TPU)")
-    _require(isinstance(config.compilation_cache_dir, str), "compilation_cache_dir",
-             config.compilation_cache_dir, "must be a directory, a gs:// URL, 'auto' or '' (off)")
-    profile = config.profile_steps
-    _require(isinstance(profile, int) and not isinstance(profile, bool) and profile >= 0,
-             "profile_steps", profile, "must be an integer >= 0 (0 = no profile)")
-    nan_at = config.debug_nan_at_step
-    _require(isinstance(nan_at, int) and not isinstance(nan_at, bool) and nan_at >= 0,
-             "debug_nan_at_step", nan_at, "must be an integer >= 0 (0 = off; for tests)")
-    _require(isinstance(config.seed, int) and 0 <= config.seed < 2**63, "seed", config.seed,
+        _require(config[name] > 0, name, config[name], "must be a positive integer")
+    for name, zero in (("checkpoint_every_steps", "only at the end of each epoch"),  # check_schema
+                       ("steps_per_dispatch", "1 on CPU, 16 on GPU/TPU"),  # made them ints.
+                       ("profile_steps", "no profile")):
+        _require(config[name] >= 0, name, config[name], f"must be an integer >= 0 (0 = {zero})")
+    for name, schemes in (("data_dir", ()), ("tfds_data_dir", paths.URL_SCHEMES),
+                          ("compilation_cache_dir", paths.URL_SCHEMES)):  # The IDX reader: local.
+        try:
+            config[name] = paths.parse(config[name], f"--config.{name}", schemes)
+        except paths.PathError as e:
+            raise FieldError(name, config[name], e.rule) from None
+    _require(0 <= config.seed < 2**63, "seed", config.seed,
              "must be an integer in [0, 2**63)")
-    for name in ("learning_rate", "adam_eps"):
-        value = config[name]
-        _require(math.isfinite(value) and value >= 0 and (value > 0 or name == "adam_eps"),
-                 name, value, "must be a finite number > 0")
-    _require(config.adam_eps_placement in ADAM_EPS_PLACEMENTS, "adam_eps_placement",
-             config.adam_eps_placement, f"must be one of {', '.join(ADAM_EPS_PLACEMENTS)}")
+    for name, fix in (("learning_rate", ""), ("adam_eps", ", e.g. 1e-7 (at 0, Adam divides 0 by 0 "
+                                                           "wherever a gradient is 0: NaN)")):
+        _require(math.isfinite(config[name]) and config[name] > 0, name, config[name],
+                 f"must be a finite number > 0{fix}")
     features = tuple(config.conv_features)
-    _require(1 <= len(features) <= 6 and all(isinstance(f, int) and f > 0 for f in features),
+    _require(1 <= len(features) <= 6 and all(f > 0 for f in features),
              "conv_features", features, "must be 1 to 6 positive integers (one 3x3 convolution "
              "each), e.g. (32,64)")
     rates = tuple(config.dropout_rates)
-    _require(len(rates) == 2 and all(isinstance(r, _NUMBER) and not isinstance(r, bool)
-                                     and 0.0 <= r < 1.0 for r in rates),
+    _require(len(rates) == 2 and all(0.0 <= r < 1.0 for r in rates),  # Numbers: check_schema.
              "dropout_rates", rates, "must be two rates in [0, 1), e.g. (0.25,0.5)")
     _require(config.num_classes >= 2, "num_classes", config.num_classes, "must be >= 2")
-    _require(config.kernel_init in models.KERNEL_INITS, "kernel_init", config.kernel_init,
-             f"must be one of {', '.join(models.KERNEL_INITS)}")
-    _require(config.lr_schedule in LR_SCHEDULES, "lr_schedule", config.lr_schedule,
-             f"must be one of {', '.join(LR_SCHEDULES)}")
     _require(0 <= config.warmup_epochs < config.num_epochs
              and (config.warmup_epochs > 0 or config.lr_schedule != "one_cycle"),
              "warmup_epochs", config.warmup_epochs,
              f"must be in [0, num_epochs={config.num_epochs}) (and > 0 for one_cycle)")
-    _require(0.0 <= config.label_smoothing < 1.0, "label_smoothing", config.label_smoothing,
-             "must be in [0, 1)")
-    for name, limit in (("augment_max_shift", 14.0), ("augment_max_rotation", 180.0),
-                        ("augment_max_scale", 1.0)):
+    for name, limit in (("label_smoothing", 1.0), ("augment_max_shift", 14.0),
+                        ("augment_max_rotation", 180.0), ("augment_max_scale", 1.0)):
         _require(0.0 <= config[name] < limit, name, config[name], f"must be in [0, {limit:g})")
-    _require(config.compute_dtype in COMPUTE_DTYPES, "compute_dtype", config.compute_dtype,
-             f"must be one of {', '.join(COMPUTE_DTYPES)}")
     for name in ("batch_size", "eval_batch_size"):  # Not a FieldError: the devices are at fault.
         if config[name] % device_count:
             raise ConfigError(f"--config.{name}={config[name]} does not divide over the "
