@@ -4,7 +4,8 @@ run's config (workdir/config.json). Paths go through `etils.epath`: local or gs:
 Orbax writes a checkpoint into a temporary directory and renames it when complete, so a run killed
 mid-save keeps the previous one. Saves are asynchronous: the loop waits only while the arrays are
 copied off the device, and the files are written in a background thread while it trains on.
-`run.integrity` adds checksums and walks past damaged ones.
+Every save stores a sha256 of what it holds (`checksums`), and every read checks it;
+`run.integrity` walks back past damaged ones and moves them aside.
 """
 
 import contextlib
@@ -21,14 +22,21 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from mnist_flax import checksums, configs
+from mnist_flax.checksums import CHECKSUM_KEY, path_name
+
 CHECKPOINT_DIR = "checkpoints"  # Under the workdir.
 CONFIG_FILE = "config.json"  # The config the run was started (or resumed) with.
 # Fields that decide which batch comes at a given step: a resumed run must keep them.
 DATA_ORDER_FIELDS = ("seed", "batch_size", "num_train")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(configs.UserError):
     """A workdir whose checkpoint cannot be used with this config; one line naming the mismatch."""
+
+
+class DamagedError(CheckpointError):
+    """A checkpoint whose contents are not what was saved; the message is the reason."""
 
 
 def error_line(e: BaseException, limit: int = 200) -> str:
@@ -59,11 +67,6 @@ def data_position(step: int, steps_per_epoch: int, config: ml_collections.Config
     return {"step": step, "epoch": epoch, "step_in_epoch": index,
             "steps_per_epoch": steps_per_epoch, "seed": config.seed,
             "batch_size": config.batch_size, "num_train": num_train}
-
-
-def path_name(key_path: tuple) -> str:
-    """'params/Conv_0/kernel' for a tree path through dicts, lists or attributes."""
-    return jax.tree_util.keystr(key_path, simple=True, separator="/")
 
 
 def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -147,13 +150,14 @@ def save(manager: ocp.CheckpointManager, state, position: dict[str, Any]) -> boo
     """Starts writing the checkpoint for `position['step']` with `position` as its JSON (once: a
     second call at the same step is a no-op), after the previous save: if that one failed, its
     failure is raised here, naming its step. Returns once the arrays are copied to the host."""
-    step = position["step"]
+    step, tree = position["step"], state_tree(state)
     if manager.latest_step() == step:
         return False
     finish(manager)
+    position = {**position, CHECKSUM_KEY: checksums.state_checksum(tree, position)}
     try:
         return manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state_tree(state)), position=ocp.args.JsonSave(position)))
+            state=ocp.args.StandardSave(tree), position=ocp.args.JsonSave(position)))
     except Exception as e:  # noqa: BLE001 (orbax, tensorstore and storage clients raise many kinds)
         raise CheckpointError(_save_failed(manager, step, e)) from None
 
@@ -185,12 +189,15 @@ def _save_failed(manager: ocp.CheckpointManager, step: int, e: Exception) -> str
 
 def read(manager: ocp.CheckpointManager, step: int, target: Any,
          where: epath.Path) -> tuple[Any, dict[str, Any]]:
-    """The (tree, position JSON) saved at `step`, after checking its shapes against `target`'s;
-    the arrays land where `target`'s (arrays or ShapeDtypeStructs) say."""
+    """The (tree, position JSON) saved at `step`, after checking its shapes against `target`'s,
+    verified (DamagedError); the arrays land where `target`'s (arrays or ShapeDtypeStructs) say."""
     saved = manager.item_metadata(step)["state"].tree
     check_shapes(tree_shapes(saved), tree_shapes(target), where)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), position=ocp.args.JsonRestore()))
+    damage = checksums.damage(step, restored["state"], restored["position"])
+    if damage:
+        raise DamagedError(damage)
     return restored["state"], restored["position"]
 
 
@@ -215,7 +222,12 @@ def restore(workdir: str, state, position: dict[str, int]):
         return state
     where = checkpoint_dir(workdir) / str(step)
     with contextlib.closing(create_manager(workdir, 1, read_only=True)) as manager:
-        tree, saved_position = read(manager, step, state_tree(state), where)
+        try:
+            tree, saved_position = read(manager, step, state_tree(state), where)
+        except DamagedError as e:
+            raise DamagedError(f"{where}: damaged ({e}); `python -m mnist_flax.main "
+                               f"--workdir={workdir}` moves it aside and resumes from the one "
+                               "before") from None
     return adopt(state, tree, saved_position, position, where)
 
 

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnist_flax import paper
+from mnist_flax import configs, paper
 from mnist_flax.checkpoints import error_line
 
 BOX = 20  # MNIST fits the digit's longer side into 20 px ...
@@ -25,7 +25,7 @@ MIN_CONTRAST = 32  # Ink must differ from the background by this much (of 255), 
 SHOW_SCALE = 8  # --show writes each of the 28x28 pixels the model saw as an 8x8 block.
 
 
-class PredictError(ValueError):
+class PredictError(configs.UserError):
     """A missing workdir or checkpoint, or an image we cannot use; one line naming it."""
 
 

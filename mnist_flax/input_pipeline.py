@@ -14,6 +14,8 @@ import os
 import numpy as np
 from absl import logging
 
+from mnist_flax import configs
+
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 
@@ -26,7 +28,7 @@ HOW_TO_GET_MNIST = (
 )
 
 
-class DataError(ValueError):
+class DataError(configs.UserError):
     """Bad or missing data; the message is one line that names the file and the fix."""
 
 

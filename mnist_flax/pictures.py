@@ -1,7 +1,7 @@
 """The end-of-run pictures for TensorBoard, drawn with PIL: the first test digits of each class
 with their predictions, the confusion matrix with each class's accuracy, the surest mistakes.
 
-Written once, on the last step, into the test run (main's `run.Operations.after_training`).
+Written once, on the last step, into the test run, at the end of `train.train_and_evaluate`.
 """
 
 from __future__ import annotations
@@ -227,3 +227,11 @@ def write_pictures(writers: Writers | None, state, dataset: input_pipeline.Datas
     if writers is not None:
         predicted, confidence = predict_top(state, dataset.test_images, config.eval_batch_size)
         write_top(writers, int(state.step), dataset, predicted, confidence, config.num_classes)
+
+
+def drawn(workdir: str, step: int) -> bool:
+    """Whether the workdir's test/ run holds every end-of-run picture at `step`."""
+    from mnist_flax import event_reader
+
+    steps = event_reader.read_image_steps(f"{workdir.rstrip('/')}/test")
+    return all(step in steps.get(tag, []) for tag in IMAGE_TAGS)

@@ -8,10 +8,13 @@ import math
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from absl import logging
+
+from mnist_flax import configs
 
 # How many dispatches the host may run ahead of the devices. Unbounded, the host queued ~16 steps
 # on XLA:CPU's virtual devices, whose per-device limit on launched computations then starved one
@@ -20,7 +23,7 @@ from absl import logging
 MAX_DISPATCHES_AHEAD = 4
 
 
-class TrainingDivergedError(RuntimeError):  # The loss or the parameters became NaN or Inf.
+class TrainingDivergedError(configs.UserError):  # The loss or the parameters became NaN or Inf.
     pass
 
 
@@ -33,6 +36,11 @@ def check_finite(losses: list[float], last_step: int, what: str = "training loss
             raise TrainingDivergedError(
                 f"{what} became {loss} at step {step}; stopped without saving it (the last "
                 "good checkpoint, if any, is kept); lower --config.learning_rate")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 def chunk_steps(step: int, k: int, steps_per_epoch: int, num_steps: int,
@@ -104,6 +112,17 @@ class Progress:
                      (done - 1) // self.steps_per_epoch + 1, self.config.num_epochs, done,
                      self.num_steps, mean["loss"], mean["accuracy"], images_per_second,
                      format_duration(eta))
+
+    def check_savable(self, state, step: int) -> None:
+        """Refuses to checkpoint a diverged state, which would push the last good checkpoint out:
+        the losses since the last progress line, and every parameter (a finite loss can still
+        give NaN gradients), for a few ms a save."""
+        losses = jax.device_get([m["loss"] for m in self.pending])  # (k,) per dispatch.
+        check_finite([float(loss) for chunk in losses for loss in np.ravel(chunk)], step)
+        if not bool(_all_finite(state.params)):
+            raise TrainingDivergedError(
+                f"the parameters became NaN or Inf at step {step}; stopped without saving them "
+                "(the last good checkpoint, if any, is kept); lower --config.learning_rate")
 
     def end_epoch(self, done: int, test: dict[str, float]) -> dict[str, float]:
         """The epoch's metrics by their TensorBoard names (summaries.SCALAR_TAGS), logged."""

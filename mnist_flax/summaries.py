@@ -1,15 +1,10 @@
 """What a run writes to TensorBoard (tensorboardX, no TensorFlow): scalars, config, hparams, model.
 
 Keras's layout: the `train/` and `test/` sub-runs carry the same tags (`loss`, `accuracy`), so
-TensorBoard's first screen overlays train and test; the workdir's own run holds what is written
-once per start: texts at the start's step, and one HParams row that replaces the previous start's,
-so it describes the config and data the run ended with (TensorBoard keeps a run's first HParams,
-whatever follows). The earlier starts' texts are carried into each new start's file.
-Only process 0 writes (`open_writers` yields None elsewhere, and every function accepts None).
-Tag names are an API, pinned by tests/test_summaries.py.
-
-tensorboardX is imported where it writes, not with this module, and always through
-`tbx.tensorboardx()`, which keeps torch out of that import.
+TensorBoard overlays train and test; the workdir's own run holds each start's texts and one
+HParams row, which describes the config and data the run ended with. Only process 0 writes
+(`open_writers` yields None elsewhere; every function accepts None). Tag names are an API, pinned
+by tests/test_summaries.py. tensorboardX comes through `tbx.tensorboardx()` (no torch import).
 """
 
 from __future__ import annotations
@@ -17,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import struct
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -56,9 +52,7 @@ RUNS = ("train", "test")
 TEXT_TAGS = ("config", "data", "model/num_params", "model/summary")
 # The metric columns of TensorBoard's HParams table: the last value of each (sub-run, tag).
 HPARAM_METRICS = (("test", "accuracy"), ("test", "loss"), ("train", "accuracy"), ("train", "loss"))
-# The HParams column of the data the run used, and from where (`Dataset.describe()`): the sample
-# and full MNIST otherwise look alike there.
-DATA_HPARAM = "data"
+DATA_HPARAM = "data"  # The HParams column of the data used (`Dataset.describe()`).
 # The five hyperparameters the HParams dashboard shows first (marked `differs`).
 KEY_HPARAMS = ("learning_rate", "num_epochs", "batch_size", "seed", DATA_HPARAM)
 # The event files of one writer; the workdir's own run holds one, its latest start's. The run's
@@ -123,16 +117,22 @@ def open_writers(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
 
 
 def _text_events(events: epath.Path) -> tuple[list[Event], bool]:
-    """The TEXT_TAGS events in one event file, and whether it was read whole: TensorBoard's
-    reader stops quietly at a damaged or truncated record (a record is its data and 16 bytes)."""
+    """The TEXT_TAGS events in one event file, and whether it is intact: TensorBoard's reader
+    stops quietly at a damaged record; what follows the last record read must be the start of
+    one cut short (a kill mid-write), its length intact (8 bytes, then their masked crc32c)."""
     from tensorboard.backend.event_processing import event_file_loader
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
     Event = tensorboardx().proto.event_pb2.Event  # noqa: N806 (the proto class)
     tags = {f"{tag}/text_summary" for tag in TEXT_TAGS}
     records = list(event_file_loader.RawEventFileLoader(str(events)).Load())
     found = [event for event in map(Event.FromString, records)
              if event.HasField("summary") and {v.tag for v in event.summary.value} <= tags]
-    return found, sum(len(r) + 16 for r in records) == len(events.read_bytes())
+    rest = events.read_bytes()[sum(len(r) + 16 for r in records):]  # A record: data + 16 bytes.
+    cut_short = len(rest) < 12 or (
+        struct.unpack("<I", rest[8:12])[0] == masked_crc32c(rest[:8])
+        and struct.unpack("<Q", rest[:8])[0] + 16 > len(rest))
+    return found, cut_short
 
 
 def _close(writer: SummaryWriter) -> None:

@@ -177,86 +177,71 @@ def evaluate(state: TrainState, images: np.ndarray, labels: np.ndarray, batch_si
             "accuracy": totals["correct"] / totals["count"]}
 
 
-def check_against_data(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset) -> None:
-    """The checks that need the data (sizes, labels, steps): ConfigError before anything compiles
-    or is written. `sweep` runs them for every grid point before the first trains."""
-    num_train, top_label = len(dataset.train_labels), int(dataset.train_labels.max())
-    if config.batch_size > num_train:
-        raise configs.ConfigError(f"--config.batch_size={config.batch_size} is larger than the "
-                                  f"{num_train:,} training images; use a smaller batch")
-    if top_label >= config.num_classes:
-        raise configs.ConfigError(f"--config.num_classes={config.num_classes} but the data has "
-                                  f"label {top_label}; use --config.num_classes={top_label + 1} "
-                                  "or more")
-    steps_per_epoch = num_train // config.batch_size
-    total = steps_per_epoch * config.num_epochs
-    warmup = round(config.warmup_epochs * steps_per_epoch)
-    if config.lr_schedule != "constant" and warmup >= total:
-        raise configs.ConfigError(
-            f"--config.warmup_epochs={config.warmup_epochs} is {warmup} steps, not fewer than the "
-            f"run's {total} ({config.num_epochs} epochs of {steps_per_epoch}): the "
-            f"{config.lr_schedule} schedule would never decay; use a smaller warmup_epochs")
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       hooks: hooks_lib.Hooks | None = None) -> tuple[TrainState, dict[str, float]]:
+                       hooks: hooks_lib.Hooks | None = None,
+                       dataset: input_pipeline.Dataset | None = None,
+                       ) -> tuple[TrainState, dict[str, float]]:
     """Trains for `config.num_epochs`, testing after every epoch; checkpoints and TensorBoard
     events go to `workdir`, and the same call resumes from them. Returns the state and the last
-    metrics; prints the tutorial's `Test loss:` / `Test accuracy:` (unless `hooks` stopped it)."""
+    metrics; prints the tutorial's `Test loss:` / `Test accuracy:` (unless `hooks` stopped it).
+    `dataset`: the config's data, if the caller loaded it already."""
     hooks = hooks or hooks_lib.Hooks()
-    dataset = input_pipeline.load_dataset(config)
+    dataset = dataset or input_pipeline.load_dataset(config)
     logging.info("Data: %s", dataset.describe())
-    check_against_data(config, dataset)
-    num_train = len(dataset.train_labels)
-    mesh = sharding.make_mesh()
+    configs.check_against_data(config, dataset.train_labels)
+    num_train, mesh = len(dataset.train_labels), sharding.make_mesh()
     steps_per_epoch = num_train // config.batch_size
     num_steps = steps_per_epoch * config.num_epochs
     position = functools.partial(checkpoints.data_position, steps_per_epoch=steps_per_epoch,
                                  config=config, num_train=num_train)
     state = sharding.replicate(mesh, create_train_state(config, jax.random.key(config.seed),
                                                         steps_per_epoch))
-    with hooks.hold(workdir):
-        state = hooks.restore(workdir, state, position(0))
-        start_step = step = int(state.step)
-        data = dispatch.device_dataset(mesh, dataset)
-        progress = progress_lib.Progress(
-            config, num_steps, steps_per_epoch, learning_rate_schedule(config, steps_per_epoch),
-            step, dispatch.step_flops(train_step_fn, state, data, config.batch_size),
-            profiling.peak_tflops(jax.devices()[0].device_kind, config.compute_dtype))
-        with (checkpoints.open_manager(workdir, config.checkpoint_keep) as manager,
-              summaries.open_writers(workdir, start_step) as writers,
-              profiling.StepProfile(workdir, config.profile_steps, start_step) as profile):
-            checkpoints.write_config(workdir, config)
-            summaries.write_run_info(writers, config, dataset, models.create_model(config),
-                                     state.params)
-            k = fast.steps_per_dispatch(config)
-            while step < num_steps:
-                epoch, index = divmod(step, steps_per_epoch)
-                if index == 0 or step == start_step:  # A resumed run may start mid-epoch.
-                    progress.start_epoch(step)
-                    order = dispatch.device_epoch_order(mesh, config.seed, epoch, num_train)
-                state, n = hooks.before_dispatch(state, step, progress.chunk(step, k))
-                with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    state, step_metrics = dispatch.run(
-                        train_step_fn, state, data, order, num_steps=n,
-                        batch_size=config.batch_size, steps_per_epoch=steps_per_epoch, mesh=mesh)
-                step, end_of_epoch = step + n, index + n == steps_per_epoch
-                profile.after_dispatch(step, step_metrics)
-                progress.add(step_metrics, step, end_of_epoch)
-                if end_of_epoch:
-                    test = evaluate(state, dataset.test_images, dataset.test_labels,
-                                    config.eval_batch_size, mesh)
-                    summaries.write_scalars(writers, step, progress.end_epoch(step, test))
-                stopping = hooks.should_stop(step)
-                every = config.checkpoint_every_steps
-                if end_of_epoch or (every and step % every == 0) or stopping:
-                    saved = hooks.before_save(state, position(step), progress.pending)
-                    checkpoints.save(manager, state, saved)
-                if stopping and step < num_steps:  # A stop at the last step: finish.
-                    return state, progress.metrics
-            # Also when a finished run is started again: a stop or a kill may have come between
-            # its last save and the pictures (main's hooks draw them if they are not there).
-            hooks.after_training(state, dataset, writers)
+    state = hooks.restore(workdir, state, position(0))
+    start_step = step = int(state.step)
+    data = dispatch.device_dataset(mesh, dataset)
+    progress = progress_lib.Progress(
+        config, num_steps, steps_per_epoch, learning_rate_schedule(config, steps_per_epoch), step,
+        dispatch.step_flops(train_step_fn, state, data, config.batch_size),
+        profiling.peak_tflops(jax.devices()[0].device_kind, config.compute_dtype))
+    with (checkpoints.open_manager(workdir, config.checkpoint_keep) as manager,
+          summaries.open_writers(workdir, start_step) as writers,
+          profiling.StepProfile(workdir, config.profile_steps, start_step) as profile):
+        checkpoints.write_config(workdir, config)
+        summaries.write_run_info(writers, config, dataset, models.create_model(config),
+                                 state.params)
+        k = fast.steps_per_dispatch(config)
+        while step < num_steps:
+            epoch, index = divmod(step, steps_per_epoch)
+            if index == 0 or step == start_step:  # A resumed run may start mid-epoch.
+                progress.start_epoch(step)
+                order = dispatch.device_epoch_order(mesh, config.seed, epoch, num_train)
+            n = progress.chunk(step, k)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, step_metrics = dispatch.run(
+                    train_step_fn, state, data, order, num_steps=n, batch_size=config.batch_size,
+                    steps_per_epoch=steps_per_epoch, mesh=mesh)
+            step, end_of_epoch = step + n, index + n == steps_per_epoch
+            profile.after_dispatch(step, step_metrics)
+            progress.add(step_metrics, step, end_of_epoch)
+            if end_of_epoch:
+                test = evaluate(state, dataset.test_images, dataset.test_labels,
+                                config.eval_batch_size, mesh)
+                summaries.write_scalars(writers, step, progress.end_epoch(step, test))
+            stopping = step < num_steps and hooks.should_stop(step)
+            every = config.checkpoint_every_steps
+            if end_of_epoch or (every and step % every == 0) or stopping:
+                progress.check_savable(state, step)
+                hooks.before_save(step)
+                checkpoints.save(manager, state, position(step))
+            if stopping:
+                return state, progress.metrics
+        # The pictures; a finished run started again draws them only if they are missing (a stop
+        # or a kill came between its last save and them).
+        if writers is not None:
+            from mnist_flax import pictures  # PIL and TensorBoard's reader: at the end only.
+
+            if start_step < num_steps or not pictures.drawn(workdir, step):
+                pictures.write_pictures(writers, state, dataset, config)
     metrics = progress.metrics or {f"test/{k}": v for k, v in evaluate(  # A finished run.
         state, dataset.test_images, dataset.test_labels, config.eval_batch_size, mesh).items()}
     print(f"Test loss: {metrics['test/loss']:.4f}")

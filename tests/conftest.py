@@ -163,11 +163,11 @@ def shared_mnist() -> pathlib.Path:
 
 
 def train_as_main(config: ml_collections.ConfigDict, workdir, **kwargs):
-    """`train.train_and_evaluate` with main's operations around it (lock, signals, checksums)."""
+    """`train.train_and_evaluate` inside main's operations (lock, signals, walk-back)."""
     from mnist_flax import train
     from mnist_flax.run import operations
 
-    with operations.Operations(config, **kwargs) as hooks:
+    with operations.held(str(workdir), config, **kwargs) as hooks:
         return train.train_and_evaluate(config, str(workdir), hooks)
 
 

@@ -176,7 +176,7 @@ def test_a_damaged_checkpoint_file_is_skipped_or_harmless(reference, fresh, capl
     assert [s for s, _ in skipped] == [LAST]
     # The run's writing manager moves it aside as it was, so keep-N no longer counts it.
     config = small_config(reference[0] / "data")
-    operations.Operations(config).restore(str(workdir), state, position)  # As main resumes.
+    operations.Operations(config, None, None).restore(str(workdir), state, position)  # As main.
     with contextlib.closing(checkpoints.create_manager(str(workdir), 3)) as m:
         assert m.all_steps() == [15, 18]
     set_aside = glob.glob(f"{workdir}/checkpoints/damaged-{LAST}-*")
@@ -208,7 +208,7 @@ def test_a_damaged_config_json_does_not_stop_a_resume(reference, fresh, caplog, 
     workdir = copy_workdir(reference, f"config-{damage}")
     DAMAGES[damage](workdir / checkpoints.CONFIG_FILE)
     with caplog.at_level(logging.WARNING):
-        restored = operations.Operations(small_config(base / "data")).restore(
+        restored = operations.Operations(small_config(base / "data"), None, None).restore(
             str(workdir), state, position)
     assert int(restored.step) == LAST and not glob.glob(f"{workdir}/checkpoints/damaged-*")
     assert not damage_warnings(caplog)
@@ -260,7 +260,7 @@ def test_checkpoints_without_a_checksum_restore_with_a_warning(reference, caplog
     position = workdir / "checkpoints" / str(LAST) / "position" / "metadata"
 
     data = json.loads(position.read_text())
-    del data[integrity.CHECKSUM_KEY]
+    del data[checkpoints.CHECKSUM_KEY]
     position.write_text(json.dumps(data))
     with caplog.at_level(logging.INFO):
         state, _ = train_as_main(small_config(base / "data"), str(workdir))

@@ -262,7 +262,7 @@ def test_sigterm_while_an_async_save_is_in_flight_saves_it_and_resumes_bit_ident
         with monkeypatch.context() as patched:
             patched.setattr(checkpoints, "save", save_then_sigterm)
             with pytest.raises(signals.Preempted) as stopped, \
-                    operations.Operations(config) as hooks:
+                    operations.held(gcs_bucket_path, config) as hooks:
                 train.train_and_evaluate(config, gcs_bucket_path, hooks)
     finally:
         os.kill(emulator, signal.SIGCONT)

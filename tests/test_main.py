@@ -123,26 +123,24 @@ def test_missing_or_unusable_workdir(tmp_path):
 
 
 def test_second_run_of_a_config_loads_the_step_from_the_compilation_cache(tmp_path, idx_dir):
-    """config.compilation_cache_dir: the first run compiles the step and saves it, the second
-    (a fresh process, another workdir) logs a compile-cache hit instead of compiling."""
+    """config.compilation_cache_dir: the first run compiles the step and saves it there, the
+    second (a fresh process, another workdir) finds every program it runs and saves nothing."""
     args = [f"--config.data_dir={idx_dir}", "--config.num_epochs=1", "--config.batch_size=32",
             "--config.verify_checksums=False", "--config.conv_features=(4,8)",
             "--config.dense_features=16", f"--config.compilation_cache_dir={tmp_path / 'cache'}"]
     first = run_main(f"--workdir={tmp_path / 'a'}", *args)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "Training step: compiled" in first.stderr and "miss, saved to" in first.stderr
-    assert "compile-cache hit" not in first.stderr
+    saved = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert any("train_step" in name or "run" in name for name in saved), saved
     second = run_main(f"--workdir={tmp_path / 'b'}", *args)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"Training step: compile-cache hit, loaded from {tmp_path / 'cache'}" in second.stderr
-    assert "Training step: compiled" not in second.stderr
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == saved  # All hits.
     assert first.stdout.splitlines()[-2:] == second.stdout.splitlines()[-2:]  # Same result.
 
 
 def test_an_unusable_compilation_cache_is_one_warning_and_no_cache(tmp_path, caplog):
     """A cache path under a file: one warning naming it and the fix, no cache (JAX warned at each
-    compilation), and the step's line says it compiled without one (it said 'already compiled in
-    this process')."""
+    compilation)."""
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
     before = jax.config.jax_compilation_cache_dir  # The session's (conftest).
@@ -150,10 +148,7 @@ def test_an_unusable_compilation_cache_is_one_warning_and_no_cache(tmp_path, cap
         with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as raised:
             warnings.simplefilter("always")
             assert process.enable_compilation_cache(f"{a_file}/cache") == ""
-            log = process.CompileCacheLog()
-            log.start()
             jax.block_until_ready(jax.jit(lambda x: x * 3 + 1)(np.arange(7.0)))  # New: compiled.
-            log.report()
     finally:
         process.enable_compilation_cache(before)
     lines = [r.getMessage() for r in caplog.records if "compil" in r.getMessage()]
@@ -161,7 +156,5 @@ def test_an_unusable_compilation_cache_is_one_warning_and_no_cache(tmp_path, cap
                         "Not a directory); compiling without it. Set "
                         "--config.compilation_cache_dir to a writable directory, or '' to turn "
                         "it off"), lines
-    assert lines[-1].startswith("Training step: compiled in "), lines
-    assert lines[-1].endswith("(persistent compilation cache: off)"), lines
     assert not [w for w in raised if "compilation cache" in str(w.message)]
     assert a_file.read_text() == "keep me"

@@ -55,8 +55,8 @@ from mnist_flax import (
     train,
 )
 from mnist_flax.input_pipeline import DataError
-from mnist_flax.run import config_checks, operations
 from mnist_flax.run import lock as lock_lib
+from mnist_flax.run import operations
 from mnist_flax.run import workdir as workdir_lib
 
 NUM_TRAIN, NUM_TEST = 160, 32
@@ -144,13 +144,33 @@ def test_another_seed_gives_another_run(nan_run, disk_full_run):
 # A NaN loss: the run stops before saving the diverged state; the last good checkpoint stays.
 
 
+# main, with the parameters poisoned just before step 5 (1-based) by the step function itself, so
+# its loss is NaN: the step is patched, as a fault comes from inside the step.
+_MAIN_WITH_NAN_AT_STEP_5 = textwrap.dedent("""
+    import jax, jax.numpy as jnp
+    from absl import app
+    from mnist_flax import main, train
+    from mnist_flax.run import boundary
+
+    real_step = train.train_step_fn
+
+    def poisoned_step(state, batch):
+        params = jax.tree.map(lambda p: jnp.where(state.step == 4, p * jnp.nan, p), state.params)
+        return real_step(state.replace(params=params), batch)
+
+    train.train_step_fn = poisoned_step
+    main.define_flags()
+    app.run(main.main, flags_parser=boundary.parse_flags)
+""")
+
+
 @pytest.fixture(scope="module")
 def nan_run(base):
     """The CLI with the loss made NaN at step 5: checkpoints come every 3 steps and progress
     lines (the only other loss check) every 100, so only the check before a save can stop it."""
     workdir = base / "nan"
-    result = run_main(*tiny_flags(base / "data", workdir, "--config.debug_nan_at_step=5",
-                                        "--config.seed=7"))
+    result = run_main(*tiny_flags(base / "data", workdir, "--config.seed=7"),
+                      script=_MAIN_WITH_NAN_AT_STEP_5)
     return workdir, result
 
 
@@ -191,22 +211,18 @@ def test_bad_input_on_an_existing_workdir_changes_nothing_in_it(base, nan_run):
 
 
 def test_a_nan_parameter_with_a_finite_loss_is_not_saved_either():
-    state = types.SimpleNamespace(params={"Dense_0": {"kernel": np.ones((3, 2), np.float32)}})
-    losses = [{"loss": np.float32(0.5)}, {"loss": np.float32(np.inf)}]
+    pending = [{"loss": np.float32(0.5)}, {"loss": np.float32(np.inf)}]
+    fine = types.SimpleNamespace(params={"Dense_0": {"kernel": np.ones((3, 2), np.float32)}})
+    progress_ = types.SimpleNamespace(pending=pending)
     with pytest.raises(progress.TrainingDivergedError, match="became inf at step 10;"):
-        operations.check_savable(state, losses, step=10)
-    operations.check_savable(state, losses[:1], step=10)  # All finite: no error.
+        progress.Progress.check_savable(progress_, fine, step=10)
+    progress_.pending = pending[:1]
+    progress.Progress.check_savable(progress_, fine, step=10)  # All finite: no error.
     poisoned = types.SimpleNamespace(params={"Dense_0": {"kernel": np.full((3, 2), np.nan,
                                                                           np.float32)}})
     with pytest.raises(progress.TrainingDivergedError,
                        match="parameters became NaN or Inf at step 4"):
-        operations.check_savable(poisoned, losses[:1], step=4)
-
-
-def test_debug_nan_at_step_is_validated():
-    config = small_config(".", debug_nan_at_step=-1)
-    with pytest.raises(config_checks.ConfigError, match="debug_nan_at_step=-1: must be an int"):
-        config_checks.validate(config)
+        progress.Progress.check_savable(progress_, poisoned, step=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,52 +523,51 @@ def test_a_finished_run_started_with_a_config_that_trains_otherwise_is_refused_u
     assert again["test/accuracy"] == metrics["test/accuracy"]
 
 
-class _SigtermIn(operations.Operations):
-    """main's operations, with SIGTERM sent to this process at one moment: `at` 'last step'
-    (before the last dispatch: the loop sees it after the last step) or 'pictures' (while the
-    end-of-run pictures are drawn)."""
+class _SigtermBeforeTheLastStep(operations.Operations):
+    """main's operations, with SIGTERM sent to this process once the loop has asked whether to
+    stop for the last time (before the last dispatch; log_every_steps=1: a step a dispatch)."""
 
-    def __init__(self, config, at: str):
-        super().__init__(config)
-        self.at = at
-
-    def before_dispatch(self, state, step, num_steps):
-        if self.at == "last step" and step + num_steps >= NUM_STEPS:
+    def should_stop(self, step):
+        stopping = super().should_stop(step)
+        if step == NUM_STEPS - 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        return super().before_dispatch(state, step, num_steps)
-
-    def after_training(self, state, dataset, writers):
-        if self.at == "pictures":
-            os.kill(os.getpid(), signal.SIGTERM)
-        super().after_training(state, dataset, writers)
+        return stopping
 
 
 @pytest.mark.parametrize("at", ["last step", "pictures"])
-def test_sigterm_after_the_last_step_lets_the_run_finish_with_its_pictures(base, at, caplog):
+def test_sigterm_after_the_last_step_lets_the_run_finish_with_its_pictures(base, at, caplog,
+                                                                         monkeypatch):
     """Nothing is left to stop: the run ends as finished (results, pictures, exit 0), not as
     preempted at a wrong step (it said 'saved the checkpoint at step 0', exit 143)."""
+    if at == "last step":
+        monkeypatch.setattr(operations, "Operations", _SigtermBeforeTheLastStep)
+    else:
+        real_write = pictures.write_pictures
+
+        def write_after_sigterm(*args):
+            os.kill(os.getpid(), signal.SIGTERM)
+            real_write(*args)
+
+        monkeypatch.setattr(pictures, "write_pictures", write_after_sigterm)
     config = small_config(base / "data", log_every_steps=1)
     workdir = base / f"sigterm-{at.replace(' ', '-')}"
-    with _SigtermIn(config, at) as hooks:
-        state, metrics = train.train_and_evaluate(config, str(workdir), hooks)
+    state, metrics = conftest.train_as_main(config, workdir)
     assert int(state.step) == NUM_STEPS and "test/accuracy" in metrics
     assert "SIGTERM came after the last step: the run has finished" in caplog.text
     assert picture_steps(workdir) == dict.fromkeys(pictures.IMAGE_TAGS, [NUM_STEPS])
 
 
-def test_a_finished_run_without_its_pictures_draws_them_when_started_again(base):
+def test_a_finished_run_without_its_pictures_draws_them_when_started_again(base, monkeypatch):
     """A kill between the last save and the pictures leaves a finished run without them; the
     same command draws them (only then: a finished run started again adds no second copy)."""
-
-    class NoPictures(operations.Operations):
-        def after_training(self, state, dataset, writers):
-            pass  # As if killed just before drawing them.
-
     config = small_config(base / "data")
     workdir = base / "no-pictures"
-    with NoPictures(config) as hooks:
-        train.train_and_evaluate(config, str(workdir), hooks)
+    with monkeypatch.context() as patched:
+        patched.setattr(pictures, "write_pictures", lambda *args: None)  # As if killed then.
+        conftest.train_as_main(config, workdir)
     assert picture_steps(workdir) == {}
+    conftest.train_as_main(config, workdir)
+    assert picture_steps(workdir) == dict.fromkeys(pictures.IMAGE_TAGS, [NUM_STEPS])
     conftest.train_as_main(config, workdir)
     assert picture_steps(workdir) == dict.fromkeys(pictures.IMAGE_TAGS, [NUM_STEPS])
 

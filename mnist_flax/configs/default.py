@@ -83,8 +83,4 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 0  # Steps; also save every this many steps (0 = epochs only).
     config.checkpoint_keep = 3  # How many of the newest checkpoints to keep (>= 1).
 
-    # Fault injection, for tests only (tests/test_reliability.py).
-    config.debug_nan_at_step = 0  # Step (1-based) whose loss is made NaN by poisoning the
-    # parameters just before it; 0 = off. Shows that a diverged run stops and saves nothing.
-
     return config

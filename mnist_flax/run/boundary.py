@@ -22,15 +22,12 @@ from collections.abc import Callable, Iterator
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
-from mnist_flax import checkpoints, configs, input_pipeline, progress
-from mnist_flax.run import config_checks, lease, signals, startup, storage_errors, workdir
+from mnist_flax import checkpoints, configs
+from mnist_flax.run import config_checks, signals, startup, storage_errors, workdir
 
 DEFAULT_CONFIG = configs.DEFAULT
 _CONFIG_ERRORS = (AttributeError, KeyError, OSError, ImportError, SyntaxError, TypeError,
                   ValueError, NameError)
-# Bad input, or a run that cannot go on: printed as their own one line.
-USER_ERRORS = (configs.ConfigError, input_pipeline.DataError, checkpoints.CheckpointError,
-               workdir.WorkdirError, progress.TrainingDivergedError, lease.LeaseError)
 INTERRUPTED_LINE = startup.INTERRUPTED_LINE  # Before the boundary exists, startup says it.
 
 
@@ -61,7 +58,7 @@ def _traceback_file(error: BaseException, workdir_hint: str | None) -> str:
 
 def describe(error: BaseException) -> str | None:
     """The curated one line of a known cause, or None."""
-    if isinstance(error, USER_ERRORS):
+    if isinstance(error, configs.UserError):  # Bad input, or a run that cannot go on.
         return str(error)
     if isinstance(error, BrokenPipeError):
         return ""  # Output piped into a reader that left (`| head`): not an error to report.

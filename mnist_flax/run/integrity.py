@@ -1,16 +1,11 @@
-"""Checkpoints a run can trust: a sha256 of what each holds, checked after every restore; a
-restore walks back from the newest checkpoint to the newest intact one, saying what it skips and
-why; damaged ones are moved aside (checkpoints/damaged-<step>-<reason>), never deleted.
-
-The checksum, stored in the position JSON, catches a damaged file (cut short, bytes flipped,
-emptied, garbage) even where tensorstore reads it without complaint. A checkpoint that vanishes
-while it is read was pruned by a run that is saving a newer one: busy, not damaged.
+"""Checkpoints a run can trust: a restore walks back from the newest checkpoint to the newest
+intact one (`checkpoints.read` checks each one's checksum), saying what it skips and why; damaged
+ones are moved aside (checkpoints/damaged-<step>-<reason>), never deleted. A checkpoint that
+vanishes while it is read was pruned by a run that is saving a newer one: busy, not damaged.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import time
 from typing import Any
@@ -21,40 +16,10 @@ from absl import logging
 from etils import epath
 
 from mnist_flax import checkpoints
-from mnist_flax.checkpoints import CheckpointError, checkpoint_dir
+from mnist_flax.checkpoints import CheckpointError, DamagedError, checkpoint_dir
 from mnist_flax.run import lock, logs
 
-CHECKSUM_KEY = "sha256"  # In the position JSON: state_checksum of the tree and the position.
 DAMAGED_PREFIX = "damaged-"  # checkpoints/damaged-<step>-<reason>: set aside, never deleted.
-# The checksum hashes the dtypes JAX uses without x64, so JAX_ENABLE_X64=1 (which restores the
-# step as int64) reads the same checkpoint as intact.
-_HASHED_DTYPES = {np.dtype(np.int64): np.int32, np.dtype(np.uint64): np.uint32,
-                  np.dtype(np.float64): np.float32}
-
-
-def _host_array(leaf: Any) -> np.ndarray:
-    """A leaf on the host; the state is replicated, so one local shard is the whole array."""
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        leaf = leaf.addressable_shards[0].data
-    return np.asarray(leaf)
-
-
-def state_checksum(tree: Any, position: dict[str, Any]) -> str:
-    """sha256 over the position and every leaf's name, dtype, shape and bytes, in name order.
-
-    Name order, not flatten order, so the raw tree orbax restores without a target (dicts where
-    the state has tuples) hashes the same as the state it was saved from.
-    """
-    digest = hashlib.sha256(json.dumps({k: v for k, v in position.items() if k != CHECKSUM_KEY},
-                                       sort_keys=True).encode())
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    leaves = {checkpoints.path_name(path): leaf for path, leaf in flat}
-    for name in sorted(leaves):
-        array = _host_array(leaves[name])
-        array = np.ascontiguousarray(array.astype(_HASHED_DTYPES.get(array.dtype, array.dtype)))
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
 
 
 def move_aside(workdir: str, step: int, reason: str) -> epath.Path:
@@ -86,26 +51,6 @@ def _read_error(e: BaseException) -> str:
 
 
 
-def _verified(step: int, tree: Any, position: dict[str, Any], where: epath.Path) -> None:
-    """Raises _Damaged when the checksum stored with the checkpoint differs from its contents."""
-    if not isinstance(position, dict) or "step" not in position:
-        raise _Damaged("position JSON: not a data position")
-    stored = position.get(CHECKSUM_KEY)
-    if stored is None:  # Written before checksums existed: usable, but say it is unverified.
-        logging.warning("%s: the checkpoint at step %d has no checksum (written by an older "
-                        "version); restoring it unverified", where, step)
-        return
-    if stored != state_checksum(tree, position):
-        raise _Damaged("checksum mismatch: its contents are not what was saved")
-    held = int(np.asarray(_host_array(tree["step"])))
-    if position["step"] != step or held != step:
-        raise _Damaged(f"it holds step {held if held != step else position['step']}, not {step}")
-
-
-class _Damaged(Exception):  # noqa: N818 (a reason, not an error for users)
-    """A checkpoint that cannot be trusted; the message is the reason, in a few words."""
-
-
 def _walk_back(workdir: str, read: Any) -> tuple[Any, int, list[tuple[int, str]]]:
     """`read(manager, step, where)` on each checkpoint, newest first, until one is intact.
 
@@ -127,14 +72,14 @@ def _walk_back(workdir: str, read: Any) -> tuple[Any, int, list[tuple[int, str]]
                 where = directory / str(step)
                 try:
                     return read(manager, step, where), step, damaged
-                except CheckpointError:
-                    raise
                 except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many kinds)
+                    if isinstance(e, CheckpointError) and not isinstance(e, DamagedError):
+                        raise  # This config cannot use it: not damage.
                     time.sleep(0.2)  # A live run's prune deletes file by file, then the dir.
                     manager.reload()
                     if step not in manager.all_steps() or not where.exists():
                         break  # Pruned while we read it: list again.
-                    reason = str(e) if isinstance(e, _Damaged) else _read_error(e)
+                    reason = str(e) if isinstance(e, CheckpointError) else _read_error(e)
                     logging.warning("%s: skipping the damaged checkpoint at step %d: %s", where,
                                     step, reason)
                     damaged.append((step, reason))
@@ -160,9 +105,7 @@ def restore_intact(workdir: str, state, position: dict[str, int]):
     target = checkpoints.state_tree(state)
 
     def read(manager, step, where):
-        tree, saved_position = checkpoints.read(manager, step, target, where)
-        _verified(step, tree, saved_position, where)
-        return tree, saved_position
+        return checkpoints.read(manager, step, target, where)
 
     (tree, saved_position), step, damaged = _walk_back(workdir, read)
     where = checkpoint_dir(workdir) / str(step)
@@ -193,8 +136,7 @@ def _restore_params(workdir: str, expected_params: Any) -> tuple[Any, int]:
         device = jax.sharding.NamedSharding(one_device, jax.sharding.PartitionSpec())
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                               saved_tree)
-        tree, saved_position = checkpoints.read(manager, step, target, where)
-        _verified(step, tree, saved_position, where)
+        tree, _ = checkpoints.read(manager, step, target, where)
         return jax.tree.map(np.asarray, tree["params"])
 
     params, step, _ = _walk_back(workdir, read)

@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Any
 
+from mnist_flax import configs
+
 # google-cloud-storage, imported by `acquire` (every other function runs after it): only gs://
 # workdirs need it, and its import costs every other process 0.2-0.7 s.
 exceptions = storage = DEFAULT_RETRY = None
@@ -39,7 +41,7 @@ REQUEST_TIMEOUT_S = 10.0  # Per HTTP request; retries stop when the lease has no
 log = logging.getLogger(__name__)
 
 
-class LeaseError(ValueError):
+class LeaseError(configs.UserError):
     """Another run holds the workdir, or this run lost it; one line naming the owner."""
 
 

@@ -10,7 +10,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 
 import jax
 from absl import logging as absl_logging
@@ -71,50 +70,6 @@ def enable_compilation_cache(cache_dir: str) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return cache_dir
-
-
-class CompileCacheLog:
-    """Says, after the first training dispatch, whether the step was compiled or loaded from JAX's
-    persistent compilation cache, from JAX's own events: compilations (a cache hit is one too),
-    cache lookups, hits, and entries written. `start()` before that dispatch, `report()` after."""
-
-    _events = {"/jax/core/compile/backend_compile_duration": 0,
-               "/jax/compilation_cache/compile_requests_use_cache": 0,
-               "/jax/compilation_cache/cache_hits": 0, "/jax/compilation_cache/cache_misses": 0}
-    _listening = False
-
-    @classmethod
-    def _count(cls, event: str, *args, **kwargs) -> None:
-        if event in cls._events:
-            cls._events[event] += 1
-
-    def start(self) -> None:
-        if not CompileCacheLog._listening:
-            jax.monitoring.register_event_listener(CompileCacheLog._count)
-            jax.monitoring.register_event_duration_secs_listener(CompileCacheLog._count)
-            CompileCacheLog._listening = True
-        self._before, self._start = dict(self._events), time.perf_counter()
-
-    def report(self) -> None:
-        compiled, looked_up, hits, saved = (self._events[e] - self._before[e]
-                                            for e in self._events)
-        seconds, cache_dir = time.perf_counter() - self._start, jax.config.jax_compilation_cache_dir
-        if not compiled:
-            absl_logging.info("Training step: already compiled in this process")
-        elif hits and hits == looked_up:
-            absl_logging.info("Training step: compile-cache hit, loaded from %s in %.2f s (not "
-                              "recompiled)", cache_dir, seconds)
-        else:
-            if not cache_dir:
-                cache = "off"
-            elif saved:
-                cache = f"miss, saved to {cache_dir}"
-            elif looked_up and jax.process_index() != 0:
-                cache = f"miss; process 0 saves it to {cache_dir}"  # JAX writes from one process.
-            else:
-                cache = f"not saved to {cache_dir}; see JAX's warning"
-            absl_logging.info("Training step: compiled in %.2f s (persistent compilation cache: "
-                              "%s)", seconds, cache)
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8

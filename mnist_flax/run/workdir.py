@@ -157,10 +157,6 @@ def check_layout(root: epath.Path) -> None:
                                "aside (or fix its permissions), or use another --workdir")
 
 
-def check_shared(workdir: str) -> None:
-    """`lock.lock` runs the check now (`lock.check_shared`); operations.py's call to this goes."""
-
-
 def enclosing_run(workdir: str) -> str | None:
     """The nearest directory above `workdir` that holds a run (config.json and checkpoints/), or
     None; relative if `workdir` is: a user who passed a part of a run is pointed at the run."""
