@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 
 import jax
 from absl import logging as absl_logging
@@ -97,6 +98,9 @@ def tune_host_allocator() -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings)
 
 
+PEERS_TIMEOUT_S = 300  # --multihost: how long a process waits for all to reach the coordinator.
+
+
 def start_jax(multihost: bool = False, coordinator_address: str | None = None,
               num_processes: int | None = None, process_id: int | None = None) -> None:
     """Starts JAX's runtime (`multihost`: the distributed one first) and its backend, so that a
@@ -116,22 +120,38 @@ def start_jax(multihost: bool = False, coordinator_address: str | None = None,
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
-                           process_id: int | None) -> None:
+                           process_id: int | None, timeout_s: int = PEERS_TIMEOUT_S) -> None:
     """`jax.distributed.initialize`: TPU pods and SLURM are detected by JAX itself; elsewhere all
-    three settings must be given (one line says which are missing)."""
+    three settings must be given. Peers that have not all connected after `timeout_s` are one line:
+    JAX would abort with a C++ stack, so it waits longer, in a thread the process leaves behind."""
     given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
              "process_id": process_id}
-    if any(v is not None for v in given.values()):
-        missing = [f"--{k}" for k, v in given.items() if v is None]
-        if missing:
-            raise configs.ConfigError(f"--multihost: also pass {', '.join(missing)} (or none of "
-                                      "the three, on a TPU pod or under SLURM)")
-        jax.distributed.initialize(**given)
-        return
-    try:
-        jax.distributed.initialize()
-    except (ValueError, RuntimeError) as e:
+    missing = [f"--{k}" for k, v in given.items() if v is None]
+    if 0 < len(missing) < len(given):
+        raise configs.ConfigError(f"--multihost: also pass {', '.join(missing)} (or none of the "
+                                  "three, on a TPU pod or under SLURM)")
+    coordinator = coordinator_address or "(the one JAX detects)"
+    absl_logging.info("--multihost: waiting up to %d s for every process to reach the coordinator "
+                      "%s", timeout_s, coordinator)
+    outcome: list[Exception | None] = []
+
+    def connect() -> None:
+        try:
+            outcome.append(jax.distributed.initialize(**({} if missing else given),
+                                                      initialization_timeout=timeout_s + 60))
+        except Exception as e:  # noqa: BLE001 (raised again in the caller's thread)
+            outcome.append(e)
+
+    thread = threading.Thread(target=connect, name="jax.distributed.initialize", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
         raise configs.ConfigError(
-            f"--multihost: JAX found no cluster here ({checkpoints.error_line(e, 120)}); on a TPU "
-            "pod or under SLURM it needs nothing more, elsewhere pass --coordinator_address="
-            "HOST:PORT --num_processes=N --process_id=I") from None
+            f"--multihost: not all {num_processes or 'the'} processes reached the coordinator "
+            f"{coordinator} within {timeout_s} s; start the same command on every host (process 0 "
+            "on the coordinator's) and check that its port is reachable from each")
+    if error := outcome[0]:  # No cluster found (not a TPU pod or SLURM), or bad settings.
+        raise configs.ConfigError(
+            f"--multihost: JAX did not start the cluster ({checkpoints.error_line(error, 120)}); "
+            "on a TPU pod or under SLURM it needs no more flags, elsewhere pass "
+            "--coordinator_address=HOST:PORT --num_processes=N --process_id=I") from None
