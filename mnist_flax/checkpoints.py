@@ -4,7 +4,7 @@ run's config (workdir/config.json). Paths go through `etils.epath`: local or gs:
 Orbax writes a checkpoint into a temporary directory and renames it when complete, so a run killed
 mid-save keeps the previous one. Saves are asynchronous: the loop waits only while the arrays are
 copied off the device, and the files are written in a background thread while it trains on.
-Every save stores a sha256 of what it holds (`checksums`), and every read checks it;
+Every save stores a sha256 of what it holds, and every read checks it (`checkpoint_checks`);
 `run.integrity` walks back past damaged ones and moves them aside.
 """
 
@@ -17,13 +17,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from mnist_flax import checksums, configs
-from mnist_flax.checksums import CHECKSUM_KEY, path_name
+from mnist_flax import checkpoint_checks
+from mnist_flax.checkpoint_checks import (  # noqa: F401 (also this module's API)
+    CHECKSUM_KEY,
+    CheckpointError,
+    DamagedError,
+    check_shapes,
+    path_name,
+    tree_shapes,
+)
+from mnist_flax.paths import path
 
 CHECKPOINT_DIR = "checkpoints"  # Under the workdir.
 CONFIG_FILE = "config.json"  # The config the run was started (or resumed) with.
@@ -31,23 +38,9 @@ CONFIG_FILE = "config.json"  # The config the run was started (or resumed) with.
 DATA_ORDER_FIELDS = ("seed", "batch_size", "num_train")
 
 
-class CheckpointError(configs.UserError):
-    """A workdir whose checkpoint cannot be used with this config; one line naming the mismatch."""
-
-
-class DamagedError(CheckpointError):
-    """A checkpoint whose contents are not what was saved; the message is the reason."""
-
-
 def error_line(e: BaseException, limit: int = 200) -> str:
     """'Type: first line of the message' (at most `limit` characters of it), for one-line errors."""
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:limit]}"
-
-
-def path(workdir: str | os.PathLike) -> epath.Path:
-    """The workdir as an epath: absolute when local, unchanged when a URL such as gs://."""
-    text = os.fspath(workdir)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -61,35 +54,13 @@ def state_tree(state) -> dict[str, Any]:
 
 
 def data_position(step: int, steps_per_epoch: int, config: ml_collections.ConfigDict,
-                  num_train: int) -> dict[str, int]:
-    """Where in the data a step is, stored next to the state for people and for the resume check."""
+                  num_train: int, data: str = "") -> dict[str, Any]:
+    """Where in the data a step is, and which data (`Dataset.fingerprint`), stored next to the
+    state for people and for the resume check."""
     epoch, index = divmod(step, steps_per_epoch)
     return {"step": step, "epoch": epoch, "step_in_epoch": index,
             "steps_per_epoch": steps_per_epoch, "seed": config.seed,
-            "batch_size": config.batch_size, "num_train": num_train}
-
-
-def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    return {path_name(p): tuple(np.shape(leaf))
-            for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def check_shapes(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
-                 where: str | epath.Path) -> None:
-    """Raises CheckpointError naming the first parameter whose name or shape differs."""
-    for name in sorted(set(saved) | set(expected), key=lambda n: (not n.startswith("params"), n)):
-        if name not in saved:
-            why = (f"the checkpoint has no {name} (the config's model has shape "
-                   f"{expected[name]}); another model or optimizer wrote it")
-        elif name not in expected:
-            why = f"the checkpoint has {name} {saved[name]}, which the config's model does not"
-        elif saved[name] != expected[name]:
-            why = (f"{name} has shape {saved[name]} in the checkpoint but {expected[name]} in the "
-                   "config's model")
-        else:
-            continue
-        raise CheckpointError(f"{where}: {why}; use another --workdir or the config it was "
-                              "trained with")
+            "batch_size": config.batch_size, "num_train": num_train, "data": data}
 
 
 def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
@@ -154,7 +125,7 @@ def save(manager: ocp.CheckpointManager, state, position: dict[str, Any]) -> boo
     if manager.latest_step() == step:
         return False
     finish(manager)
-    position = {**position, CHECKSUM_KEY: checksums.state_checksum(tree, position)}
+    position = {**position, CHECKSUM_KEY: checkpoint_checks.state_checksum(tree, position)}
     try:
         return manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(tree), position=ocp.args.JsonSave(position)))
@@ -195,21 +166,28 @@ def read(manager: ocp.CheckpointManager, step: int, target: Any,
     check_shapes(tree_shapes(saved), tree_shapes(target), where)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), position=ocp.args.JsonRestore()))
-    damage = checksums.damage(step, restored["state"], restored["position"])
+    damage = checkpoint_checks.damage(step, restored["state"], restored["position"])
     if damage:
         raise DamagedError(damage)
     return restored["state"], restored["position"]
 
 
-def adopt(state, tree: Any, saved_position: dict[str, Any], position: dict[str, int],
+def adopt(state, tree: Any, saved_position: dict[str, Any], position: dict[str, Any],
           where: epath.Path):
-    """`state` holding the restored `tree`, after checking the data order matches `position`'s."""
+    """`state` holding the restored `tree`, after checking the data order and the data itself
+    match `position`'s (a position with no data fingerprint accepts any)."""
     for name in DATA_ORDER_FIELDS:
         if saved_position[name] != position[name]:
             raise CheckpointError(
                 f"{where}: was trained with {name}={saved_position[name]} but this run has "
                 f"{position[name]}; resuming would change the data order; use another --workdir "
                 "or the same config and data")
+    saved, this = saved_position.get("data", ""), position.get("data", "")
+    if saved and this and saved != this:  # Checkpoints before fingerprints have none.
+        raise CheckpointError(
+            f"{where}: was trained on other data (fingerprint {saved}) than this run's ({this}); "
+            "resuming would train on a mix: point the config at the data it was trained on, use "
+            "another --workdir, or pass --config.resume_on_other_data=True to resume on these")
     return state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"],
                          dropout_key=jax.random.wrap_key_data(tree["dropout_key"]))
 

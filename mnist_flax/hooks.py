@@ -1,7 +1,7 @@
 """What `train.train_and_evaluate` lets its caller add around the loop: three methods. These
 defaults train bare (a notebook, a test); main's `run.Operations` overrides them to check the
 config of a resumed run, stop on signals, and refuse to save after losing the workdir's lease.
-Everything every caller needs (checksums, the diverged-state check, the pictures) is the core's."""
+Everything every caller needs (checksums, the diverged-state check, pictures) is the core's."""
 
 from typing import Any
 

@@ -8,6 +8,7 @@ a function of (seed, epoch) alone, so a resumed run replays it from the step it 
 
 import dataclasses
 import functools
+import hashlib
 import importlib.resources
 import os
 
@@ -43,6 +44,14 @@ class Dataset:
     def describe(self) -> str:
         return (f"{self.source}: {len(self.train_labels):,} train / "
                 f"{len(self.test_labels):,} test images")
+
+    def fingerprint(self) -> str:
+        """What the run trains on, in 16 hex digits (sha256 of the training images and labels):
+        saved with each checkpoint, so a resume on other data is refused."""
+        digest = hashlib.sha256()
+        for array in (self.train_images, self.train_labels):
+            digest.update(np.ascontiguousarray(array).data)
+        return digest.hexdigest()[:16]
 
 
 # The packaged sample.

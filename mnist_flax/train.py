@@ -184,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Trains for `config.num_epochs`, testing after every epoch; checkpoints and TensorBoard
     events go to `workdir`, and the same call resumes from them. Returns the state and the last
     metrics; prints the tutorial's `Test loss:` / `Test accuracy:` (unless `hooks` stopped it).
-    `dataset`: the config's data, if the caller loaded it already."""
+    `dataset`: the config's data, if the caller loaded it."""
     hooks = hooks or hooks_lib.Hooks()
     dataset = dataset or input_pipeline.load_dataset(config)
     logging.info("Data: %s", dataset.describe())
@@ -192,11 +192,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     num_train, mesh = len(dataset.train_labels), sharding.make_mesh()
     steps_per_epoch = num_train // config.batch_size
     num_steps = steps_per_epoch * config.num_epochs
+    fingerprint = dataset.fingerprint()  # Not checked on restore if the config says so.
     position = functools.partial(checkpoints.data_position, steps_per_epoch=steps_per_epoch,
-                                 config=config, num_train=num_train)
+                                 config=config, num_train=num_train, data=fingerprint)
     state = sharding.replicate(mesh, create_train_state(config, jax.random.key(config.seed),
                                                         steps_per_epoch))
-    state = hooks.restore(workdir, state, position(0))
+    state = hooks.restore(workdir, state, position(0, data="" if config.resume_on_other_data
+                                                  else fingerprint))
     start_step = step = int(state.step)
     data = dispatch.device_dataset(mesh, dataset)
     progress = progress_lib.Progress(
@@ -235,8 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 checkpoints.save(manager, state, position(step))
             if stopping:
                 return state, progress.metrics
-        # The pictures; a finished run started again draws them only if they are missing (a stop
-        # or a kill came between its last save and them).
+        # The pictures; a finished run started again draws them if a stop or kill prevented it.
         if writers is not None:
             from mnist_flax import pictures  # PIL and TensorBoard's reader: at the end only.
 

@@ -502,6 +502,30 @@ def finished(base):
     return base / "finished", metrics
 
 
+@pytest.mark.parametrize("other_data", ["other digits, same sizes", "the same digits reordered"])
+def test_a_resume_on_other_data_is_refused_untouched_unless_the_config_says_so(base, finished,
+                                                                              other_data):
+    """The checkpoint knows its data (a fingerprint): MNIST_DATA_DIR or data_dir pointed at
+    another data set of the same size trained on it without a word."""
+    workdir, _ = finished
+    other = base / f"other-data-{other_data.split()[-1]}"
+    if other_data.startswith("other"):
+        write_idx_dir(other, n_train=NUM_TRAIN, n_test=NUM_TEST, seed=5)
+    else:
+        images, labels = conftest.synthetic_digits(NUM_TRAIN)
+        conftest.write_idx_files(other, (images[::-1], labels[::-1]),
+                                 conftest.synthetic_digits(NUM_TEST, 1), True)
+    before = conftest.snapshot_but_lock(workdir)
+    with pytest.raises(checkpoints.CheckpointError, match=r"was trained on other data \(finger"):
+        conftest.train_as_main(small_config(other, num_epochs=3), workdir)
+    assert conftest.snapshot_but_lock(workdir) == before
+    resumed = base / f"resumed-{other_data.split()[-1]}"
+    shutil.copytree(workdir, resumed)
+    state, _ = conftest.train_as_main(small_config(other, num_epochs=3, resume_on_other_data=True),
+                                      resumed)
+    assert int(state.step) == NUM_STEPS // 2 * 3
+
+
 def test_a_finished_run_started_with_a_config_that_trains_otherwise_is_refused_untouched(
         base, finished):
     """It would train nothing and report its old results as the new config's (config.json and
@@ -515,8 +539,9 @@ def test_a_finished_run_started_with_a_config_that_trains_otherwise_is_refused_u
     assert str(refused.value) == (
         f"--workdir={workdir} has finished training with another config (dropout_rates: "
         "[0.25, 0.5] -> [0.0, 0.0]; learning_rate: 0.001 -> 0.01); it would train nothing and "
-        "report its results as this config's: use another --workdir, the config it was trained "
-        f"with ({workdir}/config.json), or a larger --config.num_epochs to train on")
+        "report its results as this config's: use another --workdir, its values (those before "
+        f"each '->' above; all are in {workdir}/config.json), or a larger --config.num_epochs to "
+        "train on")
     assert conftest.snapshot_but_lock(workdir) == before  # Nothing written: config, events.
 
     _, again = conftest.train_as_main(small_config(base / "data", log_every_steps=1), workdir)

@@ -82,5 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Checkpoints (workdir/checkpoints/): always at the end of every epoch and on SIGTERM.
     config.checkpoint_every_steps = 0  # Steps; also save every this many steps (0 = epochs only).
     config.checkpoint_keep = 3  # How many of the newest checkpoints to keep (>= 1).
+    # A resume on data other than the checkpoint's (its fingerprint differs) is refused unless
+    # this is True.
+    config.resume_on_other_data = False
 
     return config

@@ -92,5 +92,5 @@ def refuse_a_finished_run_changed(workdir_path: str, changes: list[str]) -> None
         raise configs.ConfigError(
             f"--workdir={workdir_path} has finished training with another config "
             f"({'; '.join(decisive)}); it would train nothing and report its results as this "
-            f"config's: use another --workdir, the config it was trained with "
-            f"({workdir.config_path(workdir_path)}), or a larger --config.num_epochs to train on")
+            f"config's: use another --workdir, its values (those before each '->' above; all are "
+            f"in {workdir.config_path(workdir_path)}), or a larger --config.num_epochs to train on")

@@ -17,6 +17,7 @@ from etils import epath
 
 from mnist_flax import checkpoints, configs
 from mnist_flax.checkpoints import error_line
+from mnist_flax.paths import is_remote  # noqa: F401 (also this module's API)
 from mnist_flax.run import config_checks, storage_errors
 from mnist_flax.run import lease as lease_lib
 
@@ -35,10 +36,6 @@ def path(workdir: str | os.PathLike) -> epath.Path:
     """The workdir as an epath: absolute when local, unchanged when a URL such as gs://."""
     check_client(os.fspath(workdir))
     return checkpoints.path(os.fspath(workdir))
-
-
-def is_remote(workdir: str | os.PathLike) -> bool:
-    return "://" in os.fspath(workdir)
 
 
 def _installed(module: str) -> bool:

@@ -1,6 +1,7 @@
-"""A checkpoint's sha256: of the position JSON and every array's name, dtype, shape and bytes. It
-catches a damaged file (cut short, bytes flipped, emptied) even where tensorstore reads it without
-complaint; no library checks what a checkpoint holds against what was saved."""
+"""What a checkpoint read back is checked against: its shapes against this config's model, and
+its sha256 (of the position JSON and every array's name, dtype, shape and bytes) against what
+was saved, which catches a damaged file (cut short, bytes flipped, emptied) even where
+tensorstore reads it without complaint; no library checks a checkpoint's contents."""
 
 import hashlib
 import json
@@ -9,12 +10,23 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
+
+from mnist_flax import configs
 
 CHECKSUM_KEY = "sha256"  # In the position JSON: state_checksum of the tree and the position.
 # The checksum hashes the dtypes JAX uses without x64, so JAX_ENABLE_X64=1 (which restores the
 # step as int64) reads the same checkpoint as intact.
 _HASHED_DTYPES = {np.dtype(np.int64): np.int32, np.dtype(np.uint64): np.uint32,
                   np.dtype(np.float64): np.float32}
+
+
+class CheckpointError(configs.UserError):
+    """A workdir whose checkpoint cannot be used with this config; one line naming the mismatch."""
+
+
+class DamagedError(CheckpointError):
+    """A checkpoint whose contents are not what was saved; the message is the reason."""
 
 
 def path_name(key_path: tuple) -> str:
@@ -57,3 +69,26 @@ def damage(step: int, tree: Any, position: Any) -> str | None:
     if position["step"] != step or held != step:
         return f"it holds step {held if held != step else position['step']}, not {step}"
     return None
+
+
+def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {path_name(p): tuple(np.shape(leaf))
+            for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_shapes(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                 where: str | epath.Path) -> None:
+    """Raises CheckpointError naming the first parameter whose name or shape differs."""
+    for name in sorted(set(saved) | set(expected), key=lambda n: (not n.startswith("params"), n)):
+        if name not in saved:
+            why = (f"the checkpoint has no {name} (the config's model has shape "
+                   f"{expected[name]}); another model or optimizer wrote it")
+        elif name not in expected:
+            why = f"the checkpoint has {name} {saved[name]}, which the config's model does not"
+        elif saved[name] != expected[name]:
+            why = (f"{name} has shape {saved[name]} in the checkpoint but {expected[name]} in the "
+                   "config's model")
+        else:
+            continue
+        raise CheckpointError(f"{where}: {why}; use another --workdir or the config it was "
+                              "trained with")
