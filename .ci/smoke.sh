@@ -36,7 +36,7 @@ from mnist_flax.configs import default
 config = default.get_config()
 config.data_source = "tfds"
 # A copy's metadata is there (mnist_tfds looks for it before asking TFDS), and TFDS reads mock
-# data for it, as tests/test_input_pipeline.py::test_tfds_prepared_copy_under_mock_data does.
+# data for it, as tests/core/test_input_pipeline.py::test_tfds_prepared_copy_under_mock_data does.
 config.tfds_data_dir = os.environ["TFDS_DIR"]
 info = pathlib.Path(config.tfds_data_dir, "mnist", "3.0.1", "dataset_info.json")
 info.parent.mkdir(parents=True)

@@ -28,7 +28,7 @@ from mnist_flax.run import integrity, lock, signals, workdir
 RESULT_NEUTRAL_FIELDS = frozenset({
     "checkpoint_every_steps", "checkpoint_keep", "compilation_cache_dir", "data_dir",
     "eval_batch_size", "fast_ops", "log_every_steps", "profile_steps", "steps_per_dispatch",
-    "tfds_data_dir", "verify_checksums"})
+    "resume_on_other_data", "tfds_data_dir", "verify_checksums"})
 
 
 class Operations(hooks.Hooks):

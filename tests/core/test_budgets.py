@@ -8,7 +8,7 @@ import pathlib
 
 from mnist_flax import hooks
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "mnist_flax"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "mnist_flax"
 ENTRY_POINTS = {"mnist_flax.main", "mnist_flax.sweep", "mnist_flax.sweep_results",  # Use run/.
                 "mnist_flax.predict"}
 MAX_MODULE_LINES = 250
