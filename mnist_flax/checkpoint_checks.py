@@ -78,8 +78,15 @@ def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 def check_shapes(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
                  where: str | epath.Path) -> None:
-    """Raises CheckpointError naming the first parameter whose name or shape differs."""
+    """Raises CheckpointError naming the first array whose name or shape differs, and what
+    decides its shape: the config for the model and optimizer, JAX's PRNG for the dropout key."""
     for name in sorted(set(saved) | set(expected), key=lambda n: (not n.startswith("params"), n)):
+        if name == "dropout_key" and saved.get(name) != expected.get(name):
+            here = jax.config.jax_default_prng_impl
+            raise CheckpointError(
+                f"{where}: its dropout key has shape {saved.get(name)}, this process's "
+                f"{expected.get(name)}: another PRNG implementation ({here} here) wrote it; run "
+                "with the JAX_DEFAULT_PRNG_IMPL it was trained with")
         if name not in saved:
             why = (f"the checkpoint has no {name} (the config's model has shape "
                    f"{expected[name]}); another model or optimizer wrote it")

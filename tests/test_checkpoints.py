@@ -113,6 +113,20 @@ def test_check_shapes_names_missing_and_extra_parameters():
     checkpoints.check_shapes({"params/a": (1,)}, {"params/a": (1,)}, "w")  # Equal: no error.
 
 
+def test_a_checkpoint_of_another_prng_implementation_names_it_not_the_config(tmp_path, tiny):
+    """JAX_DEFAULT_PRNG_IMPL=rbg on a resume was blamed on the config ('use ... the config it
+    was trained with'), which had not changed: the dropout key's shape is the PRNG's."""
+    config, state = tiny
+    with contextlib.closing(checkpoints.create_manager(str(tmp_path), keep=3)) as manager:
+        checkpoints.save(manager, state.replace(step=3), position(config, 3))
+    rbg = train.create_train_state(config, jax.random.key(0, impl="rbg"), steps_per_epoch=20)
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.restore(str(tmp_path), rbg, position(config, 0))
+    assert "dropout key has shape (2,), this process's (4,): another PRNG implementation" in str(
+        error.value) and "JAX_DEFAULT_PRNG_IMPL" in str(error.value)
+    assert "config" not in str(error.value)
+
+
 def test_other_batch_size_is_an_error_because_it_changes_the_data_order(tmp_path, tiny):
     config, state = tiny
     with contextlib.closing(checkpoints.create_manager(str(tmp_path), keep=3)) as manager:
