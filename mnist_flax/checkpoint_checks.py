@@ -1,7 +1,6 @@
-"""What a checkpoint read back is checked against: its shapes against this config's model, and
-its sha256 (of the position JSON and every array's name, dtype, shape and bytes) against what
-was saved, which catches a damaged file (cut short, bytes flipped, emptied) even where
-tensorstore reads it without complaint; no library checks a checkpoint's contents."""
+"""What a checkpoint read back is checked against: its shapes against this run's, and its sha256
+against what was saved, which catches damage (cut short, bytes flipped) that tensorstore reads
+without complaint; no library checks a checkpoint's contents."""
 
 import hashlib
 import json
@@ -15,8 +14,7 @@ from etils import epath
 from mnist_flax import configs
 
 CHECKSUM_KEY = "sha256"  # In the position JSON: state_checksum of the tree and the position.
-# The checksum hashes the dtypes JAX uses without x64, so JAX_ENABLE_X64=1 (which restores the
-# step as int64) reads the same checkpoint as intact.
+# The dtypes JAX uses without x64: JAX_ENABLE_X64=1 (the step as int64) reads the same as intact.
 _HASHED_DTYPES = {np.dtype(np.int64): np.int32, np.dtype(np.uint64): np.uint32,
                   np.dtype(np.float64): np.float32}
 
@@ -72,8 +70,7 @@ def damage(step: int, tree: Any, position: Any) -> str | None:
 
 
 def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    return {path_name(p): tuple(np.shape(leaf))
-            for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path_name(p): np.shape(leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def check_shapes(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],

@@ -1,6 +1,5 @@
 """What an entry point's process needs before JAX runs anything: log filters, the host
-allocator, JAX's persistent compilation cache (and a line saying whether the step was compiled
-or loaded from it)."""
+allocator, JAX's persistent compilation cache, and jax.distributed's start on several hosts."""
 
 from __future__ import annotations
 
@@ -19,24 +18,11 @@ from mnist_flax import checkpoints, configs, fast
 from mnist_flax.run import logs
 
 
-class _DropBackendProbeFailures(logging.Filter):
-    """JAX tries every platform plugin it finds and logs, at INFO, each that is absent ("Unable to
-    initialize backend 'tpu': ... libtpu.so" on every CPU run). A platform that is there but
-    fails still raises or warns: only these INFO records go."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno <= logging.INFO
-                    and str(record.msg).startswith("Unable to initialize backend"))
-
-
-_DROP_BACKEND_PROBE_FAILURES = _DropBackendProbeFailures()
-
-
 def setup_process() -> None:
     """What a training process needs before JAX runs anything: called first thing by main/sweep."""
-    probe_logger = logging.getLogger("jax._src.xla_bridge")
-    if _DROP_BACKEND_PROBE_FAILURES not in probe_logger.filters:
-        probe_logger.addFilter(_DROP_BACKEND_PROBE_FAILURES)
+    # JAX logs at INFO each platform plugin it probes and does not find ("Unable to initialize
+    # backend 'tpu'" on every CPU run); one that is there but fails still warns or raises.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     tune_host_allocator()
     if not fast.COMPILER_OPTIONS:
         absl_logging.info("jaxlib %s predates the XLA:CPU option %s; convolutions use XLA's "
@@ -50,7 +36,7 @@ def enable_compilation_cache(cache_dir: str) -> str:
     """Turns on JAX's persistent compilation cache in `cache_dir` (config.compilation_cache_dir):
     'auto' is $JAX_COMPILATION_CACHE_DIR, else ~/.cache/mnist_flax/jax; '' turns it off. Returns
     the directory ('' when off). Every jit is cached, however fast it compiled, so a second run of
-    a config recompiles nothing (`train` logs the step's hit). A local directory that cannot be
+    a config recompiles nothing. A local directory that cannot be
     made or written is one warning and no cache: the cache only saves time, so it never stops a
     run (JAX would warn at each compilation and still compile)."""
     if cache_dir == "auto":
