@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from conftest import (
     TIMING_METRICS,
@@ -16,7 +19,9 @@ from conftest import (
 from jax.sharding import PartitionSpec as P
 
 from mnist_flax import (
+    checkpoints,
     input_pipeline,
+    pictures,
     profiling,
     progress,
     sharding,
@@ -336,3 +341,9 @@ def test_train_and_evaluate_on_small_data(idx_dir, tmp_path, config, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[-2].startswith("Test loss: ") and out[-1].startswith("Test accuracy: ")
     assert float(out[-1].split()[-1]) == pytest.approx(metrics["test/accuracy"], abs=1e-4)
+    # A bare call (no main around it) gets the end-of-run pictures and checksummed checkpoints.
+    assert pictures.drawn(str(tmp_path / "run"), int(state.step))
+    with contextlib.closing(checkpoints.create_manager(str(tmp_path / "run"), 1, True)) as m:
+        position = m.restore(m.latest_step(), args=ocp.args.Composite(
+            position=ocp.args.JsonRestore()))["position"]
+    assert checkpoints.CHECKSUM_KEY in position and position["data"]
