@@ -97,7 +97,10 @@ def prepare(workdir: str) -> None:
         root.mkdir(parents=True, exist_ok=True)
         if local:
             check_layout(root)
-        for place in [root, *(root / n for n, (sub, _) in LAYOUT.items() if sub and local)]:
+        # A place not there yet is made in root, which the first probe covers; made and removed
+        # here, it raced with the other processes probing a shared disk (one's rmdir, one's write).
+        for place in [root, *(root / n for n, (sub, _) in LAYOUT.items()
+                              if sub and local and (root / n).is_dir())]:
             _probe(root, place)
     except OSError as e:
         if local:
@@ -119,19 +122,13 @@ def prepare(workdir: str) -> None:
 
 
 def _probe(root: epath.Path, place: epath.Path) -> None:
-    """Writes a file in `place` (made if missing, then removed) as deep below `root` as the run
-    writes (WRITE_DEPTH), so a place it cannot write, or a path too long, fails now, not at the
-    first save or event after an epoch. Random: a pod's hosts probe one bucket at once."""
-    made = place != root and not place.exists()
-    try:
-        place.mkdir(exist_ok=True)
-        name = f".write_test.{os.getpid()}.{secrets.token_hex(4)}."
-        probe = place / name.ljust(len(str(root)) + WRITE_DEPTH - len(str(place)) - 1, "_")
-        probe.write_text("probe")
-        probe.unlink()
-    finally:
-        if made and place.is_dir():
-            place.rmdir()
+    """Writes a file in `place` (then removes it) as deep below `root` as the run writes
+    (WRITE_DEPTH), so a place it cannot write, or a path too long, fails now, not at the first
+    save or event after an epoch. Random: a pod's hosts probe one bucket at once."""
+    name = f".write_test.{os.getpid()}.{secrets.token_hex(4)}."
+    probe = place / name.ljust(len(str(root)) + WRITE_DEPTH - len(str(place)) - 1, "_")
+    probe.write_text("probe")
+    probe.unlink()
 
 
 # What a run keeps in its workdir: name -> (a directory?, what it is), for `check_layout`.
