@@ -33,13 +33,13 @@ _MAIN = """
 import os
 from absl import app
 from mnist_flax import main
-from mnist_flax.run import boundary, signals, workdir
+from mnist_flax.run import boundary, lock, signals
 
 variant = os.environ["BENCH_AGREEMENT"]
 if variant == "none":
     signals.StopFlag.agreed = signals.StopFlag.is_set
 elif variant == "blocking":
-    signals.StopFlag.agreed = lambda self: not workdir.on_every_process(not self.is_set())
+    signals.StopFlag.agreed = lambda self: not lock.on_every_process(not self.is_set())
 main.define_flags()
 app.run(main.main, flags_parser=boundary.parse_flags)
 """
