@@ -28,9 +28,11 @@ TABULATED = [HERE / "results" / f"{name}.json"
 
 
 def curves(path: pathlib.Path) -> np.ndarray:
-    """(seeds, epochs) test accuracy in percent."""
+    """(seeds, epochs) test accuracy in percent, of the runs that trained (a sweep marks a
+    diverged one, with no accuracy)."""
     runs = json.loads(path.read_text())["runs"]
-    return 100 * np.array([r["test_accuracy_per_epoch"] for r in runs])
+    return 100 * np.array([r["test_accuracy_per_epoch"] for r in runs
+                           if r.get("test_accuracy") is not None])
 
 
 def pyplot():
@@ -52,6 +54,8 @@ def plot(paths: list[pathlib.Path], out: pathlib.Path) -> None:
     for path, color in zip(paths, ("tab:blue", "tab:red", "tab:green", "tab:purple"),
                            strict=False):
         acc = curves(path)
+        if not acc.size:
+            continue  # Every run diverged: nothing to draw.
         epochs = np.arange(1, acc.shape[1] + 1)
         for seed in acc:
             ax.plot(epochs, seed, color=color, alpha=0.25, linewidth=0.8)
@@ -77,12 +81,15 @@ def table(paths: list[pathlib.Path]) -> str:
     for path in paths:
         payload = json.loads(path.read_text())
         runs, summary = payload["runs"], payload["summary"]
-        seeds = ", ".join(f"{r['name']}: {100 * r['test_accuracy']:.2f}" for r in runs)
+        seeds = ", ".join(f"{r['name']}: " + ("diverged" if r.get("test_accuracy") is None
+                                               else f"{100 * r['test_accuracy']:.2f}")
+                          for r in runs)
+        mean, std = summary.get("test_accuracy_mean"), summary.get("test_accuracy_std") or 0.0
+        accuracy = "no run trained" if mean is None else f"{100 * mean:.2f} ± {100 * std:.2f}%"
         seconds = ", ".join(f"{r['run_seconds']:.0f}" for r in runs)
         label = payload.get("label", f"`{path.stem}.py`")
         rows.append(
-            f"| {label} | {100 * summary['test_accuracy_mean']:.2f} ± "
-            f"{100 * summary['test_accuracy_std']:.2f}% ({summary['runs']} seeds) | {seeds} | "
+            f"| {label} | {accuracy} ({summary['runs']} seeds) | {seeds} | "
             f"{runs[0]['epochs']} | {seconds} s | [results/{path.name}](results/{path.name}) |")
     return "\n".join(rows)
 

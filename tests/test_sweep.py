@@ -213,6 +213,11 @@ def test_cli_a_diverged_value_is_marked_and_the_others_still_train(tmp_path):
     assert float(row[trained][1]) == pytest.approx(runs[trained]["test_accuracy"], abs=1e-4)
     assert f"{diverged}: no test accuracy (1 diverged)" in lines, out.stdout
     assert f"{diverged} diverged: {runs[diverged]['error']}" in lines, out.stdout
+    # experiments/plot.py reads such a results file too (it formatted None: a TypeError).
+    plot = subprocess.run([sys.executable, str(REPO / "experiments" / "plot.py"), "--table",
+                           str(results)], capture_output=True, text=True, timeout=120)
+    assert plot.returncode == 0, plot.stderr[-3000:]
+    assert f"{diverged}: diverged" in plot.stdout and f"{trained}: " in plot.stdout
 
 
 def _result(name: str, accuracy: float, **overrides) -> dict:
