@@ -53,7 +53,8 @@ SKIP = [  # (pattern, why the command cannot run here and what runs it instead)
                           "stand-in gcloud, tests/test_gcs_workdir.py the gs:// lines on the "
                           "emulator"),
     (r"^tensorboard\b", "a server until stopped: tests/test_summaries.py serves a run over HTTP"),
-    (r"^jupyter\b", "an interactive server: tests/test_tutorial.py executes the notebook"),
+    (r"^jupyter\b", "an interactive server: .ci/run executes the notebook after the README's "
+                     "install in a fresh venv, tests/test_tutorial.py in the test one"),
     (r"tests/gcs_emulator\.py", "a server until Ctrl-C: tests/test_gcs_emulator.py runs it"),
 ]
 TEMPLATE = re.compile(r"\.\.\.|<\w+>|\b[A-Z][A-Z0-9_]*\b(?!=)")
