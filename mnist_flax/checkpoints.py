@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from mnist_flax import checkpoint_checks
+from mnist_flax import checkpoint_checks, paths
 from mnist_flax.checkpoint_checks import (  # noqa: F401 (also this module's API)
     CHECKSUM_KEY,
     CheckpointError,
@@ -215,7 +215,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         target = path(workdir) / CONFIG_FILE
         target.parent.mkdir(parents=True, exist_ok=True)
         text = config.to_json(indent=2, sort_keys=True)
-        if "://" in os.fspath(workdir):  # An object is written whole; a bucket's renames copy.
+        if paths.is_remote(workdir):  # An object is written whole; a bucket's renames copy.
             target.write_text(text)
             return
         tmp = target.with_name(f"{CONFIG_FILE}.tmp.{os.getpid()}")

@@ -74,10 +74,11 @@ def next_steps(workdir_path: str) -> str:
     # The parent: with the run itself as the logdir, HParams names it "." and finds no metrics.
     head, sep, _ = workdir_path.rstrip("/").rpartition("/")
     parent = head if sep and head and not head.endswith(":/") else (
-        workdir_path if "://" in workdir_path else "/" if workdir_path.startswith("/") else ".")
+        workdir_path if paths.is_remote(workdir_path) else "/" if workdir_path.startswith("/")
+        else ".")
     # TensorBoard's fast loader reads gs:// but not with your application-default credentials
     # (tensorflow/tensorboard #4784, #5819); the Python loader does.
-    remote = " --load_fast=false" if "://" in workdir_path else ""
+    remote = " --load_fast=false" if paths.is_remote(workdir_path) else ""
     return (f"\nResults in {workdir_path}: TensorBoard events (train/, test/), checkpoints, "
             f"config.json. Next:\n"
             f"  tensorboard --logdir={shlex.quote(parent)}{remote}\n"

@@ -25,7 +25,7 @@ from etils import epath
 from tensorboard.plugins.hparams import api_pb2 as hparams_api
 from tensorboard.plugins.hparams import plugin_data_pb2 as hparams_data
 
-from mnist_flax import input_pipeline
+from mnist_flax import input_pipeline, paths
 from mnist_flax.tbx import tensorboardx
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def open_writers(workdir: str, start_step: int = 0) -> Iterator[Writers | None]:
     if jax.process_index() != 0:
         yield None
         return
-    SummaryWriter = tensorboardx(gcs=workdir.startswith("gs://")).SummaryWriter  # noqa: N806 (the class)
+    SummaryWriter = tensorboardx(gcs=paths.is_remote(workdir)).SummaryWriter  # noqa: N806 (the class)
 
     purge_step = start_step + 1 if start_step else None
     earlier = {f: _text_events(f) for f in sorted(epath.Path(workdir).glob(EVENTS_GLOB))
