@@ -168,7 +168,24 @@ def worker_matmul(steps: int, warmup: int, epoch: bool) -> dict:
         out = matmul(a)
     out.block_until_ready()
     seconds = (time.perf_counter() - start) / 20
-    return {"gflops": 2 * 2048**3 / seconds / 1e9}
+    return {"gflops": 2 * 2048**3 / seconds / 1e9, "not_preloaded": not_preloaded()}
+
+
+def not_preloaded() -> list[str]:
+    """The LD_PRELOAD libraries this process did not load: ld.so skips a missing one with a
+    warning, and the run would be labelled with an environment it did not have."""
+    if not os.path.exists("/proc/self/maps"):
+        return []
+    with open("/proc/self/maps") as maps:
+        mapped = {line.split()[-1] for line in maps if "/" in line}
+    names = {os.path.basename(path) for path in mapped}
+
+    def loaded(lib: str) -> bool:  # By its real path, or a bare soname by its versioned file.
+        return os.path.realpath(lib) in mapped or any(n.startswith(os.path.basename(lib))
+                                                     for n in names)
+
+    wanted = os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    return [lib for lib in wanted if not loaded(lib)]
 
 
 def worker_pytorch(steps: int, warmup: int, epoch: bool) -> dict:
@@ -286,6 +303,10 @@ def main() -> None:
     env = ", ".join(f"{k}={os.environ[k]}" for k in env_keys if k in os.environ)
     print(f"cpus: {os.cpu_count()}, environment: {env or 'default'}", file=sys.stderr)
     roofline = run_worker("matmul", args)
+    if roofline and roofline.get("not_preloaded"):
+        sys.exit(f"error: LD_PRELOAD: {', '.join(roofline['not_preloaded'])} did not load in the "
+                 "workers (missing or not a library); install it or fix the path, e.g. Debian's "
+                 "libgoogle-perftools4 for /usr/lib/x86_64-linux-gnu/libtcmalloc.so.4")
     if roofline:
         gflops = roofline["gflops"]
         print(f"jitted 2048^2 float32 matmul: {gflops:.0f} GFLOP/s, so ~{gflops * 1e3 / 72:.0f} "
