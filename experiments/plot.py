@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
@@ -106,7 +107,10 @@ def main() -> None:
     if not paths:
         raise SystemExit("error: no results JSON found; run the sweeps in experiments/README.md")
     if args.table:
-        print(table(paths))
+        try:
+            print(table(paths), flush=True)
+        except BrokenPipeError:  # A reader that left (`| head`): not an error, so no traceback.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
     plot(paths, args.out)
     print(f"wrote {args.out}")
