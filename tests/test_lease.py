@@ -124,7 +124,6 @@ def test_second_acquire_fails_with_one_line_naming_the_owner(gcs_bucket_path):  
         assert f"pid {os.getpid()}" in message and f"--workdir={gcs_bucket_path}" in message
         assert "until" in message and "UTC" in message
         assert not held.lost.is_set()
-        held.check()
 
 
 def test_release_frees_the_workdir(gcs_bucket_path):  # noqa: F811
@@ -187,8 +186,6 @@ def test_a_lease_taken_over_by_another_run_is_lost(gcs_bucket_path):  # noqa: F8
         _lock_blob(gcs_bucket_path).upload_from_string(json.dumps(
             {"host": "elsewhere", "pid": 1, "token": "other", "expires": time.time() + 60}))
         assert held.lost.wait(timeout=5)
-        with pytest.raises(lease.LeaseError, match="lost its lease .*another run took it over"):
-            held.check()
         assert lock_lib.lost_lease_line(held) == (
             f"another run took over the lease on --workdir={gcs_bucket_path}; this run saves no "
             "more and stops; its last committed checkpoint is intact")

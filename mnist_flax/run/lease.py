@@ -9,11 +9,9 @@ generation. A renewal that finds the object changed (another run took it over), 
 reach the storage before the lease would run out, sets `Lease.lost`: the run must save no more.
 
 Expiry compares the owner's clock with the reader's, so hosts' clocks must agree (NTP) to well
-within the ttl. etils.epath and gcsfs cannot make a write conditional on a generation, hence
-google-cloud-storage (which gcsfs depends on) here. Each step also reads the object first:
-acquiring needs to know whose lease it is and until when; for renewing and releasing, comparing
-generations first only repeats what the precondition checks. The tests' GCS emulator checks
-preconditions as GCS does (412), and tests/test_lease.py races runs for one workdir against it.
+within the ttl. No library gives this: etils.epath and gcsfs cannot make a write conditional
+on a generation, hence google-cloud-storage (which gcsfs depends on). tests/test_lease.py races
+runs for one workdir against the GCS emulator, which checks preconditions as GCS does (412).
 """
 
 from __future__ import annotations
@@ -26,12 +24,13 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mnist_flax import configs
 
 # google-cloud-storage, imported by `acquire` (every other function runs after it): only gs://
-# workdirs need it, and its import costs every other process 0.2-0.7 s.
+# workdirs need it (`workdir.check_client` has made sure it is installed).
 exceptions = storage = DEFAULT_RETRY = None
 
 LEASE_FILE = ".lock"
@@ -90,13 +89,12 @@ def _write(blob: storage.Blob, owner: dict[str, Any], if_generation: int, second
 
 class Lease:
     """A held lease, renewed in the background; a context manager that releases it on exit.
-    `lost` is set if renewal lost it, and `check()` then raises."""
+    `lost` is set if renewal lost it; then `on_lost(lease)`, if given, is called when the lease
+    runs out (at once if another run took it over) unless it was released first."""
 
     def __init__(self, workdir: str, ttl_s: float, blob: storage.Blob, owner: dict[str, Any],
-                 generation: int):
-        self.workdir = workdir
-        self.ttl_s = ttl_s
-        self.owner = owner
+                 generation: int, on_lost: Callable[[Lease], None] | None = None):
+        self.workdir, self.ttl_s, self.owner, self.on_lost = workdir, ttl_s, owner, on_lost
         self.lost = threading.Event()
         self.lost_error: Exception | None = None  # Set before `lost` if the storage failed.
         self._blob = blob
@@ -110,14 +108,6 @@ class Lease:
     def expires(self) -> float:
         """When the lease runs out unless renewed (unix seconds)."""
         return self.owner["expires"]
-
-    def check(self) -> None:
-        """Raises LeaseError if the lease was lost (call before each save)."""
-        if self.lost.is_set():
-            why = (f"storage did not answer before {utc_text(self.expires)}" if self.lost_error
-                   else "another run took it over")
-            raise LeaseError(f"this run lost its lease on --workdir={self.workdir} ({why}); "
-                             "it saves no more")
 
     def release(self) -> None:
         """Stops renewing and deletes the lease object if it is still ours; idempotent."""
@@ -160,6 +150,9 @@ class Lease:
                 self.lost_error, reason = e, f"could not renew it before it ran out: {e}"
             log.error("lost the lease on %s: %s", self.workdir, reason)
             self.lost.set()
+            left = self.expires - time.time() if self.lost_error is not None else 0.0
+            if self.on_lost is not None and not self._stop.wait(max(left, 0.0)):
+                self.on_lost(self)
             return
 
     def _renew(self, seconds: float) -> bool:
@@ -195,19 +188,14 @@ def _dead(owner: dict[str, Any]) -> bool:
     return False
 
 
-def acquire(workdir: str, ttl_s: float = DEFAULT_TTL_S) -> Lease:
+def acquire(workdir: str, ttl_s: float = DEFAULT_TTL_S,
+            on_lost: Callable[[Lease], None] | None = None) -> Lease:
     """Takes the lease on `workdir` (gs://BUCKET/PATH) for `ttl_s` seconds, renewed in the
     background until released; raises LeaseError if another run holds it."""
-    if not workdir.startswith("gs://"):
-        raise ValueError(f"a lease needs a gs:// workdir, not {workdir!r}")
     global exceptions, storage, DEFAULT_RETRY
-    try:
-        from google.api_core import exceptions
-        from google.cloud import storage
-        from google.cloud.storage.retry import DEFAULT_RETRY
-    except ImportError:
-        raise LeaseError("a gs:// workdir needs google-cloud-storage: "
-                         "pip install 'mnist_flax[gcs]'") from None
+    from google.api_core import exceptions
+    from google.cloud import storage
+    from google.cloud.storage.retry import DEFAULT_RETRY
     bucket, _, prefix = workdir[len("gs://"):].partition("/")
     key = "/".join(p for p in (prefix.strip("/"), LEASE_FILE) if p)
     blob = storage.Client().bucket(bucket).blob(key)
@@ -234,6 +222,6 @@ def acquire(workdir: str, ttl_s: float = DEFAULT_TTL_S) -> Lease:
             generation = _write(blob, owner, current[0] if current else 0, REQUEST_TIMEOUT_S)
         except exceptions.PreconditionFailed:
             continue  # Another run got there first: read who.
-        return Lease(workdir, ttl_s, blob, owner, generation)
+        return Lease(workdir, ttl_s, blob, owner, generation, on_lost)
     raise LeaseError(f"could not take the lease on --workdir={workdir}: it kept changing (other "
                      "runs starting on it?)")
