@@ -339,7 +339,8 @@ def test_multihost_off_a_pod_says_what_to_pass(tmp_path):
 
 def test_an_unknown_error_is_one_line_naming_its_traceback_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as leave, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(boundary, "_leave", lambda code, log=None: sys.exit(code))
+        patch.setattr(startup, "leave_quietly",
+                      lambda line, code, log=None: (print(line, file=sys.stderr), sys.exit(code)))
         with boundary.one_line_errors(str(tmp_path)):
             raise ZeroDivisionError("a bug of ours")
     assert leave.value.code == 1

@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
 import re
-import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -23,37 +21,11 @@ from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
 from mnist_flax import checkpoints, configs
-from mnist_flax.run import config_checks, signals, startup, storage_errors, workdir
+from mnist_flax.run import config_checks, signals, startup, storage_errors
 
 DEFAULT_CONFIG = configs.DEFAULT
 _CONFIG_ERRORS = (AttributeError, KeyError, OSError, ImportError, SyntaxError, TypeError,
                   ValueError, NameError)
-INTERRUPTED_LINE = startup.INTERRUPTED_LINE  # Before the boundary exists, startup says it.
-
-
-def _leave(code: int, log_path: str | None = None) -> None:
-    """Exits now with `code`, as a kill would, once what was printed is flushed: threads still
-    running and exit handlers write to `log_path` (or nowhere), never to the terminal, and a
-    second Ctrl-C cannot turn the exit into a traceback."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    target = os.open(log_path or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    os.dup2(target, 2)
-    os._exit(code)
-
-
-def _traceback_file(error: BaseException, workdir_hint: str | None) -> str:
-    """Writes the traceback to <workdir>/errors/ (a local workdir) or a temporary file."""
-    directory = None
-    if workdir_hint and not workdir.is_remote(workdir_hint) and os.path.isdir(workdir_hint):
-        directory = os.path.join(workdir_hint, "errors")
-        with contextlib.suppress(OSError):
-            os.makedirs(directory, exist_ok=True)
-    return startup.write_traceback(error, directory)
 
 
 def describe(error: BaseException) -> str | None:
@@ -74,7 +46,7 @@ def describe(error: BaseException) -> str | None:
 
 @contextlib.contextmanager
 def one_line_errors(workdir_hint: str | None = None,
-                    interrupted_line: str = INTERRUPTED_LINE) -> Iterator[None]:
+                    interrupted_line: str = startup.INTERRUPTED_LINE) -> Iterator[None]:
     """The boundary: every exception becomes one line and an exit status (see the module); a
     Ctrl-C that stopped at once is `interrupted_line`."""
     threading.excepthook = _thread_failed
@@ -83,21 +55,16 @@ def one_line_errors(workdir_hint: str | None = None,
     except SystemExit:
         raise
     except signals.Preempted as e:  # The checkpoint is saved and logged; the same command resumes.
-        _leave(e.exit_code)
+        startup.leave_quietly(None, e.exit_code)
     except KeyboardInterrupt:  # Orbax commits a checkpoint by renaming it: none is half-written.
-        print(interrupted_line, file=sys.stderr)
-        _leave(signals.INTERRUPTED_EXIT_CODE)
+        startup.leave_quietly(interrupted_line, signals.INTERRUPTED_EXIT_CODE)
     except BaseException as e:  # noqa: BLE001 (the boundary: nothing passes it as a traceback)
-        line = describe(e)
-        log_path = None
+        line, log_path = describe(e), None
         if line is None:
-            log_path = _traceback_file(e, workdir_hint)
+            log_path = startup.write_traceback(e, workdir_hint)
             where = f" (full traceback in {log_path})" if log_path else ""
             line = f"{checkpoints.error_line(e)}{where}; please report it if the cause is unclear"
-        if line:
-            with contextlib.suppress(Exception):
-                print(f"error: {line}", file=sys.stderr)
-        _leave(1, log_path)
+        startup.leave_quietly(line and f"error: {line}", 1, log_path)
 
 
 def _thread_failed(args: threading.ExceptHookArgs) -> None:
@@ -105,14 +72,15 @@ def _thread_failed(args: threading.ExceptHookArgs) -> None:
     line and its traceback in a file; the main thread reports what it means for the run."""
     if args.exc_value is None or isinstance(args.exc_value, SystemExit):
         return
-    path = _traceback_file(args.exc_value, None)
+    path = startup.write_traceback(args.exc_value)
     logging.getLogger("mnist_flax").warning(
         "background thread %s failed: %s (traceback in %s)",
         getattr(args.thread, "name", "?"), checkpoints.error_line(args.exc_value), path)
 
 
 def _exit_bad_config(e: Exception) -> None:
-    """One line for whatever loading the config file or a --config.x=y override raised."""
+    """One line for whatever loading the config file or a --config.x=y override raised (a
+    traceback in an absl flags.Error's message: its last line)."""
     message = str(e)
     if isinstance(e, (AttributeError, KeyError)) and "get_config" not in message:
         field = re.search(r"'([\w.]+)", message)
@@ -177,15 +145,12 @@ def parse_flags(argv: list[str]) -> list[str]:
             config_checks.check_schema(config)
     except SystemExit as e:  # absl's --help prints the help, then exits 1.
         sys.exit(0 if {"--help", "-h", "--helpfull", "-?"} & set(argv) else e.code)
-    except flags.Error as e:  # A config file that raised is a traceback in the message: its end.
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        sys.exit(f"error: {lines[0]}" if len(lines) < 2 else
-                 f"error: --config: cannot load the config file ({lines[-1]}); pass a Python file "
-                 "that defines get_config(), e.g. --config=experiments/best.py")
+    except flags.Error as e:  # A config file that raised is a traceback in the message.
+        if len(lines := str(e).strip().splitlines()) < 2:
+            sys.exit(f"error: {lines[0].strip()}")
+        _exit_bad_config(e)
     except configs.ConfigError as e:
         sys.exit(f"error: {e}")
-    except _CONFIG_ERRORS as e:
-        _exit_bad_config(e)
     except Exception as e:  # noqa: BLE001 (whatever the user's get_config raised)
         _exit_bad_config(e)
     return rest

@@ -14,6 +14,7 @@ one line.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -78,11 +79,15 @@ def startup_error_line(error: BaseException) -> str:
     return f"error: {type(error).__name__}: {message} (while starting{where}); {fix}"
 
 
-def write_traceback(error: BaseException, directory: str | None = None) -> str:
-    """Writes `error`'s traceback into `directory` (if it can be written) or a temporary file;
-    returns its path, or '' when it could not be written."""
+def write_traceback(error: BaseException, workdir: str | None = None) -> str:
+    """Writes `error`'s traceback into <workdir>/errors/ (a local workdir, if it can be written)
+    or a temporary file; returns its path, or '' when it could not be written."""
     name = f"traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    directory = os.path.join(workdir, "errors") if workdir and "://" not in workdir else None
     try:
+        if directory and os.path.isdir(workdir):
+            with contextlib.suppress(OSError):
+                os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, name) if directory and os.access(directory, os.W_OK) \
             else None
         if path is None:
@@ -95,16 +100,21 @@ def write_traceback(error: BaseException, directory: str | None = None) -> str:
         return ""
 
 
-def leave_quietly(line: str, code: int) -> None:
-    """Prints `line` on stderr and exits with `code` at once, as a signal would: a second Ctrl-C
-    is ignored from here on, and nothing (exit handlers, buffered output to a closed pipe) can
-    print after the line."""
+def leave_quietly(line: str | None, code: int, log_path: str | None = None) -> None:
+    """Prints `line` (if any) on stderr and exits with `code` at once, as a signal would: a
+    second Ctrl-C is ignored from here on, and nothing (threads still running, exit handlers,
+    buffered output to a closed pipe) prints after the line: stderr goes to `log_path`, or
+    nowhere."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.shutdown()
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     with contextlib.suppress(Exception):
-        print(line, file=sys.stderr, flush=True)
+        if line:
+            print(line, file=sys.stderr)
+        sys.stderr.flush()
+    os.dup2(os.open(log_path or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT), 2)
     os._exit(code)
 
 
