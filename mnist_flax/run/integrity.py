@@ -50,7 +50,6 @@ def _read_error(e: BaseException) -> str:
     return f"unreadable ({type(e).__name__}: {message[:150].strip()})"
 
 
-
 def _walk_back(workdir: str, read: Any) -> tuple[Any, int, list[tuple[int, str]]]:
     """`read(manager, step, where)` on each checkpoint, newest first, until one is intact.
 
@@ -117,15 +116,6 @@ def restore_params(workdir: str, expected_params: Any) -> tuple[Any, int]:
     step; damaged ones are skipped with a warning, as in `restore_intact`, and left in place.
     Serving's path (`predict.load`, a library call): orbax's notices that its readers are read
     only stay out of the caller's log; its other warnings do not."""
-    with logs.read_only_notices_dropped():
-        return _restore_params(workdir, expected_params)
-
-
-def _restore_params(workdir: str, expected_params: Any) -> tuple[Any, int]:
-    if checkpoints.latest_step(workdir) is None:
-        raise CheckpointError(f"{checkpoint_dir(workdir)}: no checkpoint; train first with "
-                              f"python -m mnist_flax.main --workdir={workdir}")
-
     def read(manager, step, where):
         saved_tree = manager.item_metadata(step)["state"].tree
         checkpoints.check_shapes(checkpoints.tree_shapes({"params": saved_tree["params"]}),
@@ -139,5 +129,9 @@ def _restore_params(workdir: str, expected_params: Any) -> tuple[Any, int]:
         tree, _ = checkpoints.read(manager, step, target, where)
         return jax.tree.map(np.asarray, tree["params"])
 
-    params, step, _ = _walk_back(workdir, read)
+    with logs.read_only_notices_dropped():
+        if checkpoints.latest_step(workdir) is None:
+            raise CheckpointError(f"{checkpoint_dir(workdir)}: no checkpoint; train first with "
+                                  f"python -m mnist_flax.main --workdir={workdir}")
+        params, step, _ = _walk_back(workdir, read)
     return params, step

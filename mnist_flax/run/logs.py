@@ -1,6 +1,7 @@
 """Log filters of the entry points: library records that a one-line error already says, and
-chatter no user needs. Each is added once (idempotent), by `run.boundary.setup_process`; and
-`read_only_notices_dropped`, the one a library call that reads checkpoints scopes itself."""
+chatter no user needs, added by `run.process.setup_process` (adding one twice adds it once: the
+logging module ignores a filter it has); and `read_only_notices_dropped`, the one a library call
+that reads checkpoints scopes itself."""
 
 from __future__ import annotations
 
@@ -91,12 +92,8 @@ def _orbax_aftermath(unraisable: Any) -> bool:
 def quiet_orbax_logging() -> None:
     """Keeps orbax's INFO chatter out of the log, and the tracebacks its event loop leaves behind
     after a failed read or write (already reported as one line); entry points call it once."""
-    logger = logging.get_absl_logger()
-    if _drop_orbax_info not in logger.filters:
-        logger.addFilter(_drop_orbax_info)
-    asyncio_logger = std_logging.getLogger("asyncio")
-    if _drop_orbax_task_errors not in asyncio_logger.filters:
-        asyncio_logger.addFilter(_drop_orbax_task_errors)
+    logging.get_absl_logger().addFilter(_drop_orbax_info)
+    std_logging.getLogger("asyncio").addFilter(_drop_orbax_task_errors)
     if not isinstance(sys.unraisablehook, _UnraisableFilter):
         sys.unraisablehook = _UnraisableFilter(sys.unraisablehook)
 
@@ -124,21 +121,14 @@ class _UnraisableFilter:
             self.previous(unraisable)
 
 
-class _DropGcsfsGivingUp(std_logging.Filter):
+def _drop_gcsfs_giving_up(record: std_logging.LogRecord) -> bool:
     """gcsfs logs each request it gives up on with a traceback, then raises the error, which
     becomes our one-line error: the log record only repeats it."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return "out of retries on exception" not in record.getMessage()
-
-
-_DROP_GCSFS_GIVING_UP = _DropGcsfsGivingUp()
+    return "out of retries on exception" not in record.getMessage()
 
 
 def quiet_storage_logging() -> None:
     """For the entry points: a gs:// workdir logs no tracebacks that a one-line error already
-    says, and no INFO line per file read (fsspec's read-ahead cache). Idempotent."""
-    logger = std_logging.getLogger("gcsfs")
-    if _DROP_GCSFS_GIVING_UP not in logger.filters:
-        logger.addFilter(_DROP_GCSFS_GIVING_UP)
+    says, and no INFO line per file read (fsspec's read-ahead cache)."""
+    std_logging.getLogger("gcsfs").addFilter(_drop_gcsfs_giving_up)
     std_logging.getLogger("fsspec.caching").setLevel(std_logging.WARNING)

@@ -76,8 +76,9 @@ def held(workdir_path: str, config: ml_collections.ConfigDict,
         operations = Operations(config, stop, held_lock)
         yield operations
     if operations.stopped_at is not None:
-        signals.log_preempted(operations.stopped_at, stop.signum)
-        raise signals.Preempted(operations.stopped_at, stop.signum)
+        preempted = signals.Preempted(operations.stopped_at, stop.signum)
+        logging.warning("%s", preempted)
+        raise preempted
     if stop.signum is not None:
         name = "Ctrl-C" if stop.signum == signal.SIGINT else signal.Signals(stop.signum).name
         logging.warning("%s came after the last step: the run has finished", name)

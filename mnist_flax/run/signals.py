@@ -9,12 +9,12 @@ import dataclasses
 import functools
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -33,11 +33,14 @@ class Preempted(Exception):  # noqa: N818 (a signal, not an error)
     `exit_code`, 128 + the signal, as a shell reports it (143 SIGTERM, 130 Ctrl-C, 129 SIGHUP)."""
 
     def __init__(self, step: int, signum: int = signal.SIGTERM):
-        super().__init__(stop_message(step, signum))
+        why = " (the terminal or ssh session closed)" if signum == signal.SIGHUP else ""
+        super().__init__(
+            f"Interrupted (Ctrl-C) at step {step}; checkpoint saved; exiting with status "
+            f"{INTERRUPTED_EXIT_CODE}. Run the same command to resume." if signum == signal.SIGINT
+            else f"{signal.Signals(signum).name}{why}: saved the checkpoint at step {step}; "
+            f"exiting with status {128 + signum}. Run the same command again to resume.")
         self.step, self.signum = step, signum
         self.exit_code = 128 + signum
-
-
 
 
 @dataclasses.dataclass
@@ -101,33 +104,17 @@ class StopFlag:
 
 
 @functools.cache
-def _shardings() -> tuple[NamedSharding, NamedSharding]:
-    """(one flag per device, replicated) over every device: built once, not per dispatch."""
+def _any_over_devices() -> tuple[NamedSharding, Callable[[jax.Array], jax.Array]]:
+    """(one flag per device, the jitted any of them, replicated): built once, not per dispatch."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("process",))
-    return NamedSharding(mesh, P("process")), NamedSharding(mesh, P())
+    return NamedSharding(mesh, P("process")), jax.jit(
+        lambda flags: jnp.any(flags > 0), out_shardings=NamedSharding(mesh, P()))
 
 
 def _any_process(flag: bool) -> jax.Array:
     """Whether `flag` holds on any process, as a replicated device scalar (not waited for)."""
-    per_device, replicated = _shardings()
+    per_device, any_of = _any_over_devices()
     local = np.full(jax.local_device_count(), flag, np.int32)
-    return _any(jax.make_array_from_process_local_data(per_device, local), replicated)
+    return any_of(jax.make_array_from_process_local_data(per_device, local))
 
-
-@functools.partial(jax.jit, static_argnums=1)
-def _any(flags: jax.Array, replicated: NamedSharding) -> jax.Array:
-    return jax.lax.with_sharding_constraint(jnp.any(flags > 0), replicated)
-
-
-def stop_message(step: int, signum: int) -> str:
-    if signum == signal.SIGINT:
-        return (f"Interrupted (Ctrl-C) at step {step}; checkpoint saved; exiting with status "
-                f"{INTERRUPTED_EXIT_CODE}. Run the same command to resume.")
-    why = " (the terminal or ssh session closed)" if signum == signal.SIGHUP else ""
-    return (f"{signal.Signals(signum).name}{why}: saved the checkpoint at step {step}; exiting "
-            f"with status {128 + signum}. Run the same command again to resume.")
-
-
-def log_preempted(step: int, signum: int = signal.SIGTERM) -> None:
-    logging.warning("%s", stop_message(step, signum))
 
