@@ -121,7 +121,9 @@ def write_idx_dir(directory: pathlib.Path, n_train: int = 256, n_test: int = 64,
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slow tests first (a stable sort), so that pytest-xdist's workers (pyproject.toml runs
-    two) start the long ones early and end together instead of one waiting on the other."""
+    two) start the long ones early and end together instead of one waiting on the other. A file
+    goes to a worker where its first test comes (--no-loadscope-reorder in pyproject.toml: by
+    default xdist hands out the files with the most tests first, whatever this order says)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
