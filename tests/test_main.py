@@ -29,11 +29,15 @@ def read_events(workdir) -> event_accumulator.EventAccumulator:
     return accumulator
 
 
-def test_tiny_run_writes_events_tensorboard_can_read(tmp_path, idx_dir):
-    workdir = tmp_path / "run"
-    result = run_main(f"--workdir={workdir}", f"--config.data_dir={idx_dir}",
-                      "--config.num_epochs=2", "--config.batch_size=32",
-                      "--config.verify_checksums=False")
+def test_tiny_run_writes_events_tensorboard_can_read_and_a_rerun_compiles_nothing(tmp_path,
+                                                                                   idx_dir):
+    """A tiny run, then the same config again on another workdir: config.compilation_cache_dir
+    (its own, empty at first) holds what the first compiled, and the second (a fresh process)
+    finds every program it runs there, saves nothing and ends with the same result."""
+    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    args = [f"--config.data_dir={idx_dir}", "--config.num_epochs=2", "--config.batch_size=32",
+            "--config.verify_checksums=False", f"--config.compilation_cache_dir={cache}"]
+    result = run_main(f"--workdir={workdir}", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[-2].startswith("Test loss:") and lines[-1].startswith("Test accuracy:")
@@ -58,6 +62,13 @@ def test_tiny_run_writes_events_tensorboard_can_read(tmp_path, idx_dir):
     final_accuracy = test.Scalars("accuracy")[-1].value
     assert float(lines[-1].split()[-1]) == pytest.approx(final_accuracy, abs=1e-4)
     assert set(pictures.IMAGE_TAGS) == set(test.Tags()["images"])
+
+    saved = sorted(p.name for p in cache.iterdir())
+    assert any("train_step" in name or "run" in name for name in saved), saved
+    second = run_main(f"--workdir={tmp_path / 'again'}", *args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert sorted(p.name for p in cache.iterdir()) == saved, second.stderr[-3000:]  # All hits.
+    assert second.stdout.splitlines()[-2:] == lines[-2:]  # Same result.
 
 
 def test_help_lists_the_config_flag():
@@ -120,22 +131,6 @@ def test_missing_or_unusable_workdir(tmp_path):
     assert a_file.read_text() == "keep me"
     result = run_main(f"--workdir={a_file}/sub")
     assert "cannot write there" in result.stderr.strip().splitlines()[-1]
-
-
-def test_second_run_of_a_config_loads_the_step_from_the_compilation_cache(tmp_path, idx_dir):
-    """config.compilation_cache_dir: the first run compiles the step and saves it there, the
-    second (a fresh process, another workdir) finds every program it runs and saves nothing."""
-    args = [f"--config.data_dir={idx_dir}", "--config.num_epochs=1", "--config.batch_size=32",
-            "--config.verify_checksums=False", "--config.conv_features=(4,8)",
-            "--config.dense_features=16", f"--config.compilation_cache_dir={tmp_path / 'cache'}"]
-    first = run_main(f"--workdir={tmp_path / 'a'}", *args)
-    assert first.returncode == 0, first.stderr[-3000:]
-    saved = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert any("train_step" in name or "run" in name for name in saved), saved
-    second = run_main(f"--workdir={tmp_path / 'b'}", *args)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == saved  # All hits.
-    assert first.stdout.splitlines()[-2:] == second.stdout.splitlines()[-2:]  # Same result.
 
 
 def test_an_unusable_compilation_cache_is_one_warning_and_no_cache(tmp_path, caplog):
