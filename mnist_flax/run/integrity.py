@@ -51,14 +51,9 @@ def _read_error(e: BaseException) -> str:
 
 
 def _walk_back(workdir: str, read: Any) -> tuple[Any, int, list[tuple[int, str]]]:
-    """`read(manager, step, where)` on each checkpoint, newest first, until one is intact.
-
-    A checkpoint whose files orbax or tensorstore cannot read, or whose checksum differs, is
-    damaged: one warning line names it and why, and the next older one is tried. One that is gone
-    once the read failed was pruned by a live run that saved a newer one: busy, so the listing is
-    read again. CheckpointError (this config cannot use the checkpoint) stops at once. Returns
-    what `read` returned, its step, and the damaged (step, reason) pairs. Reads only.
-    """
+    """`read(manager, step, where)` on each checkpoint, newest first, until one is intact: what
+    it returned, its step, and the damaged (step, reason) pairs skipped, each with a warning.
+    CheckpointError (this config cannot use the checkpoint) stops at once. Reads only."""
     directory = checkpoint_dir(workdir)
     damaged: list[tuple[int, str]] = []
     for _ in range(5):  # A live run prunes at most one checkpoint per save.

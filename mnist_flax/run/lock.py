@@ -1,8 +1,6 @@
-"""One run per workdir: a kernel flock on a local disk, a lease (run.lease) in a bucket.
-
-Only process 0 locks (it alone writes the config and events); all processes agree on whether it
-got the lock, and first that they all see the workdir it locks (`check_shared`). A run that loses
-its gs:// lease saves no more, and ends when the lease runs out.
+"""One run per workdir: a kernel flock on a local disk, a lease (run.lease) in a bucket. Only
+process 0 locks (it alone writes the config and events); all processes agree on whether it got
+the lock, and first that they all see the workdir it locks (`check_shared`).
 """
 
 from __future__ import annotations

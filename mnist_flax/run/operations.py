@@ -1,12 +1,7 @@
-"""The operations main wraps around the training core:
-
-    with operations.held(workdir, config, lease_seconds) as hooks:
-        train.train_and_evaluate(config, workdir, hooks, dataset)
-
-`held` holds the workdir (`lock`: a flock, or a lease on gs://) and the stop signals (SIGTERM,
-SIGHUP, Ctrl-C: the loop saves, then stops; on a pod every host after the same step), and raises
-`Preempted` once the run stopped early. Its hooks restore the newest intact checkpoint (moving
-damaged ones aside), refuse a finished run changed, and refuse to save after the lease was lost.
+"""The operations main wraps around the training core (`with held(...) as hooks:
+train.train_and_evaluate(config, workdir, hooks, dataset)`): the workdir's lock or lease and the
+stop signals for the block, `Preempted` after it if a signal stopped it; hooks that restore the
+newest intact checkpoint, refuse a finished run changed, and save nothing after a lost lease.
 """
 
 from __future__ import annotations

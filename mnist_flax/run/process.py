@@ -35,10 +35,9 @@ def setup_process() -> None:
 def enable_compilation_cache(cache_dir: str) -> str:
     """Turns on JAX's persistent compilation cache in `cache_dir` (config.compilation_cache_dir):
     'auto' is $JAX_COMPILATION_CACHE_DIR, else ~/.cache/mnist_flax/jax; '' turns it off. Returns
-    the directory ('' when off). Every jit is cached, however fast it compiled, so a second run of
-    a config recompiles nothing. A local directory that cannot be
-    made or written is one warning and no cache: the cache only saves time, so it never stops a
-    run (JAX would warn at each compilation and still compile)."""
+    the directory ('' when off). Every jit is cached, however fast it compiled. A local directory
+    that cannot be written is one warning and no cache: the cache only saves time, so it never
+    stops a run (JAX would warn at each compilation)."""
     if cache_dir == "auto":
         cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR") or "~/.cache/mnist_flax/jax"
     if cache_dir and not cache_dir.startswith("gs://"):
@@ -63,14 +62,9 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 
 
 def tune_host_allocator() -> bool:
-    """Keeps big host allocations in glibc's heap, so XLA:CPU stops page-faulting every step.
-
-    XLA:CPU allocates each step's large temporaries afresh; glibc serves them with mmap and gives
-    them back on free, so every step faults the same pages in again. mallopt (no mmap, no trim,
-    one arena) keeps them. A process-wide setting, so only entry points (main, sweep, benchmarks)
-    call it, first thing: threads that already own an arena keep it. Returns whether the settings
-    are in effect (False off Linux/glibc, or if mallopt fails).
-    """
+    """Keeps big host allocations in glibc's heap (mallopt: no mmap, no trim, one arena), so
+    XLA:CPU stops faulting each step's temporaries in afresh. Process-wide: only entry points call
+    it, first thing. Whether the settings are in effect (False off Linux/glibc)."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     try:

@@ -83,17 +83,11 @@ class StopFlag:
         return self.requested.is_set()
 
     def agreed(self) -> bool:
-        """Whether any process got a stop signal. On a pod every process must stop after the same
-        step, or the others wait for it in the save's collectives; a process stopped by a peer
-        exits as preempted (143).
-
-        With several processes, each call (one per dispatch, on every process) starts an
-        all-reduce of the flags on the devices, queued behind the dispatch just made, and reads
-        the one the previous call started: the devices have run it by the time the host would
-        wait for the previous dispatch anyway, so the host never idles them to agree. Every
-        process reads the same result, so all stop after the same step, one dispatch after the
-        signal.
-        """
+        """Whether any process got a stop signal; on a pod all stop after the same step (or the
+        others wait in the save's collectives), and one stopped by a peer exits as preempted.
+        Each call (one per dispatch, on every process) queues an all-reduce of the flags behind
+        the dispatch just made and reads the previous call's, which the devices have run by the
+        time the host would wait for them anyway: agreeing never idles them."""
         if jax.process_count() == 1:
             return self.is_set()
         previous, self._in_flight = self._in_flight, _any_process(self.is_set())

@@ -1,14 +1,9 @@
-"""Errors before an entry point's error boundary exists: one line, not Python's traceback. A
-Ctrl-C is its line and exit status 130; any other error (JAX refusing a JAX_* variable at
-import, a broken install) is `error: ...` naming its traceback file, and exit status 1.
-
-An entry module (main, sweep, predict) spends seconds importing jax, orbax and TensorFlow
-Datasets before `boundary.one_line_errors` can run; an exception there is one that nothing
-catches, which Python prints as a traceback. This module imports only the standard library, so
-an entry module imports it first and wraps its imports (and whatever it does before the
-boundary) in `one_line_startup`. The exception still propagates, so a notebook importing
-`mnist_flax.predict` gets it as usual; only one that reaches the top level uncaught becomes the
-one line.
+"""Errors before an entry point's error boundary exists (seconds of importing jax, orbax and
+TensorFlow Datasets): one line, not Python's traceback. A Ctrl-C is its line and exit status 130;
+any other error (JAX refusing a JAX_* variable at import, a broken install) is `error: ...`
+naming its traceback file, and exit status 1. Only the standard library, so an entry module
+imports this first and wraps its imports in `one_line_startup`; a notebook importing
+`mnist_flax.predict` still gets the exception as usual.
 """
 
 from __future__ import annotations

@@ -8,14 +8,12 @@ import re
 from mnist_flax.checkpoints import error_line
 
 
-def forbidden(e: OSError) -> bool:
-    """Whether the bucket refused a write (HTTP 403); gcsfs raises OSError('Forbidden: ...')."""
-    return isinstance(e, PermissionError) or str(e).startswith("Forbidden")
-
-
-def forbidden_reason(e: OSError, bucket: str) -> str:
-    """Who may not write to the bucket, and the fix, from GCS's answer to a 403 ('PRINCIPAL does
-    not have storage.objects.create access to ...')."""
+def forbidden_reason(e: OSError, bucket: str) -> str | None:
+    """If the bucket refused a write (HTTP 403; gcsfs raises OSError('Forbidden: ...')), who may
+    not write to it and the fix, from GCS's answer ('PRINCIPAL does not have
+    storage.objects.create access to ...'); else None."""
+    if not (isinstance(e, PermissionError) or str(e).startswith("Forbidden")):
+        return None
     found = re.search(r"(\S+) does not have (storage\.[\w.]+) access", str(e))
     if found:
         principal, permission = found.groups()

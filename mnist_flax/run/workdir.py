@@ -111,9 +111,8 @@ def prepare(workdir: str) -> None:
         bucket = workdir[len("gs://"):].split("/")[0]
         if storage_errors.is_storage_error(e):
             raise WorkdirError(storage_errors.storage_unreachable_line(workdir, e)) from None
-        if storage_errors.forbidden(e):
-            raise WorkdirError(f"--workdir={workdir}: cannot write there ("
-                               f"{storage_errors.forbidden_reason(e, bucket)}") from None
+        if forbidden := storage_errors.forbidden_reason(e, bucket):
+            raise WorkdirError(f"--workdir={workdir}: cannot write there ({forbidden}") from None
         reason = (f"bucket {bucket} does not exist" if isinstance(e, FileNotFoundError)
                   else error_line(e))
         raise WorkdirError(f"--workdir={workdir}: cannot write there ({reason}); create the "
@@ -208,10 +207,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         raise WorkdirError(f"{source}: holds {type(fields).__name__} {str(fields)[:40]!r}, not a "
                            "run's config (a JSON object of its fields); move it aside")
     fix = f"fix {source.name} or train a new workdir"
-    reference = configs.load()
-    config = ml_collections.ConfigDict(fields)
-    for name in sorted(set(reference) - set(fields)):
-        config[name] = reference[name]
+    config = ml_collections.ConfigDict({**configs.load().to_dict(), **fields})
     try:
         config_checks.validate(config)
     except config_checks.UnknownFieldError as e:
