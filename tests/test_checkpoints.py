@@ -322,18 +322,26 @@ def test_sigkill_at_any_step_then_resume_is_bit_identical(resume_setup):
     assert 3 <= resume_to_the_end(command, base / "killed", expected) < NUM_STEPS
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+K4 = ("--config.steps_per_dispatch=4", "--config.log_every_steps=4")
+
+
+@pytest.mark.parametrize("signum,code,extra", [(signal.SIGTERM, 143, K4),
+                                               (signal.SIGHUP, 129, ())])
 def test_sigterm_or_sighup_saves_exits_128_plus_it_then_resume_is_bit_identical(resume_setup,
-                                                                                signum, code):
-    """SIGTERM is a preemption; SIGHUP is what a run started over ssh gets when it drops."""
+                                                                                signum, code,
+                                                                                extra):
+    """SIGTERM is a preemption; SIGHUP is what a run started over ssh gets when it drops. Both go
+    through the one stop flag; SIGTERM's run takes 4 steps per dispatch, so its stop lands on a
+    dispatch's end and the resumed k=4 run must still end bit-identical to the uninterrupted
+    one-step-per-dispatch run (this case was its own test, a third pair of runs)."""
     base, expected = resume_setup
     workdir = base / signal.Signals(signum).name
-    command = main_command(base / "data", workdir)
-    rc, log = run_and_interrupt(command, base / f"{workdir.name}.log", signum, after_step=10)
+    command = [*main_command(base / "data", workdir), *extra]
+    rc, log = run_and_interrupt(command, base / f"{workdir.name}.log", signum, after_step=8)
     assert rc == 128 + signum == code, log[-3000:]
     stopped_at = int(re.search(rf"{signal.Signals(signum).name}[^:]*: saved the checkpoint at "
                                r"step (\d+)", log).group(1))
-    assert 10 <= stopped_at < NUM_STEPS
+    assert 8 <= stopped_at < NUM_STEPS, log[-3000:]
     assert checkpoints.latest_step(str(workdir)) == stopped_at  # The last word.
 
     assert resume_to_the_end(command, workdir, expected) == stopped_at
@@ -369,17 +377,3 @@ def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_stays_intact(resu
         "checkpoint saved; exiting with status 130" in last), log[-3000:]
 
     resume_to_the_end(command, base / "ctrl_c_twice", expected)
-
-
-def test_sigterm_with_4_steps_per_dispatch_then_resume_equals_single_steps(resume_setup):
-    """k steps per dispatch: the SIGTERM stop lands on a dispatch's end, and the resumed run ends
-    bit-identical to the uninterrupted one-step-per-dispatch run."""
-    base, expected = resume_setup
-    command = [*main_command(base / "data", base / "k4"), "--config.steps_per_dispatch=4",
-               "--config.log_every_steps=4"]
-    rc, log = run_and_interrupt(command, base / "k4.log", signal.SIGTERM, after_step=8)
-    assert rc == signals.PREEMPTED_EXIT_CODE, log[-3000:]
-    stopped_at = int(re.search(r"SIGTERM: saved the checkpoint at step (\d+)", log).group(1))
-    assert 8 <= stopped_at < NUM_STEPS
-
-    assert resume_to_the_end(command, base / "k4", expected) == stopped_at
