@@ -102,12 +102,13 @@ def leave_quietly(line: str | None, code: int, log_path: str | None = None) -> N
     nowhere."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.shutdown()
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     with contextlib.suppress(Exception):
         if line:
-            print(line, file=sys.stderr)
+            print(line, file=sys.stderr, flush=True)
+    logging.shutdown()
+    with contextlib.suppress(Exception):
         sys.stderr.flush()
     os.dup2(os.open(log_path or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT), 2)
     os._exit(code)
