@@ -24,7 +24,6 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from mnist_flax import configs
@@ -89,12 +88,13 @@ def _write(blob: storage.Blob, owner: dict[str, Any], if_generation: int, second
 
 class Lease:
     """A held lease, renewed in the background; a context manager that releases it on exit.
-    `lost` is set if renewal lost it; then `on_lost(lease)`, if given, is called when the lease
-    runs out (at once if another run took it over) unless it was released first."""
+    `lost` is set if renewal lost it: the run must save no more."""
 
     def __init__(self, workdir: str, ttl_s: float, blob: storage.Blob, owner: dict[str, Any],
-                 generation: int, on_lost: Callable[[Lease], None] | None = None):
-        self.workdir, self.ttl_s, self.owner, self.on_lost = workdir, ttl_s, owner, on_lost
+                 generation: int):
+        self.workdir = workdir
+        self.ttl_s = ttl_s
+        self.owner = owner
         self.lost = threading.Event()
         self.lost_error: Exception | None = None  # Set before `lost` if the storage failed.
         self._blob = blob
@@ -150,9 +150,6 @@ class Lease:
                 self.lost_error, reason = e, f"could not renew it before it ran out: {e}"
             log.error("lost the lease on %s: %s", self.workdir, reason)
             self.lost.set()
-            left = self.expires - time.time() if self.lost_error is not None else 0.0
-            if self.on_lost is not None and not self._stop.wait(max(left, 0.0)):
-                self.on_lost(self)
             return
 
     def _renew(self, seconds: float) -> bool:
@@ -188,8 +185,7 @@ def _dead(owner: dict[str, Any]) -> bool:
     return False
 
 
-def acquire(workdir: str, ttl_s: float = DEFAULT_TTL_S,
-            on_lost: Callable[[Lease], None] | None = None) -> Lease:
+def acquire(workdir: str, ttl_s: float = DEFAULT_TTL_S) -> Lease:
     """Takes the lease on `workdir` (gs://BUCKET/PATH) for `ttl_s` seconds, renewed in the
     background until released; raises LeaseError if another run holds it."""
     global exceptions, storage, DEFAULT_RETRY
@@ -222,6 +218,6 @@ def acquire(workdir: str, ttl_s: float = DEFAULT_TTL_S,
             generation = _write(blob, owner, current[0] if current else 0, REQUEST_TIMEOUT_S)
         except exceptions.PreconditionFailed:
             continue  # Another run got there first: read who.
-        return Lease(workdir, ttl_s, blob, owner, generation, on_lost)
+        return Lease(workdir, ttl_s, blob, owner, generation)
     raise LeaseError(f"could not take the lease on --workdir={workdir}: it kept changing (other "
                      "runs starting on it?)")

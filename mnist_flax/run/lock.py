@@ -10,6 +10,9 @@ import dataclasses
 import fcntl
 import os
 import secrets
+import sys
+import threading
+import time
 from collections.abc import Iterator
 
 import jax
@@ -56,7 +59,7 @@ def lock(workdir: str, lease_seconds: float = LEASE_TTL_S) -> Iterator[Held]:
     Locally: an exclusive flock on the workdir directory (`.lock` names the holder's pid), which
     the kernel drops when the process dies, so a SIGKILLed run never blocks the next one. In a
     bucket: a lease on workdir/.lock that a live run renews and a killed run's runs out after
-    `lease_seconds`; a run that loses it stops (`_exit_lost`).
+    `lease_seconds`; a run that loses it stops (`_stop_when_lost`).
     """
     check_shared(workdir)
     held = Held(workdir)
@@ -65,8 +68,8 @@ def lock(workdir: str, lease_seconds: float = LEASE_TTL_S) -> Iterator[Held]:
         if jax.process_index() == 0:
             try:
                 if is_remote(workdir):
-                    held.lease = stack.enter_context(
-                        lease_lib.acquire(workdir, lease_seconds, on_lost=_exit_lost))
+                    held.lease = stack.enter_context(lease_lib.acquire(workdir, lease_seconds))
+                    stack.enter_context(_stop_when_lost(held.lease))
                 else:
                     stack.enter_context(_flock(workdir))
             except configs.UserError as e:  # WorkdirError, LeaseError
@@ -126,15 +129,34 @@ def lost_lease_line(lease: lease_lib.Lease) -> str:
                                 f"{error_line(lease.lost_error)}")
 
 
-def _exit_lost(lease: lease_lib.Lease) -> None:
-    """The lease was lost and has run out while the run goes on (`Lease.on_lost`): the loop
-    checks the lease only before a save, and a save or an event flush in flight when the storage
-    went away waits in its client's retries for many minutes. Nothing can be saved any more and
-    the last committed checkpoint is intact, so we print the one-line error and exit 1, as a kill
-    would: nothing of ours can land in the workdir after another run may have taken it. One
-    write to fd 2, not sys.stderr, which the main thread may be printing the same line to."""
-    os.write(2, f"error: {lost_lease_line(lease)}\n".encode(errors="backslashreplace"))
-    os._exit(1)
+@contextlib.contextmanager
+def _stop_when_lost(lease: lease_lib.Lease) -> Iterator[None]:
+    """Ends the process if the lease is lost and the run has not ended by itself when it runs out.
+
+    The loop checks the lease only before a save, and a save or an event flush in flight when
+    the storage goes away waits in its client's retries for many minutes. Nothing can be saved
+    any more and the last committed checkpoint is intact, so when the lease runs out (at once if
+    another run took it over) we print the one-line error and exit 1, as a kill would: nothing of
+    ours can land in the workdir after another run may have taken it.
+    """
+    ended = threading.Event()
+
+    def watch() -> None:
+        while not ended.wait(0.05):  # Soon after the loss: a save in flight stops with us.
+            if lease.lost.is_set():
+                break
+        left = lease.expires - time.time() if lease.lost_error is not None else 0.0
+        if ended.wait(max(left, 0.0)):
+            return
+        print(f"error: {lost_lease_line(lease)}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    watchdog = threading.Thread(target=watch, daemon=True, name="lease watchdog")
+    watchdog.start()
+    try:
+        yield
+    finally:
+        ended.set()
 
 
 def holder(workdir: str) -> str | None:
