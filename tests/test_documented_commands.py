@@ -94,6 +94,9 @@ SMALL = {
                                        "--help exits 1)", code=1),
     "benchmarks/loop_overhead.py": Small(HELP, "tests/test_benchmarks.py runs it small"),
     "benchmarks/profile_step.py": Small(("--rounds=1",), "every piece timed once"),
+    "benchmarks/speed_leads.py": Small(HELP, "times forms the package does not use, a minute "
+                                       "even at --rounds=1; tests/test_benchmarks.py checks its "
+                                       "Winograd convolution against the direct one"),
     "benchmarks/gcs_workdir.py": Small(("--saves=1", "--epochs=1"), "one save each way and one "
                                        "epoch of main, local and on the emulator"),
     "benchmarks/pod_stop_agreement.py": Small(("--rounds=1", "--epochs=1"), "each agreement for "
