@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -190,6 +191,11 @@ def test_plot_without_matplotlib_is_one_line_naming_the_plots_extra(tmp_path):
          "--table"], capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr[-3000:]
     assert table.stdout.startswith("| experiment |")
+    piped = subprocess.run(  # Into a reader that left (`| head`, here at once): quiet, exit 0.
+        ["bash", "-c", f"set -o pipefail; {shlex.quote(sys.executable)} "
+         f"{shlex.quote(str(REPO / 'experiments' / 'plot.py'))} --table | true"],
+        capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr[-3000:]
 
 
 def _imported_top_level_modules(root: pathlib.Path) -> set[str]:
