@@ -152,8 +152,18 @@ def ctrl_c_raises():
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.fixture
+def hangup_kills():
+    """SIGHUP as in a terminal, even where pytest runs under nohup (SIGHUP ignored, which StopFlag
+    rightly leaves ignored, and which a run started from here would inherit)."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, previous)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_a_stop_signal_sets_the_flag_and_the_old_handlers_come_back(signum, ctrl_c_raises):
+def test_a_stop_signal_sets_the_flag_and_the_old_handlers_come_back(signum, ctrl_c_raises,
+                                                                    hangup_kills):
     previous = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
     with signals.StopFlag() as flag:
         assert not flag.is_set()
@@ -329,7 +339,8 @@ K4 = ("--config.steps_per_dispatch=4", "--config.log_every_steps=4")
                                                (signal.SIGHUP, 129, ())])
 def test_sigterm_or_sighup_saves_exits_128_plus_it_then_resume_is_bit_identical(resume_setup,
                                                                                 signum, code,
-                                                                                extra):
+                                                                                extra,
+                                                                                hangup_kills):
     """SIGTERM is a preemption; SIGHUP is what a run started over ssh gets when it drops. Both go
     through the one stop flag; SIGTERM's run takes 4 steps per dispatch, so its stop lands on a
     dispatch's end and the resumed k=4 run must still end bit-identical to the uninterrupted
