@@ -120,6 +120,9 @@ def ssh(name: str, worker: str, command: str) -> int:
     coordinator = f"127.0.0.1:{free_port()}"
     mount = ('mount --bind "$1" "$HOME" && mount --bind "$2" "$TMPDIR" && cd "$HOME" && '
              'exec bash -c "$3"')
+    # sshd starts a session with SIGHUP at its default, whatever the client's: a stand-in started
+    # under nohup would otherwise hand its hosts an ignored SIGHUP, and a hang-up kill nothing.
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     hosts = []
     for i in workers(tpu, worker):
         env = {**os.environ, "HOME": str(HOME), "TMPDIR": str(TMP),
