@@ -85,11 +85,11 @@ def run(step_fn: StepFn, state: Any, data: Batch, order: jax.Array, *, num_steps
 
 
 def step_flops(step_fn: StepFn, state: Any, data: Batch, batch_size: int) -> float | None:
-    """FLOPs of one step on a global batch: XLA's cost analysis of the lowered step (a trace, no
-    compilation); None where the backend gives none."""
+    """One step's FLOPs on a global batch by XLA's count (or None); `run` reuses the trace."""
     dtype = jnp.float32 if state.augmentation.enabled else data["image"].dtype  # augment_batch.
-    batch = {"image": jax.ShapeDtypeStruct((batch_size, *data["image"].shape[1:]), dtype),
-             "label": jax.ShapeDtypeStruct((batch_size,), data["label"].dtype)}
+    batch = {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), dtype if k == "image" else v.dtype,
+                                     sharding=NamedSharding(v.sharding.mesh, P("batch")))
+             for k, v in data.items()}
     cost = _jitted(step_fn).lower(state, batch).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # A list of one on older jax.
     return float(cost["flops"]) if cost and cost.get("flops", 0) > 0 else None
