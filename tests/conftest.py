@@ -24,6 +24,7 @@ SHARED_MNIST = REPO.parent / "shared" / "mnist"
 TIMING_METRICS = frozenset({"train/images_per_second", "train/tflops_per_device",
                             "train/utilization"})
 TINY_MODEL = {"conv_features": (4, 8), "dense_features": 16}
+COMPILATION_CACHE_BYTES = 1 << 30  # The tests' cache of compiled programs, kept between runs.
 
 
 def load_config(name: str = "default") -> ml_collections.ConfigDict:
@@ -127,19 +128,40 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Keeps the tests' compilation cache (below) under COMPILATION_CACHE_BYTES, dropping the
+    oldest entries first: JAX's own limit needs `filelock`, which the test extra lacks."""
+    cache = getattr(session.config, "cache", None)
+    if cache is None or hasattr(session.config, "workerinput"):  # Once, in xdist's controller.
+        return
+    entries = sorted(cache.mkdir("jax").iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    total = 0
+    for entry in entries:
+        total += entry.stat().st_size
+        if total > COMPILATION_CACHE_BYTES:
+            entry.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def compilation_cache(tmp_path_factory) -> None:
+def compilation_cache(request: pytest.FixtureRequest, tmp_path_factory) -> None:
     """The tests' compilations, in the commands they start and in the tests' own processes, are
-    cached in the session's temporary directory, not in the user's ~/.cache (the default of
-    config.compilation_cache_dir). One directory for all of the session's xdist workers, so one
-    compiles what the other then loads (JAX writes cache entries atomically). In process too, as
-    main turns it on: every train_and_evaluate builds a new TrainState (its optimizer is part of
-    the jit's key), so without it each one compiled its steps again."""
+    cached in pytest's cache directory (.pytest_cache/d/jax), not in the user's ~/.cache (the
+    default of config.compilation_cache_dir). It is kept between runs, so a run after a change
+    compiles only what the change touched; `pytest --cache-clear` empties it, and with
+    `-p no:cacheprovider` the session's temporary directory holds it. JAX keys each entry on the
+    program, its compile options and JAX's version, so no stale entry is ever loaded. One
+    directory for all of the session's xdist workers, so one compiles what the other then loads
+    (JAX writes entries atomically). In process too, as main turns it on: every
+    train_and_evaluate builds a new TrainState (its optimizer is part of the jit's key), so
+    without it each one compiled its steps again."""
     from mnist_flax.run import process
 
-    base = tmp_path_factory.getbasetemp()
-    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
-    cache.mkdir(exist_ok=True)
+    if getattr(request.config, "cache", None) is not None:
+        cache = request.config.cache.mkdir("jax")
+    else:
+        base = tmp_path_factory.getbasetemp()
+        cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
+        cache.mkdir(exist_ok=True)
     names = ("jax_compilation_cache_dir", "jax_enable_compilation_cache",
              "jax_persistent_cache_min_compile_time_secs",
              "jax_persistent_cache_min_entry_size_bytes")
