@@ -1,6 +1,6 @@
 """Whether k training steps in one dispatch (a `lax.scan`) round like k single dispatches.
 
-    python benchmarks/dispatch_rounding.py [--steps=4]
+    python benchmarks/dispatch_rounding.py [--steps=4] [--widths=4]
 
 From one fresh state, `--steps` steps run both ways on synthetic digits, for a few model widths
 (the tests' small ones and the tutorial's); prints, per width, whether the parameters and Adam
@@ -19,8 +19,10 @@ from absl import app, flags
 from mnist_flax import configs, input_pipeline, sharding, train
 from mnist_flax.fast import dispatch
 
-flags.DEFINE_integer("steps", 4, "Steps per dispatch, against that many single dispatches.")
 WIDTHS = [((2,), 4), ((4, 8), 16), ((8, 16), 16), ((32, 64), 128)]  # (conv, dense); last: tutorial.
+flags.DEFINE_integer("steps", 4, "Steps per dispatch, against that many single dispatches.")
+flags.DEFINE_integer("widths", len(WIDTHS), "How many of the widths, smallest first.",
+                     lower_bound=1, upper_bound=len(WIDTHS))
 N, BATCH = 512, 32
 
 
@@ -59,7 +61,8 @@ def compare(conv: tuple[int, ...], dense: int, k: int) -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
-    results = [compare(conv, dense, flags.FLAGS.steps) for conv, dense in WIDTHS]
+    results = [compare(conv, dense, flags.FLAGS.steps)
+               for conv, dense in WIDTHS[:flags.FLAGS.widths]]
     for r in results:
         print(f"conv {tuple(r['conv_features'])} dense {r['dense_features']}: "
               f"{'bit-identical' if r['bit_identical'] else 'differs'}, largest parameter "

@@ -88,8 +88,9 @@ SMALL = {
         ("--repeats=1", "--steps=2", "--warmup=1", "--no-epoch", "--e2e_epochs=1"),
         "each installed peer (the others are dropped) for 2 steps, mnist_flax with a tiny model; "
         "not the whole-epoch timing (468 steps, which no flag shrinks)", True),
-    "benchmarks/dispatch_rounding.py": Small(("--steps=2",), "a scan of 2 steps against 2 single "
-                                            "steps, every width"),
+    "benchmarks/dispatch_rounding.py": Small(("--steps=2", "--widths=1"), "a scan of 2 steps "
+                                            "against 2 single steps, the smallest width (every "
+                                            "width runs the same code: 12 s, not 76 s idle)"),
     "benchmarks/accelerator.py": Small(HELP, "tests/test_benchmarks.py runs it small (absl's "
                                        "--help exits 1)", code=1),
     "benchmarks/loop_overhead.py": Small(HELP, "tests/test_benchmarks.py runs it small"),
