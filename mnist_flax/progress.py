@@ -82,9 +82,6 @@ class Progress:
         self.metrics: dict[str, float] = {}  # The last epoch's.
         self.last_log = self.epoch_start = (time.perf_counter(), 0)  # (time, step)
 
-    def chunk(self, step: int, k: int) -> int:
-        return chunk_steps(step, k, self.steps_per_epoch, self.num_steps, self.config)
-
     def start_epoch(self, step: int) -> None:
         self.logged = []
         self.last_log = self.epoch_start = (time.perf_counter(), step)

@@ -95,8 +95,8 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array,
     """Initialises parameters (Keras's initialisers) and the optimizer from `key`."""
     init_key, dropout_key = jax.random.split(key)
     model = models.create_model(config)
-    dummy = jnp.zeros((1, *input_pipeline.IMAGE_SHAPE), jnp.float32)
-    params = jax.jit(functools.partial(model.init, train=False))(init_key, dummy)["params"]
+    init = jax.jit(functools.partial(model.init, train=False), compiler_options=fast.INIT_OPTIONS)
+    params = init(init_key, jnp.zeros((1, *input_pipeline.IMAGE_SHAPE), jnp.float32))["params"]
     return TrainState.create(
         apply_fn=model.apply, params=params, tx=create_optimizer(config, steps_per_epoch),
         dropout_key=dropout_key, label_smoothing=config.label_smoothing,
@@ -217,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if index == 0 or step == start_step:  # A resumed run may start mid-epoch.
                 progress.start_epoch(step)
                 order = dispatch.device_epoch_order(mesh, config.seed, epoch, num_train)
-            n = progress.chunk(step, k)
+            n = progress_lib.chunk_steps(step, k, steps_per_epoch, num_steps, config)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, step_metrics = dispatch.run(
                     train_step_fn, state, data, order, num_steps=n, batch_size=config.batch_size,

@@ -102,6 +102,7 @@ SMALL = {
                                        "epoch of main, local and on the emulator"),
     "benchmarks/pod_stop_agreement.py": Small(("--rounds=1", "--epochs=1"), "each agreement for "
                                               "one epoch of the 2-process pod"),
+    "benchmarks/compile_time.py": Small(("--repeats=1",), "each compile once"),
     "benchmarks/import_time.py": Small(("--repeats=1",), "once; the --compare directory (a "
                                        "checkout or a pip --target) is empty"),
 }

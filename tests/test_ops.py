@@ -3,6 +3,7 @@ bf16."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -190,6 +191,19 @@ def test_the_steps_jit_is_a_real_jit_with_the_cpu_option_and_the_same_numbers():
     x, k, bias = rand(0, 2, 8, 8, 3), rand(1, 3, 3, 3, 4), rand(2, 4)
     plain = jax.jit(lambda x, k, b: jax.grad(lambda k: jnp.sum(ops.conv2d(x, k, b) ** 2))(k))
     assert_close(f(x, k, bias), plain(x, k, bias), 1e-5)
+
+
+def test_the_initialisation_with_init_options_gives_the_default_options_bits():
+    """train.create_train_state compiles the initialisation with fast.INIT_OPTIONS (LLVM -O1),
+    which only shortens the compile (benchmarks/compile_time.py): the tutorial model's
+    parameters are bit for bit those XLA's default options give."""
+    from mnist_flax import configs, models, train
+
+    key = jax.random.key(3)
+    init = jax.jit(functools.partial(models.create_model(configs.load()).init, train=False))
+    default = init(jax.random.split(key)[0], jnp.zeros((1, 28, 28, 1), jnp.float32))["params"]
+    used = train.create_train_state(configs.load(), key).params
+    jax.tree.map(np.testing.assert_array_equal, used, default)
 
 
 def test_tune_host_allocator_is_safe_and_idempotent():

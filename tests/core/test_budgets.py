@@ -14,7 +14,7 @@ ENTRY_POINTS = {"mnist_flax.main", "mnist_flax.sweep", "mnist_flax.sweep_results
 MAX_MODULE_LINES = 250
 # What `import mnist_flax.train` loads of the package, and the operations layer. Issue 28's
 # targets are 1,200 and 1,500; these are where the package stands, so they only go down.
-MAX_TRAIN_IMPORT_LINES = 1_720
+MAX_TRAIN_IMPORT_LINES = 1_719
 MAX_RUN_LINES = 1_764
 
 
