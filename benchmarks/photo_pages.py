@@ -3,9 +3,10 @@ of each kind (`tests/photo_pages.py`: ruled, squared, margin, tilted, shadow, co
 notebook), read by a model trained on the packaged sample.
 
     python benchmarks/photo_pages.py --workdir=/tmp/photo_model [--digits=150] [--seed=7]
+        [--epochs=8]
 
-The model is the one tests/test_predict_photos.py trains (the fast recipe with augmentation, 8
-epochs on the packaged sample), trained into --workdir unless a checkpoint is already there.
+The model is the one tests/test_predict_photos.py trains (the fast recipe with augmentation,
+--epochs on the packaged sample), trained into --workdir unless a checkpoint is already there.
 The digits are --digits of the sample's 1,000 test digits, drawn with --seed. The last line is
 JSON: accuracy per kind, "overall" (the mean over the kinds) and "raw 28x28" (the digits as they
 are). To measure another checkout's image preparation with the same model, run this file with
@@ -32,13 +33,14 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--digits", type=int, default=150)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs, if it trains")
     args = parser.parse_args()
     if checkpoints.latest_step(args.workdir) is None:
         from mnist_flax import train
 
         config = configs.load(str(pathlib.Path(__file__).resolve().parent.parent
                                   / "experiments" / "fast.py"))
-        config.update(data_source="sample", num_epochs=8, augment_max_shift=2.0,
+        config.update(data_source="sample", num_epochs=args.epochs, augment_max_shift=2.0,
                       augment_max_rotation=10.0)
         train.train_and_evaluate(config, args.workdir)
     dataset = input_pipeline.load_packaged_sample()

@@ -82,8 +82,8 @@ SMALL = {
     "docs/screenshots.py": Small(HELP, "needs Chromium and a TensorBoard server, and retakes "
                                  "docs/'s images"),
     "benchmarks/predict_agreement.py": Small(("--num=4",), "4 digits go the way 200 go"),
-    "benchmarks/photo_pages.py": Small(("--digits=2",), "2 digits on every kind of page, after "
-                                       "its 8-epoch training of a tiny model", True),
+    "benchmarks/photo_pages.py": Small(("--digits=2", "--epochs=1"), "2 digits on every kind of "
+                                       "page, after 1 epoch of a tiny model", True),
     "benchmarks/train_throughput.py": Small(
         ("--repeats=1", "--steps=2", "--warmup=1", "--no-epoch", "--e2e_epochs=1"),
         "each installed peer (the others are dropped) for 2 steps, mnist_flax with a tiny model; "
