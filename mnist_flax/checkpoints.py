@@ -68,14 +68,14 @@ def create_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.Chec
 
     Saves are asynchronous (see `save`). The blocking part copies the arrays to host memory, so
     the next step may donate (overwrite) them; an older checkpoint is pruned only once the newer
-    one is committed.
+    one is committed. A `read_only` manager creates, cleans and prunes nothing, and is never
+    asked to save; orbax's own read_only=True would add only a warning at every open.
     """
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-        enable_async_checkpointing=not read_only,
-        save_interval_steps=0 if read_only else 1,  # A reader saves nothing (orbax warns else).
+        preservation_policy=None if read_only else ocp.checkpoint_managers.LatestN(keep),
+        enable_async_checkpointing=not read_only, save_interval_steps=0 if read_only else 1,
         cleanup_tmp_directories=not read_only,  # Half-written saves of a killed run.
-        create=not read_only, read_only=read_only)
+        create=not read_only)
     # Handlers named up front, so a fresh manager can read metadata before any save or restore.
     registry = ocp.handlers.create_default_handler_registry(
         state=ocp.StandardCheckpointHandler(), position=ocp.JsonCheckpointHandler())

@@ -67,8 +67,7 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
 
     It takes uint8 (0-255) or float (0-1) arrays of shape (N, 28, 28) or (N, 28, 28, 1), white
     ink on black, as MNIST (use `preprocess` for other pictures). `predict.step` is the
-    checkpoint's step. A library call: orbax's notices that its readers are read only (two per
-    manager opened) are kept out of the caller's log; its other warnings are not.
+    checkpoint's step. Reading the checkpoint adds no orbax warning to the caller's log.
     """
     try:
         workdir = paths.parse(workdir, "--workdir")  # `~` expanded; gs:/x or s3://x: one line.
@@ -79,8 +78,7 @@ def load(workdir: str) -> Callable[[np.ndarray], np.ndarray]:
             raise PredictError(f"--workdir={workdir}: no such directory") from None
         is_dir, has_checkpoint = root.is_dir(), False
         if is_dir:
-            with logs.read_only_notices_dropped():
-                has_checkpoint = checkpoints.latest_step(workdir) is not None
+            has_checkpoint = checkpoints.latest_step(workdir) is not None
         if not has_checkpoint:
             raise PredictError(_not_a_run_line(workdir, is_dir))
         config = workdir_lib.read_config(workdir)

@@ -444,44 +444,6 @@ def test_load_logs_no_orbax_warnings(workdir, caplog, monkeypatch):
     assert not orbax, orbax
 
 
-def test_loads_overlapping_in_threads_keep_orbax_notices_out_until_the_last_ends(monkeypatch):
-    """Two `load` calls in two threads: the first to end must not take the filter away from the
-    one still reading (a notebook loading two workdirs at once)."""
-    import threading
-
-    from absl import logging as absl_logging
-
-    from mnist_flax.run import logs
-
-    logger = absl_logging.get_absl_logger()
-    monkeypatch.setattr(logger, "filters", [])
-    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
-    seen = []
-
-    def first():
-        with logs.read_only_notices_dropped():
-            first_in.set()
-            second_in.wait(60)
-        first_out.set()
-
-    def second():
-        first_in.wait(60)
-        with logs.read_only_notices_dropped():
-            second_in.set()
-            first_out.wait(60)
-            seen.append(len(logger.filters))  # The first has ended; this one still reads.
-    threads = [threading.Thread(target=f) for f in (first, second)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert seen == [1] and logger.filters == []
-
-
-# ---------------------------------------------------------------------------------------------
-# Bounded batches: memory that does not grow with the number of images.
-
-
 def traced_batch_sizes(monkeypatch) -> list[int]:
     """The batch sizes the model is compiled for from now on (models.probabilities is traced
     once per input shape): what bounds the memory of one call."""

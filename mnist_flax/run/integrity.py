@@ -17,7 +17,7 @@ from etils import epath
 
 from mnist_flax import checkpoints
 from mnist_flax.checkpoints import CheckpointError, DamagedError, checkpoint_dir
-from mnist_flax.run import lock, logs
+from mnist_flax.run import lock
 
 DAMAGED_PREFIX = "damaged-"  # checkpoints/damaged-<step>-<reason>: set aside, never deleted.
 
@@ -109,8 +109,7 @@ def restore_intact(workdir: str, state, position: dict[str, int]):
 def restore_params(workdir: str, expected_params: Any) -> tuple[Any, int]:
     """The newest intact checkpoint's params (shape-checked against `expected_params`) and its
     step; damaged ones are skipped with a warning, as in `restore_intact`, and left in place.
-    Serving's path (`predict.load`, a library call): orbax's notices that its readers are read
-    only stay out of the caller's log; its other warnings do not."""
+    Serving's path (`predict.load`, a library call)."""
     def read(manager, step, where):
         saved_tree = manager.item_metadata(step)["state"].tree
         checkpoints.check_shapes(checkpoints.tree_shapes({"params": saved_tree["params"]}),
@@ -124,9 +123,8 @@ def restore_params(workdir: str, expected_params: Any) -> tuple[Any, int]:
         tree, _ = checkpoints.read(manager, step, target, where)
         return jax.tree.map(np.asarray, tree["params"])
 
-    with logs.read_only_notices_dropped():
-        if checkpoints.latest_step(workdir) is None:
-            raise CheckpointError(f"{checkpoint_dir(workdir)}: no checkpoint; train first with "
-                                  f"python -m mnist_flax.main --workdir={workdir}")
-        params, step, _ = _walk_back(workdir, read)
+    if checkpoints.latest_step(workdir) is None:
+        raise CheckpointError(f"{checkpoint_dir(workdir)}: no checkpoint; train first with "
+                              f"python -m mnist_flax.main --workdir={workdir}")
+    params, step, _ = _walk_back(workdir, read)
     return params, step

@@ -1,16 +1,12 @@
 """Log filters of the entry points: library records that a one-line error already says, and
 chatter no user needs, added by `run.process.setup_process` (adding one twice adds it once: the
-logging module ignores a filter it has); and `read_only_notices_dropped`, the one a library call
-that reads checkpoints scopes itself."""
+logging module ignores a filter it has)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging as std_logging
 import os
 import sys
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
@@ -26,52 +22,17 @@ def _is_orbax(record: std_logging.LogRecord) -> bool:
     return f"{os.sep}orbax{os.sep}" in record.pathname
 
 
-def _is_read_only_notice(record: std_logging.LogRecord) -> bool:
-    """Orbax's warning on opening a manager with read_only=True ('Given directory is read only'):
-    about the setting a reader chose. (`checkpoints.create_manager` gives a reader no save
-    interval, so orbax's other read-only warning, about overriding it, does not come.)"""
-    return _is_orbax(record) and "read only" in record.getMessage()
-
-
-def _not_read_only_notice(record: std_logging.LogRecord) -> bool:
-    return not _is_read_only_notice(record)
-
-
-_scoped_filter_lock = threading.Lock()
-_scoped_filter_users = 0  # Blocks inside `read_only_notices_dropped`, in any thread.
-
-
-@contextlib.contextmanager
-def read_only_notices_dropped() -> Iterator[None]:
-    """No read-only notices on absl's logger (orbax logs through it) while the block runs: for
-    library calls that only read checkpoints (`predict.load`), where no entry point's filters
-    are in place. Nests, and overlaps across threads: the filter goes when the last block ends."""
-    global _scoped_filter_users
-    logger = logging.get_absl_logger()
-    with _scoped_filter_lock:
-        _scoped_filter_users += 1
-        logger.addFilter(_not_read_only_notice)  # Once: logging ignores a filter added again.
-    try:
-        yield
-    finally:
-        with _scoped_filter_lock:
-            _scoped_filter_users -= 1
-            if not _scoped_filter_users:
-                logger.removeFilter(_not_read_only_notice)
-
-
 def _drop_orbax_info(record: std_logging.LogRecord) -> bool:
-    """Orbax logs ~30 INFO lines per save through absl, and warns that a read-only manager (ours,
-    for restoring) is read-only; keep its other warnings and errors, except the one its metadata
-    thread logs when a second Ctrl-C stopped a save and the process is exiting (cli says so), and
-    the ones its threads log of an error the waiting thread raises (a full disk's E-lines, one
-    per thread, before the run's one line)."""
+    """Orbax logs ~30 INFO lines per save through absl; keep its warnings and errors, except the
+    one its metadata thread logs when a second Ctrl-C stopped a save and the process is exiting
+    (cli says so), and the ones its threads log of an error the waiting thread raises (a full
+    disk's E-lines, one per thread, before the run's one line)."""
     if not _is_orbax(record):
         return True
     if record.exc_info:  # A failed save (e.g. a full disk): `save` reports it in one line.
         record.exc_info, record.exc_text = None, None
     message = record.getMessage()
-    return record.levelno >= std_logging.WARNING and not _is_read_only_notice(record) and (
+    return record.levelno >= std_logging.WARNING and (
         "cannot schedule new futures after shutdown" not in message) and not any(
         text in message for text in _HANDED_ON)
 
