@@ -46,7 +46,7 @@ def _shrunk(pixels: np.ndarray, side: int) -> np.ndarray:
     pen's line thinner than a block stays as dark as it is (an average would fade it into the
     paper)."""
     factor = -(-max(pixels.shape) // side)
-    if factor <= 1:
+    if factor <= 1 or min(pixels.shape) < factor:  # A strip a block thick stays as it is.
         return pixels
     height, width = (n // factor * factor for n in pixels.shape)
     blocks = pixels[:height, :width].reshape(height // factor, factor, width // factor, factor)

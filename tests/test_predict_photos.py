@@ -140,6 +140,15 @@ def test_a_tiny_digit_on_a_big_canvas_is_still_found(sample):
         assert np.corrcoef(result.ravel(), reference.ravel())[0, 1] > 0.7
 
 
+def test_a_strip_thinner_than_a_shrinking_block_is_read_at_full_size():
+    """A 3 x 5000 strip is over paper.PAGE_SIDE long, but shrunk block by block it would have no
+    rows left (PIL: 'height and width must be > 0', a traceback from the library call)."""
+    strip = np.full((3, 5000), 250, np.uint8)
+    strip[:, 2000:2100] = 0
+    result = digit_images.preprocess(strip)
+    assert result.shape == (28, 28) and result.max() > 128
+
+
 def _two_digits(sample, path: pathlib.Path) -> str:
     """Two digits far apart on one page: the largest is read, and the answer is marked."""
     digits, _ = sample
