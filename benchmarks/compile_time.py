@@ -4,7 +4,7 @@
     python benchmarks/compile_time.py [--repeats=5]
 
 Each compile runs in a new process with the compilation cache off, for the tutorial's model and
-the tests' tiny one, the two options alternating so that a slower minute costs both alike; the
+a tiny one, the two options alternating so that a slower minute costs both alike; the
 table shows medians, and how long one call takes once compiled. A run compiles the
 initialisation once per new model shape (afterwards the cache has it). The last line is JSON.
 """

@@ -39,7 +39,7 @@ from mnist_flax import configs
 pytestmark = pytest.mark.slow
 DOCS = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")),
         "experiments/README.md"]
-TINY = ("--config.conv_features=(4,8)", "--config.dense_features=16")
+TINY = ("--config.conv_features=(8,16)", "--config.dense_features=16")
 SMALL_DEFAULT = {**TINY_MODEL, "num_epochs": 1, "data_source": "sample"}
 SUBSTITUTE = [("/path/to/mnist-idx", "../shared/mnist"),  # The full MNIST: the synthetic IDX
               ("/path/to/mnist", "../shared/mnist"),      # files in the workspace's ../shared.

@@ -48,7 +48,7 @@ def test_the_installed_wheel_trains_from_another_directory(wheel, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(target), "MNIST_DATA_DIR": "", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         [sys.executable, "-m", "mnist_flax.main", "--workdir=run", "--config.data_source=sample",
-         "--config.num_epochs=1", "--config.batch_size=500", "--config.conv_features=(4,8)",
+         "--config.num_epochs=1", "--config.batch_size=500", "--config.conv_features=(8,16)",
          "--config.dense_features=16"],
         capture_output=True, text=True, cwd=elsewhere, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

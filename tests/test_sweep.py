@@ -94,7 +94,7 @@ def test_each_value_names_one_directory_of_its_own():
 
 def _tiny_config():
     config = load_config()
-    config.update(data_source="sample", num_epochs=1, batch_size=500, conv_features=(4, 8),
+    config.update(data_source="sample", num_epochs=1, batch_size=500, conv_features=(8, 16),
                   dense_features=16)
     return config
 
@@ -195,7 +195,7 @@ def test_cli_a_diverged_value_is_marked_and_the_others_still_train(tmp_path):
     out = run_module("sweep", f"--workdir={tmp_path}/sweep", "--sweep=learning_rate=1e10,1e-3",
                      f"--results={results}", "--config.data_source=sample",
                      "--config.num_epochs=1", "--config.batch_size=500",
-                     "--config.conv_features=(4,8)", "--config.dense_features=16")
+                     "--config.conv_features=(8,16)", "--config.dense_features=16")
     last = one_line(out, 3)  # Not 1: the sweep ran to its end, and its table is whole.
     assert last == (f"error: 1 of 2 runs diverged ({diverged}); the table above has the others' "
                     "results")
@@ -281,7 +281,7 @@ def test_cli_sweeps_into_separate_tensorboard_runs(tmp_path):
     cmd = [sys.executable, "-m", "mnist_flax.sweep", f"--workdir={workdir}",
            "--sweep=learning_rate=1e-3,3e-3", "--sweep=seed=0,1",
            "--config.data_source=sample", "--config.num_epochs=1", "--config.batch_size=500",
-           "--config.conv_features=(4,8)", "--config.dense_features=16", f"--results={results}"]
+           "--config.conv_features=(8,16)", "--config.dense_features=16", f"--results={results}"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(os.listdir(workdir)) == ["learning_rate=1e-3", "learning_rate=3e-3"]
@@ -352,9 +352,9 @@ def test_cli_workdir_trained_with_another_model_is_one_line_error(tmp_path):
                f"--config.conv_features={conv_features}", "--sweep=seed=0"]
         return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
 
-    assert run("(4,8)").returncode == 0
+    assert run("(8,16)").returncode == 0
     saved = sorted((tmp_path / "seed=0" / "checkpoints").iterdir())
-    out = run("(4,4,8)")
+    out = run("(8,8,16)")
     assert out.returncode != 0 and "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "use another --workdir" in last, last

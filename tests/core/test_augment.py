@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import TINY_MODEL, load_config
 
 from mnist_flax import augment, input_pipeline, sharding, train
 from mnist_flax.fast import dispatch
@@ -99,6 +99,7 @@ def test_the_training_loop_augments_every_step_only_when_asked(augmented, idx_di
     `train_step` sees when fed `batch_at`'s host batches, warped first (`augment_batch`) when
     asked, not otherwise."""
     config = _augmented_config() if augmented else load_config("default")
+    config.update(TINY_MODEL)  # The warp and the batches do not depend on the model.
     config.update(data_dir=str(idx_dir), num_epochs=1, batch_size=64, verify_checksums=False)
     state, _ = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert int(state.step) == 256 // 64
