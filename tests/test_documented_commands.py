@@ -10,9 +10,10 @@ appended (absl and argparse keep a flag's last value). Where a program builds th
 without flags (a `python -c` snippet, a benchmark's workers), `configs.load()` returns the small
 form in that process (a sitecustomize). A program that runs elsewhere is checked by its --help,
 which must name each flag the document gives. A command whose small form already ran (the same
-command in two documents) runs once. Commands that cannot run here are skipped by a rule in SKIP
-naming the test that covers them. A command that matches no rule fails: a newly documented command
-needs a small form or a named skip.
+command in two documents) runs once, and of a benchmark's --peers (each its own worker) only those
+no small form with the same other flags and environment ran. Commands that cannot run here are
+skipped by a rule in SKIP naming the test that covers them. A command that matches no rule fails:
+a newly documented command needs a small form or a named skip.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ configs.load = load
 def workspaces(tmp_path_factory):
     """Per document: a root with shared/mnist (synthetic IDX), work/ (the scripts, copied: they
     find their repository by their own path) and site/ (the sitecustomize)."""
-    made, state = {}, {"ran": {}, "exports": {}}
+    made, state = {}, {"ran": {}, "exports": {}, "peers": {}}
 
     def get(doc: str) -> pathlib.Path:
         if doc not in made:
@@ -250,6 +251,14 @@ def test_documented_command_runs_in_a_small_form(doc, command, block, workspaces
     if key in state["ran"]:
         pytest.skip(f"its small form ran for {state['ran'][key]}: `{line}`")
     state["ran"][key] = f"{doc}'s `{command}`"
+    if peers := re.search(r"--peers=(\S+)", line):  # A benchmark's peers each run alone.
+        others = (line.replace(peers[0], ""), *key[1:])
+        ran = state["peers"].setdefault(others, set())
+        new = [p for p in peers[1].split(",") if p not in ran]
+        if not new:
+            pytest.skip(f"each of its peers ran in a small form with the same flags: `{line}`")
+        ran.update(new)
+        line = line.replace(peers[0], f"--peers={','.join(new)}")
     env = {**os.environ, **env,
            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
     if rule.small_default:
