@@ -25,6 +25,8 @@ TIMING_METRICS = frozenset({"train/images_per_second", "train/tflops_per_device"
 # A model small enough that a test trains it in seconds; every other field is the tutorial's.
 # (8, 16), not (4, 8): XLA:CPU compiles the training step of the narrower one more slowly.
 TINY_MODEL = {"conv_features": (8, 16), "dense_features": 16}
+TINY_FLAGS = (f"--config.conv_features=({','.join(map(str, TINY_MODEL['conv_features']))})",
+              f"--config.dense_features={TINY_MODEL['dense_features']}")  # As a command gives it.
 COMPILATION_CACHE_BYTES = 1 << 30  # The tests' cache of compiled programs, kept between runs.
 
 
@@ -217,7 +219,7 @@ def tiny_main_flags(data_dir, workdir, *extra: str) -> list[str]:
     """main's flags for a seconds-long run of TINY_MODEL on a synthetic IDX directory."""
     return [f"--workdir={workdir}", f"--config.data_dir={data_dir}", "--config.num_epochs=1",
             "--config.batch_size=32", "--config.verify_checksums=False",
-            "--config.conv_features=(8,16)", "--config.dense_features=16", *extra]
+            *TINY_FLAGS, *extra]
 
 
 def unshare_works() -> bool:

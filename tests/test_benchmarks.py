@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, TINY_FLAGS
 
 
 def _last_json(*command: str) -> dict:
@@ -29,7 +29,7 @@ def test_the_accelerator_benchmark_runs_here_on_cpu(tmp_path):
     """What a user runs the first time a GPU or TPU is at hand, in a small form on this CPU."""
     report = _last_json("benchmarks/accelerator.py", f"--workdir={tmp_path / 'run'}",
                         "--epochs=2", "--repeats=2", "--config.data_source=sample",
-                        "--config.conv_features=(8,16)", "--config.dense_features=16")
+                        *TINY_FLAGS)
     assert report["device"] == "cpu" and report["k"] == 1 and report["batch_size"] == 128
     assert report["compile_s"] > 0 and report["step_device_us"] > 0
     assert report["images_per_second"] > 0 and report["tflops_per_device"] > 0

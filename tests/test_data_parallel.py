@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_MODEL, run_module
+from conftest import REPO, TINY_FLAGS, run_module
 
 WORKER = os.path.join(os.path.dirname(__file__), "data_parallel_worker.py")
 
@@ -43,9 +43,8 @@ def busy_core():
 @pytest.mark.parametrize("devices,flags,tries", [
     (2, [], 2), (8, [], 1),
     # k > 1 runs a scan, which XLA:CPU runs ~100x slower per step (docs/speed.md): tiny model.
-    (2, ["--config.steps_per_dispatch=4", "--config.checkpoint_every_steps=20",
-         f"--config.conv_features={TINY_MODEL['conv_features']}",
-         f"--config.dense_features={TINY_MODEL['dense_features']}"], 1)])
+    (2, ["--config.steps_per_dispatch=4", "--config.checkpoint_every_steps=20", *TINY_FLAGS],
+     1)])
 def test_main_on_several_devices_trains_to_the_end_beside_a_busy_core(tmp_path, devices, flags,
                                                                        tries):
     """main itself, its loop dispatching asynchronously, the evaluation, and a save inside the

@@ -32,7 +32,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_MODEL, write_idx_dir
+from conftest import REPO, TINY_FLAGS, TINY_MODEL, write_idx_dir
 from PIL import Image
 
 from mnist_flax import configs
@@ -40,7 +40,6 @@ from mnist_flax import configs
 pytestmark = pytest.mark.slow
 DOCS = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")),
         "experiments/README.md"]
-TINY = ("--config.conv_features=(8,16)", "--config.dense_features=16")
 SMALL_DEFAULT = {**TINY_MODEL, "num_epochs": 1, "data_source": "sample"}
 SUBSTITUTE = [("/path/to/mnist-idx", "../shared/mnist"),  # The full MNIST: the synthetic IDX
               ("/path/to/mnist", "../shared/mnist"),      # files in the workspace's ../shared.
@@ -72,11 +71,11 @@ class Small:
 
 HELP = ("--help",)  # It runs elsewhere: its help must name every flag the document gives.
 SMALL = {
-    "mnist_flax.main": Small(TINY + ("--config.num_epochs=1",), "its flags and workdir; one epoch "
-                             "of a tiny model, on the sample where no data is named; a warmup "
-                             "longer than the epoch (best.py's 2) takes half of it"),
-    "mnist_flax.sweep": Small(TINY + ("--config.num_epochs=1",), "as main, each --sweep's first "
-                              "value (tests/test_sweep.py sweeps several)"),
+    "mnist_flax.main": Small(TINY_FLAGS + ("--config.num_epochs=1",), "its flags and workdir; "
+                             "one epoch of a tiny model, on the sample where no data is named; "
+                             "a warmup longer than the epoch (best.py's 2) takes half of it"),
+    "mnist_flax.sweep": Small(TINY_FLAGS + ("--config.num_epochs=1",), "as main, each --sweep's "
+                              "first value (tests/test_sweep.py sweeps several)"),
     "mnist_flax.predict": Small((), "as printed; the images it names are made as digit images"),
     "-c": Small((), "a snippet takes no flags: configs.load() is the small form", True),
     "experiments/plot.py": Small((), "as printed, on the workspace's results/"),

@@ -108,7 +108,7 @@ def test_the_developer_tool_prints_what_to_export_and_main_trains_on_it(idx_dir)
     import re
     import signal
 
-    from conftest import REPO, TINY_MODEL, one_line, run_module
+    from conftest import REPO, one_line, run_module, tiny_main_flags
 
     tool = subprocess.Popen([sys.executable, str(REPO / "tests" / "gcs_emulator.py")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -122,10 +122,7 @@ def test_the_developer_tool_prints_what_to_export_and_main_trains_on_it(idx_dir)
                        if line.startswith("export "))
         assert set(exports) >= {"STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL"}, lines
         workdir = f"{re.search(r'bucket (gs://[^;]+);', lines[0]).group(1)}/runs/tool"
-        flags = [f"--workdir={workdir}", f"--config.data_dir={idx_dir}", "--config.num_epochs=1",
-                 "--config.batch_size=32", "--config.verify_checksums=False",
-                 f"--config.conv_features={TINY_MODEL['conv_features']}",
-                 f"--config.dense_features={TINY_MODEL['dense_features']}"]
+        flags = tiny_main_flags(idx_dir, workdir)
         result = run_module("main", *flags, env=exports)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "Test accuracy" in result.stdout

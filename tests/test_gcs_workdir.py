@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import TINY_MODEL, run_module
+from conftest import TINY_FLAGS, run_module
 from gcs_emulator import gcs_bucket_path, gcs_emulator, separate_emulator  # noqa: F401 (fixtures)
 
 pytest.importorskip("gcsfs")
@@ -21,9 +21,7 @@ from etils import epath  # noqa: E402
 
 from mnist_flax.run import lease  # noqa: E402
 
-TINY = [f"--config.conv_features={TINY_MODEL['conv_features']}",
-        f"--config.dense_features={TINY_MODEL['dense_features']}",
-        "--config.batch_size=32", "--config.verify_checksums=False"]
+TINY = [*TINY_FLAGS, "--config.batch_size=32", "--config.verify_checksums=False"]
 
 
 def _main(emulator, *args: str, timeout: int = 300):

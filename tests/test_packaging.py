@@ -19,7 +19,7 @@ import sysconfig
 import zipfile
 
 import pytest
-from conftest import REPO
+from conftest import REPO, TINY_FLAGS
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,7 @@ def test_the_installed_wheel_trains_from_another_directory(wheel, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(target), "MNIST_DATA_DIR": "", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         [sys.executable, "-m", "mnist_flax.main", "--workdir=run", "--config.data_source=sample",
-         "--config.num_epochs=1", "--config.batch_size=500", "--config.conv_features=(8,16)",
-         "--config.dense_features=16"],
+         "--config.num_epochs=1", "--config.batch_size=500", *TINY_FLAGS],
         capture_output=True, text=True, cwd=elsewhere, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert str(target / "mnist_flax" / "configs" / "default.py") in result.stderr  # Its config.

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_MODEL, unshare_works
+from conftest import REPO, TINY_FLAGS, unshare_works
 from gcs_emulator import gcs_bucket_path, gcs_emulator  # noqa: F401 (fixtures)
 
 pytest.importorskip("gcsfs")
@@ -44,9 +44,7 @@ def _port() -> int:
 
 def _config(idx_dir, epochs: int) -> list[str]:
     return [f"--config.data_dir={idx_dir}", f"--config.num_epochs={epochs}",
-            "--config.batch_size=32", "--config.verify_checksums=False",
-            f"--config.conv_features={TINY_MODEL['conv_features']}",
-            f"--config.dense_features={TINY_MODEL['dense_features']}",
+            "--config.batch_size=32", "--config.verify_checksums=False", *TINY_FLAGS,
             "--config.checkpoint_every_steps=1", "--config.checkpoint_keep=2"]
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, load_config, one_line, run_module, write_idx_dir
+from conftest import REPO, TINY_FLAGS, load_config, one_line, run_module, write_idx_dir
 
 from mnist_flax import event_reader, sweep, sweep_results
 from mnist_flax.run import config_checks
@@ -195,7 +195,7 @@ def test_cli_a_diverged_value_is_marked_and_the_others_still_train(tmp_path):
     out = run_module("sweep", f"--workdir={tmp_path}/sweep", "--sweep=learning_rate=1e10,1e-3",
                      f"--results={results}", "--config.data_source=sample",
                      "--config.num_epochs=1", "--config.batch_size=500",
-                     "--config.conv_features=(8,16)", "--config.dense_features=16")
+                     *TINY_FLAGS)
     last = one_line(out, 3)  # Not 1: the sweep ran to its end, and its table is whole.
     assert last == (f"error: 1 of 2 runs diverged ({diverged}); the table above has the others' "
                     "results")
@@ -281,7 +281,7 @@ def test_cli_sweeps_into_separate_tensorboard_runs(tmp_path):
     cmd = [sys.executable, "-m", "mnist_flax.sweep", f"--workdir={workdir}",
            "--sweep=learning_rate=1e-3,3e-3", "--sweep=seed=0,1",
            "--config.data_source=sample", "--config.num_epochs=1", "--config.batch_size=500",
-           "--config.conv_features=(8,16)", "--config.dense_features=16", f"--results={results}"]
+           *TINY_FLAGS, f"--results={results}"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(os.listdir(workdir)) == ["learning_rate=1e-3", "learning_rate=3e-3"]

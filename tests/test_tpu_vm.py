@@ -26,7 +26,7 @@ import sysconfig
 import time
 
 import pytest
-from conftest import REPO, TINY_MODEL, snapshot, unshare_works
+from conftest import REPO, TINY_FLAGS, snapshot, unshare_works
 from gcs_emulator import separate_emulator
 
 pytest.importorskip("gcsfs")
@@ -36,9 +36,7 @@ STANDIN = REPO / "tests" / "gcloud_standin.py"
 WORKDIR = "gs://my-bucket/runs/default"  # The README's.
 # 4,000 sample images at 64 a step: 62 steps; a checkpoint and a log line every 10.
 FLAGS = ["--config.data_source=sample", "--config.batch_size=64", "--config.num_epochs=1",
-         f"--config.conv_features=({','.join(map(str, TINY_MODEL['conv_features']))})",
-         f"--config.dense_features={TINY_MODEL['dense_features']}",
-         "--config.checkpoint_every_steps=10", "--config.log_every_steps=10"]
+         *TINY_FLAGS, "--config.checkpoint_every_steps=10", "--config.log_every_steps=10"]
 STEPS = 62
 # Sized for a machine 3x slower than a busy 2-core one, where a pod's start (venv and install
 # included) to its first checkpoint took ~25 s and a whole run ~35 s.
