@@ -28,6 +28,10 @@ TINY_MODEL = {"conv_features": (8, 16), "dense_features": 16}
 TINY_FLAGS = (f"--config.conv_features=({','.join(map(str, TINY_MODEL['conv_features']))})",
               f"--config.dense_features={TINY_MODEL['dense_features']}")  # As a command gives it.
 COMPILATION_CACHE_BYTES = 1 << 30  # The tests' cache of compiled programs, kept between runs.
+# The tests compile with LLVM at -O2 (XLA's default: -O3), they and the commands they start: the
+# same programs to the same bits (tests/test_ops.py pins it for the training step), compiled in
+# about 55% of the time. Most of the tests' time is compiling; the users' runs keep -O3.
+TESTS_XLA_FLAG = "--xla_backend_optimization_level=2"
 
 
 def load_config(name: str = "default") -> ml_collections.ConfigDict:
@@ -121,6 +125,13 @@ def write_idx_dir(directory: pathlib.Path, n_train: int = 256, n_test: int = 64,
     """A directory of the four MNIST IDX files holding synthetic digits."""
     return write_idx_files(directory, synthetic_digits(n_train, seed),
                            synthetic_digits(n_test, seed + 1), gz)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """TESTS_XLA_FLAG in XLA_FLAGS, before any test starts JAX's backend (which reads it once)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if TESTS_XLA_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {TESTS_XLA_FLAG}".strip()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

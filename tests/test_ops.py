@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import conftest
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from mnist_flax.fast import ops
 from mnist_flax.run import process
 
 DN = ("NHWC", "HWIO", "NHWC")
+XLA_DEFAULT_LEVEL = {"xla_backend_optimization_level": 3}  # LLVM's -O3, what users compile with.
 
 
 def ref_conv(x, kernel, bias):
@@ -200,10 +202,32 @@ def test_the_initialisation_with_init_options_gives_the_default_options_bits():
     from mnist_flax import configs, models, train
 
     key = jax.random.key(3)
-    init = jax.jit(functools.partial(models.create_model(configs.load()).init, train=False))
+    init = jax.jit(functools.partial(models.create_model(configs.load()).init, train=False),
+                   compiler_options=XLA_DEFAULT_LEVEL)  # Not the tests' (conftest.py).
     default = init(jax.random.split(key)[0], jnp.zeros((1, 28, 28, 1), jnp.float32))["params"]
     used = train.create_train_state(configs.load(), key).params
     jax.tree.map(np.testing.assert_array_equal, used, default)
+
+
+def test_the_tests_llvm_level_gives_the_bits_of_xlas_default():
+    """The tests compile at conftest.TESTS_XLA_FLAG's LLVM level, to save time: three training
+    steps of the tutorial's model give bit for bit the state and metrics of XLA's default -O3,
+    so the tests check the numbers users get."""
+    from mnist_flax import configs, train
+
+    assert conftest.TESTS_XLA_FLAG in os.environ["XLA_FLAGS"]
+    batch = {"image": jnp.asarray(conftest.synthetic_digits(128)[0]),
+             "label": jnp.asarray(conftest.synthetic_digits(128)[1])}
+    default = jax.jit(train.train_step_fn, donate_argnums=0,
+                      compiler_options={**fast.COMPILER_OPTIONS, **XLA_DEFAULT_LEVEL})
+    results = []
+    for step in (train.train_step, default):
+        state, metrics = train.create_train_state(configs.load(), jax.random.key(0)), []
+        for _ in range(3):
+            state, m = step(state, batch)
+            metrics.append(m)
+        results.append(jax.device_get((state.params, state.opt_state, metrics)))
+    conftest.assert_trees_identical(*results)
 
 
 def test_tune_host_allocator_is_safe_and_idempotent():
