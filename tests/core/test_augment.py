@@ -9,6 +9,12 @@ from conftest import TINY_MODEL, load_config
 from mnist_flax import augment, input_pipeline, sharding, train
 from mnist_flax.fast import dispatch
 
+# Jitted: one compilation each, where eagerly each of the warp's ops compiled alone.
+random_affine = jax.jit(augment.random_affine, static_argnames="spec")
+warp = jax.jit(augment.warp)
+affine_matrices = jax.jit(augment.affine_matrices, static_argnames=("n", "spec"))
+augment_batch = jax.jit(dispatch.augment_batch)
+
 
 @pytest.fixture
 def images() -> jax.Array:
@@ -25,12 +31,12 @@ def _matrices(linear: np.ndarray, shift: np.ndarray, n: int = 3) -> jax.Array:
 def test_zero_ranges_are_the_identity(images):
     spec = augment.RandomAffine()
     assert not spec.enabled
-    out = augment.random_affine(jax.random.key(0), images, spec)
+    out = random_affine(jax.random.key(0), images, spec)
     np.testing.assert_array_equal(out, images)
 
 
 def test_integer_shift_moves_pixels_and_fills_zeros(images):
-    out = augment.warp(images, _matrices(np.eye(2), np.array([2.0, -1.0])))
+    out = warp(images, _matrices(np.eye(2), np.array([2.0, -1.0])))
     expected = np.zeros_like(images)
     expected[:, 2:, :-1] = np.asarray(images)[:, :-2, 1:]  # Down 2 rows, left 1 column.
     np.testing.assert_allclose(out, expected, atol=1e-6)
@@ -38,19 +44,19 @@ def test_integer_shift_moves_pixels_and_fills_zeros(images):
 
 def test_quarter_turn_is_rot90_about_the_centre(images):
     quarter = np.array([[0.0, -1.0], [1.0, 0.0]])
-    out = augment.warp(images, _matrices(quarter, np.zeros(2)))
+    out = warp(images, _matrices(quarter, np.zeros(2)))
     np.testing.assert_allclose(out, np.rot90(np.asarray(images), 1, axes=(1, 2)), atol=1e-5)
 
 
 def test_draws_stay_in_range_and_depend_only_on_the_key():
     spec = augment.RandomAffine(max_shift=2.0, max_rotation=0.0, max_scale=0.0)
-    m = augment.affine_matrices(jax.random.key(3), 1000, spec)
+    m = affine_matrices(jax.random.key(3), 1000, spec)
     np.testing.assert_allclose(m[:, :, :2], np.broadcast_to(np.eye(2), (1000, 2, 2)), atol=1e-6)
     assert np.abs(m[:, :, 2]).max() <= 2.0 and np.abs(m[:, :, 2]).max() > 1.9
-    np.testing.assert_array_equal(m, augment.affine_matrices(jax.random.key(3), 1000, spec))
-    assert not np.array_equal(m, augment.affine_matrices(jax.random.key(4), 1000, spec))
+    np.testing.assert_array_equal(m, affine_matrices(jax.random.key(3), 1000, spec))
+    assert not np.array_equal(m, affine_matrices(jax.random.key(4), 1000, spec))
     spec = augment.RandomAffine(max_rotation=15.0, max_scale=0.1)
-    m = np.asarray(augment.affine_matrices(jax.random.key(5), 1000, spec))
+    m = np.asarray(affine_matrices(jax.random.key(5), 1000, spec))
     scale = 1 / np.sqrt(np.linalg.det(m[:, :, :2]))
     angle = np.degrees(np.arctan2(m[:, 1, 0], m[:, 0, 0]))
     assert 0.9 - 1e-5 <= scale.min() < 0.92 and 1.08 < scale.max() <= 1.1 + 1e-5
@@ -73,14 +79,14 @@ def _augmented_config():
 def test_augment_batch_warps_images_reproducibly_per_step():
     state = train.create_train_state(_augmented_config(), jax.random.key(0))
     batch = _batch()
-    out = dispatch.augment_batch(state, batch)
+    out = augment_batch(state, batch)
     np.testing.assert_array_equal(out["label"], batch["label"])
     assert out["image"].dtype == jnp.float32 and out["image"].shape == batch["image"].shape
     assert float(out["image"].max()) > 200  # Still the 0-255 scale train_step expects.
     assert not np.allclose(out["image"], batch["image"])  # The digits moved.
     # Same state and step -> the same warp (a resumed run replays it); the next step, another.
-    np.testing.assert_array_equal(out["image"], dispatch.augment_batch(state, batch)["image"])
-    later = dispatch.augment_batch(state.replace(step=state.step + 1), batch)
+    np.testing.assert_array_equal(out["image"], augment_batch(state, batch)["image"])
+    later = augment_batch(state.replace(step=state.step + 1), batch)
     assert not np.allclose(later["image"], out["image"])
 
 
@@ -89,7 +95,7 @@ def test_zero_shift_rotation_and_scale_leave_pixels_in_place():
     config.augment_max_scale = 1e-9  # Enabled, but every draw is (almost) the identity.
     state = train.create_train_state(config, jax.random.key(0))
     batch = _batch()
-    np.testing.assert_allclose(dispatch.augment_batch(state, batch)["image"], batch["image"],
+    np.testing.assert_allclose(augment_batch(state, batch)["image"], batch["image"],
                                atol=1e-3)
 
 
@@ -107,12 +113,11 @@ def test_the_training_loop_augments_every_step_only_when_asked(augmented, idx_di
     dataset = input_pipeline.load_dataset(config)
     mesh = sharding.make_mesh()
     expected = sharding.replicate(mesh, train.create_train_state(config, jax.random.key(0), 4))
-    augment = jax.jit(dispatch.augment_batch)
     for step in range(4):
         batch = sharding.shard_batch(mesh, input_pipeline.batch_at(dataset, config.seed, step,
                                                                    config.batch_size))
-        if augmented:
-            batch = augment(expected, batch)
+        if augmented:  # On the loop's sharding of the batch, so the step compiled for it runs.
+            batch = sharding.shard_batch(mesh, augment_batch(expected, batch))
         expected, _ = train.train_step(expected, batch)
     for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected.params),
                          strict=True):
