@@ -56,8 +56,9 @@ def _port() -> int:
 def run_pod(workdir: str, epochs: int, variant: str, model: str) -> float:
     """Process 0's last-epoch steps/s."""
     port, batch_size = _port(), 32 if model == "tiny" else 128
+    devices = "--xla_force_host_platform_device_count=1"  # Added to the caller's XLA_FLAGS.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "MNIST_DATA_DIR": "",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "BENCH_AGREEMENT": variant}
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {devices}", "BENCH_AGREEMENT": variant}
     procs = [subprocess.Popen(
         [sys.executable, "-c", _MAIN, "--multihost", f"--coordinator_address=127.0.0.1:{port}",
          "--num_processes=2", f"--process_id={i}", f"--workdir={workdir}",

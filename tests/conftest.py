@@ -30,7 +30,8 @@ TINY_FLAGS = (f"--config.conv_features=({','.join(map(str, TINY_MODEL['conv_feat
 COMPILATION_CACHE_BYTES = 1 << 30  # The tests' cache of compiled programs, kept between runs.
 # The tests compile with LLVM at -O2 (XLA's default: -O3), they and the commands they start: the
 # same programs to the same bits (tests/test_ops.py pins it for the training step), compiled in
-# about 55% of the time. Most of the tests' time is compiling; the users' runs keep -O3.
+# about 55% of the time. Most of the tests' time is compiling; the users' runs keep -O3. A test
+# that gives a command several CPU devices adds them to it (`device_flags`).
 TESTS_XLA_FLAG = "--xla_backend_optimization_level=2"
 
 
@@ -125,6 +126,11 @@ def write_idx_dir(directory: pathlib.Path, n_train: int = 256, n_test: int = 64,
     """A directory of the four MNIST IDX files holding synthetic digits."""
     return write_idx_files(directory, synthetic_digits(n_train, seed),
                            synthetic_digits(n_test, seed + 1), gz)
+
+
+def device_flags(devices: int) -> str:
+    """XLA_FLAGS for a process of `devices` CPU devices, keeping the tests' own (TESTS_XLA_FLAG)."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
 
 
 def pytest_configure(config: pytest.Config) -> None:

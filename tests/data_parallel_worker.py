@@ -19,7 +19,8 @@ parser.add_argument("--process_id", type=int, default=0)
 parser.add_argument("--port", type=int, default=0)
 parser.add_argument("--steps", type=int, default=4)
 args = parser.parse_args()
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "  # The tests' own, and:
+                           f"--xla_force_host_platform_device_count={args.devices}")
 
 import jax  # noqa: E402
 

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_FLAGS, run_module
+from conftest import REPO, TINY_FLAGS, device_flags, run_module
 
 WORKER = os.path.join(os.path.dirname(__file__), "data_parallel_worker.py")
 
@@ -56,7 +56,7 @@ def test_main_on_several_devices_trains_to_the_end_beside_a_busy_core(tmp_path, 
             result = run_module(
                 "main", f"--workdir={tmp_path}/run{attempt}", "--config.data_source=sample",
                 "--config.num_epochs=1", *flags,
-                env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"},
+                env={"XLA_FLAGS": device_flags(devices)},
                 timeout=900)
         assert result.returncode == 0, (
             f"run {attempt} of {tries} on {devices} devices exited {result.returncode}:\n"
@@ -108,7 +108,7 @@ def test_batch_that_does_not_divide_over_devices_is_a_clear_error(tmp_path):
         [sys.executable, "-m", "mnist_flax.main", f"--workdir={tmp_path}/run",
          "--config.batch_size=100", "--config.data_source=sample"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+        env={**os.environ, "XLA_FLAGS": device_flags(8)})
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --config.batch_size=100 does not divide over the 8 devices; use a multiple of 8")

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_FLAGS, unshare_works
+from conftest import REPO, TINY_FLAGS, device_flags, unshare_works
 from gcs_emulator import gcs_bucket_path, gcs_emulator  # noqa: F401 (fixtures)
 
 pytest.importorskip("gcsfs")
@@ -53,7 +53,7 @@ def _host_env(devices: int) -> dict[str, str]:
     CPU collectives across processes (JAX's default today; named so that a change of default
     cannot break the pod)."""
     return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "XLA_FLAGS": device_flags(devices),
             "MNIST_DATA_DIR": ""}
 
 

@@ -26,7 +26,7 @@ import sysconfig
 import time
 
 import pytest
-from conftest import REPO, TINY_FLAGS, snapshot, unshare_works
+from conftest import REPO, TINY_FLAGS, device_flags, snapshot, unshare_works
 from gcs_emulator import separate_emulator
 
 pytest.importorskip("gcsfs")
@@ -170,7 +170,7 @@ def test_the_readme_tpu_block_from_create_to_delete(tmp_path):
                # The hosts' PATH, as on a VM: not this venv's bin.
                "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
                "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "MNIST_DATA_DIR": "",
+               "XLA_FLAGS": device_flags(2), "MNIST_DATA_DIR": "",
                # The Python this venv was made with (not the venv's, whose packages it has).
                "MNIST_FLAX_PYTHON": sys._base_executable, "MNIST_FLAX_EXTRA": "gcs",
                "PYTHONPATH": str(_image_packages(tmp_path)),
