@@ -216,8 +216,8 @@ def test_the_tests_llvm_level_gives_the_bits_of_xlas_default():
     from mnist_flax import configs, train
 
     assert conftest.TESTS_XLA_FLAG in os.environ["XLA_FLAGS"]
-    batch = {"image": jnp.asarray(conftest.synthetic_digits(128)[0]),
-             "label": jnp.asarray(conftest.synthetic_digits(128)[1])}
+    images, labels = conftest.synthetic_digits(128)
+    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
     default = jax.jit(train.train_step_fn, donate_argnums=0,
                       compiler_options={**fast.COMPILER_OPTIONS, **XLA_DEFAULT_LEVEL})
     results = []
