@@ -242,8 +242,6 @@ def test_tune_host_allocator_is_safe_and_idempotent():
 
 
 _SHARDED = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"  # The tests' own too.
     import jax, jax.numpy as jnp, numpy as np
     from jax import lax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -287,6 +285,7 @@ _SHARDED = textwrap.dedent("""
 def test_sharded_over_batch_on_8_host_devices():
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = conftest.device_flags(8)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
