@@ -18,7 +18,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from mnist_flax import checkpoints, event_reader
+from mnist_flax import checkpoints, event_reader, paths
 from mnist_flax.configs import ConfigError
 from mnist_flax.run import storage_errors, workdir
 
@@ -172,6 +172,7 @@ def check_results(path: str) -> None:
     """ConfigError, before any training, for a local --results that cannot be written: a
     directory, under a file, or a place this process may not write. Its missing directories are
     made now, as the first write would make them; an existing file is left as it is."""
+    paths.parse(path, "--results")  # As every path a user gives: gs:/x or s3://x is one line.
     if workdir.is_remote(path):  # Said as the workdir's client check says it, for --results.
         try:
             workdir.check_client(path)

@@ -183,17 +183,6 @@ def test_a_workdir_that_is_a_broken_symlink_is_named_as_one(tmp_path, target):
                                   "remove it")
 
 
-def test_a_workdir_with_an_unexpanded_tilde_is_refused_not_made(tmp_path, monkeypatch):
-    """`--workdir=~/runs`: the shell leaves ~ after '=' as it is; it made a directory named ~."""
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(workdir_lib.WorkdirError) as refused:
-        workdir_lib.prepare("~/runs/a")
-    assert str(refused.value) == (
-        "--workdir=~/runs/a: starts with '~', which the shell did not expand (it does not after "
-        "'='); write --workdir ~/runs/a (with a space) or --workdir=$HOME/runs/a")
-    assert os.listdir(tmp_path) == []
-
-
 @pytest.mark.parametrize("content", ["[]", "{}", "null", '"text"'])
 def test_a_config_json_that_is_not_an_object_is_one_line_for_predict(tmp_path, content):
     (tmp_path / "checkpoints").mkdir()

@@ -1,6 +1,6 @@
-"""Every path and URL a user gives (--workdir of main, sweep and predict; the config's data_dir,
-tfds_data_dir and compilation_cache_dir) goes through one parser: `~` expanded, a URL spelt
-wrongly or of a scheme we cannot use refused in one line that says what works."""
+"""Every path and URL a user gives (--workdir of main, sweep and predict; sweep's --results; the
+config's data_dir, tfds_data_dir and compilation_cache_dir) goes through one parser: `~` expanded,
+a URL spelt wrongly or of a scheme we cannot use refused in one line that says what works."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import io
 import pytest
 from conftest import run_module
 
-from mnist_flax import configs, predict
+from mnist_flax import configs, predict, sweep_results
 from mnist_flax.run import config_checks
 
 TWO_SLASHES = "a URL is spelt with two slashes: "
@@ -38,6 +38,11 @@ NOT_SUPPORTED = "is not supported; only local paths and gs:// URLs are"
     ("sweep", "workdir", "http://host/x",
      "error: --workdir=http://host/x: http:// " + NOT_SUPPORTED),
     ("predict", "workdir", "~/run", "error: --workdir={home}/run: no such directory"),
+    # sweep's --results, checked before any training (sweep_results.check_results).
+    ("results", "results", "gs:/bucket/r.json",
+     f"error: --results=gs:/bucket/r.json: {TWO_SLASHES}--results=gs://bucket/r.json"),
+    ("results", "results", "s3://bucket/r.json",
+     "error: --results=s3://bucket/r.json: s3:// " + NOT_SUPPORTED),
 ])
 def test_every_path_goes_through_one_parser(where, flag, value, expected, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -50,6 +55,10 @@ def test_every_path_goes_through_one_parser(where, flag, value, expected, tmp_pa
             result = config[flag]
         except configs.ConfigError as e:
             result = f"error: {e}"
+    elif where == "results":
+        with pytest.raises(configs.ConfigError) as refused:
+            sweep_results.check_results(value)
+        result = f"error: {refused.value}"
     elif where == "predict":  # In-process: predict.run is the command without its boundary.
         err = io.StringIO()
         with contextlib.redirect_stderr(err):

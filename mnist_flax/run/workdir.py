@@ -46,13 +46,10 @@ def _installed(module: str) -> bool:
 
 
 def check_client(workdir: str) -> None:
-    """One line if `workdir` is a URL we cannot write: not gs://, or the `gcs` extra is missing
-    (without it epath, tensorboardX and orbax each fail differently): every entry point asks."""
+    """One line if `workdir` is a gs:// URL and the `gcs` extra is missing (without it epath,
+    tensorboardX and orbax each fail differently); `paths.parse` has refused other schemes."""
     if not is_remote(workdir):
         return
-    if not workdir.startswith("gs://"):
-        raise WorkdirError(f"--workdir={workdir}: only local directories and gs:// URLs are "
-                           "supported")
     missing = [m for m in ("gcsfs", "google.cloud.storage") if not _installed(m)]
     if missing:
         raise WorkdirError(f"--workdir={workdir}: a gs:// workdir needs {' and '.join(missing)}, "
@@ -65,10 +62,6 @@ def prepare(workdir: str) -> None:
     bucket, mkdir succeeds even when the bucket does not exist: only a write shows it)."""
     if not workdir:
         raise WorkdirError("--workdir is empty; pass a directory, e.g. --workdir=runs/")
-    if workdir.startswith("~"):  # A shell expands ~ only where a word starts: not after "=".
-        raise WorkdirError(f"--workdir={workdir}: starts with '~', which the shell did not expand "
-                           f"(it does not after '='); write --workdir {workdir} (with a space) or "
-                           f"--workdir=$HOME{workdir[1:]}")
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
     if is_remote(workdir) and emulator and not os.environ.get("TENSORSTORE_GCS_HTTP_URL"):
         # Every client but tensorstore (orbax's arrays) would use the emulator; its saves would
