@@ -15,7 +15,7 @@ MAX_MODULE_LINES = 250
 # What `import mnist_flax.train` loads of the package, and the operations layer. Issue 28's
 # targets are 1,200 and 1,500; these are where the package stands, so they only go down.
 MAX_TRAIN_IMPORT_LINES = 1_719
-MAX_RUN_LINES = 1_723
+MAX_RUN_LINES = 1_716
 
 
 def module_path(name: str) -> pathlib.Path | None:
