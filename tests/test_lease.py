@@ -197,9 +197,11 @@ def test_storage_going_away_loses_the_lease_before_it_runs_out(tmp_path, monkeyp
     with separate_emulator(tmp_path) as emulator:
         for name, value in emulator.env.items():
             monkeypatch.setenv(name, value)
-        held = lease.acquire(f"gs://{emulator.bucket}/run", ttl_s=2.0)
+        # ttl 6 s: the renewals give up half a period (1 s) before it runs out; at 2 s (0.33 s
+        # early) a run beside two other test workers on 2 cores gave up 0.13 s late.
+        held = lease.acquire(f"gs://{emulator.bucket}/run", ttl_s=6.0)
         emulator.stop()
-        assert held.lost.wait(timeout=5)
+        assert held.lost.wait(timeout=15)
         assert time.time() < held.expires  # Given up before another run could take over.
         line = lock_lib.lost_lease_line(held)
         assert line.startswith(f"the workdir's storage stopped answering (the lease on "
