@@ -142,7 +142,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slow tests first (a stable sort), so that pytest-xdist's workers (pyproject.toml runs
-    two) start the long ones early and end together instead of one waiting on the other. A file
+    three) start the long ones early and end together instead of one waiting on the other. A file
     goes to a worker where its first test comes (--no-loadscope-reorder in pyproject.toml: by
     default xdist hands out the files with the most tests first, whatever this order says)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
@@ -170,7 +170,7 @@ def compilation_cache(request: pytest.FixtureRequest, tmp_path_factory) -> None:
     compiles only what the change touched; `pytest --cache-clear` empties it, and with
     `-p no:cacheprovider` the session's temporary directory holds it. JAX keys each entry on the
     program, its compile options and JAX's version, so no stale entry is ever loaded. One
-    directory for all of the session's xdist workers, so one compiles what the other then loads
+    directory for all of the session's xdist workers, so one compiles what the others then load
     (JAX writes entries atomically). In process too, as main turns it on: every
     train_and_evaluate builds a new TrainState (its optimizer is part of the jit's key), so
     without it each one compiled its steps again."""
