@@ -173,11 +173,8 @@ def check_results(path: str) -> None:
     directory, under a file, or a place this process may not write. Its missing directories are
     made now, as the first write would make them; an existing file is left as it is."""
     paths.parse(path, "--results")  # As every path a user gives: gs:/x or s3://x is one line.
-    if workdir.is_remote(path):  # Said as the workdir's client check says it, for --results.
-        try:
-            workdir.check_client(path)
-        except workdir.WorkdirError as e:
-            raise ConfigError(str(e).replace("--workdir=", "--results=", 1)) from None
+    if workdir.is_remote(path):
+        workdir.check_client(path, "--results")
         return
     target = workdir.path(path)
     if target.is_dir():

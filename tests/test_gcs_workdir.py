@@ -19,7 +19,9 @@ pytest.importorskip("google.cloud.storage")
 
 from etils import epath  # noqa: E402
 
+from mnist_flax import configs, sweep_results  # noqa: E402
 from mnist_flax.run import lease  # noqa: E402
+from mnist_flax.run import workdir as workdir_lib  # noqa: E402
 
 TINY = [*TINY_FLAGS, "--config.batch_size=32", "--config.verify_checksums=False"]
 
@@ -224,6 +226,15 @@ def test_gs_workdir_without_the_gcs_extra_is_one_line(module, tmp_path):
         "error: --workdir=gs://bucket/runs/a: a gs:// workdir needs gcsfs and "
         "google.cloud.storage, which the gcs extra installs: pip install 'mnist_flax[gcs]'")
     assert "Traceback" not in result.stderr
+
+
+def test_gs_results_without_the_gcs_extra_is_one_line_naming_the_flag(monkeypatch):
+    monkeypatch.setattr(workdir_lib, "_installed", lambda module: False)
+    with pytest.raises(configs.UserError) as refused:
+        sweep_results.check_results("gs://bucket/results.json")
+    assert str(refused.value) == (
+        "--results=gs://bucket/results.json: a gs:// workdir needs gcsfs and "
+        "google.cloud.storage, which the gcs extra installs: pip install 'mnist_flax[gcs]'")
 
 
 

@@ -45,14 +45,14 @@ def _installed(module: str) -> bool:
         return False
 
 
-def check_client(workdir: str) -> None:
-    """One line if `workdir` is a gs:// URL and the `gcs` extra is missing (without it epath,
-    tensorboardX and orbax each fail differently); `paths.parse` has refused other schemes."""
+def check_client(workdir: str, flag: str = "--workdir") -> None:
+    """One line, naming `flag`, if `workdir` is a gs:// URL and the `gcs` extra is missing (without
+    it epath, tensorboardX and orbax each fail differently); `paths.parse` refused other schemes."""
     if not is_remote(workdir):
         return
     missing = [m for m in ("gcsfs", "google.cloud.storage") if not _installed(m)]
     if missing:
-        raise WorkdirError(f"--workdir={workdir}: a gs:// workdir needs {' and '.join(missing)}, "
+        raise WorkdirError(f"{flag}={workdir}: a gs:// workdir needs {' and '.join(missing)}, "
                            f"which the gcs extra installs: {GCS_EXTRA}")
 
 
